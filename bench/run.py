@@ -1,0 +1,20 @@
+"""Run every benchmark (or those named): `python bench/run.py [sites] [batched]`.
+Each writes JSON lines to bench/results/<name>.jsonl (or $LMSCOPE_BENCH_OUT)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+BENCHES = {"sites": "bench_sites", "batched": "bench_batched"}
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(BENCHES)
+    for name in names:
+        if name not in BENCHES:
+            sys.exit(f"unknown benchmark {name!r}; choose from {sorted(BENCHES)}")
+        print(f"== {name}")
+        importlib.import_module(BENCHES[name]).main()

@@ -1,0 +1,138 @@
+"""Direct logit attribution (DLA): how much each component's write moves a logit directly.
+
+The final residual at a position is a sum of component writes (see
+:mod:`lmscope.models.decompose`). With the final norm's scale ``1/s`` frozen at its value in the
+run, the logit of token t is linear in those writes:
+``logit_t = Σ_c (norm_frozen(c) · W_U[:, t]) + β·W_U[:, t] + b_U[t]``,
+so each component gets ``norm_frozen(c) · W_U[:, t]`` and the last two terms form a constant
+bucket. For a logit difference use ``W_U[:, t] − W_U[:, foil]``. LayerNorm models centre each
+component (equivalently, the direction); RMSNorm models do not. The components' attributions
+plus the constant equal the model's own logit (difference) exactly.
+
+Granularity: ``by="layer"`` (embedding, each attention block, each MLP), ``by="head"`` (layer ×
+head, with the MLPs, embedding and biases in ``extras``), ``by="neuron"`` (layer × neuron, with the
+heads and the rest in ``extras``). Reference: nostalgebraist (2020); Elhage et al. (2021); the
+Primer §3.2.1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmscope.errors import InputError
+from lmscope.models import Model
+from lmscope.models.adapters import norm_bias, norm_gain
+from lmscope.models.decompose import decompose_cache
+from lmscope.sites import site_names
+from lmscope.results import Axis, Result
+
+BY = ("layer", "head", "neuron")
+
+
+def logit_direction(model: Model, target: str | int, foil: str | int | None = None) -> tuple[torch.Tensor, dict]:
+    """(D,) unembedding direction of ``target`` (minus ``foil``) and a description of it."""
+    t = model.token_id(target)
+    info = {"target": model.decode([t]), "target_id": t}
+    u = model.W_U[:, t].float()
+    if foil is not None:
+        f = model.token_id(foil)
+        if f == t:
+            raise InputError(f"The foil {foil!r} is the target itself; choose a different token to contrast.")
+        info.update(foil=model.decode([f]), foil_id=f)
+        u = u - model.W_U[:, f].float()
+    return u.detach().cpu(), info
+
+
+def effective_directions(model: Model, u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(B, D): for each row, v such that a component c contributes ``c · v`` (frozen final norm)."""
+    v = scale.float().cpu() * norm_gain(model.final_norm, model.spec.norm).detach().cpu() * u
+    if model.spec.norm == "layer":
+        v = v - v.mean(dim=-1, keepdim=True)
+    return v
+
+
+def constant_term(model: Model, u: torch.Tensor, info: dict) -> float:
+    """The bias bucket: final-norm bias and unembedding bias along the direction."""
+    const = 0.0
+    beta = norm_bias(model.final_norm)
+    if beta is not None:
+        const += float(beta.detach().cpu() @ u)
+    if model.b_U is not None:
+        const += float(model.b_U[info["target_id"]])
+        if "foil_id" in info:
+            const -= float(model.b_U[info["foil_id"]])
+    return const
+
+
+def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = None, *,
+        by: str = "layer", position: int | None = None) -> Result:
+    """Direct logit attribution of ``target`` (or ``target − foil``) at ``position`` (default last)."""
+    if by not in BY:
+        raise InputError(f"by={by!r}: use one of {BY}.")
+    u, info = logit_direction(model, target, foil)
+    n = model.spec.n_layers
+    neurons = by == "neuron"
+    sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post", *site_names("attn.head_out", n),
+             *site_names("mlp.post" if neurons else "mlp_out", n)]
+    run = model.run(prompt, cache=sites, logits="all")
+    pos = int(run.batch.last_index[0]) if position is None else position % run.batch.input_ids.shape[1]
+    scale = run["final.scale"][0, pos].float().cpu()
+    v = effective_directions(model, u, scale)  # (D,)
+    const = constant_term(model, u, info)
+    logits = run.logits[0, pos].float().cpu()
+    own = logits[info["target_id"]] - (logits[info["foil_id"]] if "foil_id" in info else 0.0)
+    meta = {"constant": const, "model_value": float(own), "position": pos,
+            "tokens": run.batch.str_tokens[0], "metric": "logit difference" if foil is not None else "logit"}
+    target_doc = {**info, "position": pos}
+    params = {"by": by, "position": position}
+    layers = Axis("layer", tuple(str(i) for i in range(n)))
+
+    if by == "layer":
+        dec = decompose_cache(model, run.batch, run.cache, pos)
+        contrib = dec.vectors[0].cpu() @ v
+        labels, values = ["embed"], [contrib[0]]
+        for layer in range(n):
+            idx = [i for i, (k, ly) in enumerate(zip(dec.kinds, dec.layers)) if ly == layer]
+            attn = sum(contrib[i] for i in idx if dec.kinds[i] in ("head", "attn_bias"))
+            mlp = sum(contrib[i] for i in idx if dec.kinds[i] == "mlp")
+            labels += [f"L{layer}.attn", f"L{layer}.mlp"]
+            values += [attn, mlp]
+        meta["total"] = float(torch.stack(values).sum() + const)
+        return Result(torch.stack(values), (Axis("component", tuple(labels)),), "dla", model.name,
+                      target_doc, params, meta=meta)
+
+    heads = torch.stack([run[f"blocks.{l}.attn.head_out"][0, pos].float().cpu() @ v for l in range(n)])
+    embed = run["embed"][0, pos].float().cpu() @ v
+    attn_bias = torch.tensor([_bias_term(model.b_O(l), run, f"aux.blocks.{l}.attn_write_factor", pos, v)
+                              for l in range(n)])
+    extras = {"embed": embed.reshape(1), "attn_bias": attn_bias}
+    if by == "head":
+        mlp = torch.stack([run[f"blocks.{l}.mlp_out"][0, pos].float().cpu() @ v for l in range(n)])
+        extras["mlp"] = mlp
+        meta["total"] = float(heads.sum() + mlp.sum() + embed + attn_bias.sum() + const)
+        return Result(heads, (layers, Axis("head", tuple(str(h) for h in range(model.spec.n_heads)))),
+                      "dla", model.name, target_doc, params, extras, meta)
+
+    neuron_vals, mlp_bias = [], []
+    for layer in range(n):
+        w = v
+        key = f"aux.blocks.{layer}.mlp_write_factor"
+        if key in run.cache:
+            w = v * run.cache[key][0, pos].float().cpu()
+        per_neuron = model.W_out(layer).detach().float().cpu() @ w  # (F,)
+        neuron_vals.append(run[f"blocks.{layer}.mlp.post"][0, pos].float().cpu() * per_neuron)
+        mlp_bias.append(_bias_term(model.b_out(layer), run, key, pos, v))
+    values = torch.stack(neuron_vals)
+    extras.update(heads=heads, mlp_bias=torch.tensor(mlp_bias))
+    meta["total"] = float(values.sum() + heads.sum() + embed + attn_bias.sum() + sum(mlp_bias) + const)
+    return Result(values, (layers, Axis("neuron", tuple(str(i) for i in range(model.spec.d_mlp)))),
+                  "dla", model.name, target_doc, params, extras, meta)
+
+
+def _bias_term(bias, run, factor_key: str, pos: int, v: torch.Tensor) -> float:
+    if bias is None:
+        return 0.0
+    b = bias.detach().float().cpu()
+    if factor_key in run.cache:
+        b = b * run.cache[factor_key][0, pos].float().cpu()
+    return float(b @ v)

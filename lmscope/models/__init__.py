@@ -1,0 +1,19 @@
+"""The model access layer: the only code in lmscope that knows model internals."""
+
+from lmscope.models.decompose import Decomposition, decompose
+from lmscope.models.model import Batch, Model, ModelSpec, RunOutput
+from lmscope.sites import Site, parse_site
+
+__all__ = ["Batch", "Decomposition", "Model", "ModelSpec", "RunOutput", "Site", "decompose", "load", "parse_site"]
+
+
+def load(spec: str | None = None, *, dtype="float32", device=None, device_map=None, check: bool = True,
+         progress: bool = True) -> Model:
+    """Load a model: a built-in name (default ``smollm2-135m``), a local HF folder, a ``.gguf`` file,
+    or a hub id (only where a hub or a filled HF cache is reachable). The model is checked at load."""
+    from lmscope.models.loading import load_hf
+    from lmscope.models.registry import DEFAULT_MODEL
+
+    hf, tokenizer, name = load_hf(spec or DEFAULT_MODEL, dtype=dtype, device=device, device_map=device_map,
+                                  progress=progress)
+    return Model(hf, tokenizer, name, check=check)

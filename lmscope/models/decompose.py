@@ -1,0 +1,98 @@
+"""Decomposition of the final residual stream into the writes of every component.
+
+For a position t, the input of the final norm is
+``x_t = embed_t + Σ_l [Σ_h head_write_{l,h,t} + b_O^l] + Σ_l mlp_write_{l,t}``
+(with ``mlp_write`` optionally split into ``Σ_n post_{l,t,n} W_out[n] + b_out^l``). The parts add
+up to ``x_t`` exactly for sequential and parallel blocks alike.
+
+Post-norm models (Gemma 2/3) pass each block write through its own RMSNorm before adding it. The
+per-head and per-neuron split is then defined with that norm's scale frozen at its value in the
+run: ``head_write_h = (z_h W_O^h) · g / s`` where ``s`` is the RMS of the summed attention output
+and ``g`` the norm's gain. With the scale frozen the norm is linear, so the heads' writes still sum
+exactly to the block's write; what is approximated is only how a head's write would change if
+other heads changed (the scale would move).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmscope.sites import site_names
+
+if TYPE_CHECKING:
+    from lmscope.models.model import Batch, Model
+
+
+@dataclass
+class Decomposition:
+    """Components at one position per prompt: ``vectors`` (B, C, D) with C labelled components."""
+
+    labels: list[str]
+    kinds: list[str]  # embed | head | attn_bias | mlp | neuron | mlp_bias
+    layers: list[int | None]
+    heads: list[int | None]  # head index, or neuron index for kind "neuron"
+    vectors: torch.Tensor
+    resid: torch.Tensor  # (B, D) the model's own input to the final norm
+    scale: torch.Tensor  # (B, 1) the final norm's 1/s, frozen
+    batch: Batch
+    positions: torch.Tensor  # (B,) the decomposed position of each row
+
+
+def decomposition_sites(model: Model, neurons: bool = False) -> list[str]:
+    n = model.spec.n_layers
+    sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post"]
+    sites += site_names("attn.head_out", n)
+    sites += site_names("mlp.post" if neurons else "mlp_out", n)
+    return sites
+
+
+def decompose(model: Model, inputs, position: int | None = None, *, neurons: bool = False) -> Decomposition:
+    """Decompose the final residual at ``position`` (default: each prompt's last token)."""
+    run = model.run(inputs, cache=decomposition_sites(model, neurons), logits="none")
+    return decompose_cache(model, run.batch, run.cache, position, neurons=neurons)
+
+
+def decompose_cache(model: Model, batch: Batch, cache: dict, position: int | None = None, *,
+                    neurons: bool = False) -> Decomposition:
+    s = model.spec
+    rows = torch.arange(batch.input_ids.shape[0])
+    pos = batch.last_index if position is None else torch.full_like(rows, position)
+    pos = torch.where(pos < 0, pos + batch.input_ids.shape[1], pos)
+
+    def at(t: torch.Tensor) -> torch.Tensor:
+        return t[rows, pos.to(t.device)].float()
+
+    labels, kinds, layers, heads, vecs = ["embed"], ["embed"], [None], [None], [at(cache["embed"])]
+
+    def add(label, kind, layer, idx, vec):
+        labels.append(label), kinds.append(kind), layers.append(layer), heads.append(idx), vecs.append(vec)
+
+    for layer in range(s.n_layers):
+        hw = at(cache[f"blocks.{layer}.attn.head_out"])  # (B, H, D)
+        for h in range(s.n_heads):
+            add(f"L{layer}H{h}", "head", layer, h, hw[:, h])
+        b_o = model.b_O(layer)
+        if b_o is not None:
+            vec = b_o.detach().float().expand(len(rows), -1)
+            if s.post_norms:
+                vec = vec * at(cache[f"aux.blocks.{layer}.attn_write_factor"])
+            add(f"L{layer}.attn_bias", "attn_bias", layer, None, vec)
+        if not neurons:
+            add(f"L{layer}.mlp", "mlp", layer, None, at(cache[f"blocks.{layer}.mlp_out"]))
+            continue
+        post = at(cache[f"blocks.{layer}.mlp.post"])  # (B, F)
+        w_out = model.W_out(layer).detach().float()
+        factor = at(cache[f"aux.blocks.{layer}.mlp_write_factor"]) if s.post_norms else None
+        for n in range(s.d_mlp):
+            vec = post[:, n:n + 1] * w_out[n]
+            add(f"L{layer}N{n}", "neuron", layer, n, vec if factor is None else vec * factor)
+        b_out = model.b_out(layer)
+        if b_out is not None:
+            vec = b_out.detach().float().expand(len(rows), -1)
+            add(f"L{layer}.mlp_bias", "mlp_bias", layer, None, vec if factor is None else vec * factor)
+    resid = at(cache[f"blocks.{s.n_layers - 1}.resid_post"])
+    return Decomposition(labels, kinds, layers, heads, torch.stack(vecs, dim=1), resid,
+                         at(cache["final.scale"]), batch, pos)

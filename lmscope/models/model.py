@@ -1,0 +1,344 @@
+"""``Model``: a thin wrapper over a native Hugging Face causal LM and its tokenizer.
+
+It never re-implements the forward pass. It adds a small ``spec``, weight views in a common
+layout (per head and per neuron), tokenisation helpers that check single-token targets, scoped
+hook sessions, and runs: one forward with sites cached and interventions applied
+(:meth:`Model.run`), or many intervention sets on copies of a batch in chunked, batched forwards
+(:meth:`Model.run_sets`).
+
+Shapes: B prompts, T tokens, H heads of width dh, D residual width, F neurons, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from lmscope.errors import InputError, TokenError
+from lmscope.interventions import Intervention
+from lmscope.models import attention as _attention  # noqa: F401  (registers the attention function)
+from lmscope.models.adapters import Adapter, adapter_for, get_module, linear_weight, norm_eps
+from lmscope.models.hooks import HookSession
+from lmscope.sites import Site, parse_site
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    norm: str
+    post_norms: bool
+    parallel: bool
+
+
+@dataclass
+class Batch:
+    """Tokenised prompts. ``input_ids``/``attention_mask``/``position_ids`` are (B, T)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    str_tokens: list[list[str]]
+    padding_side: str = "left"
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(dim=1)
+
+    @property
+    def last_index(self) -> torch.Tensor:
+        """Index of each row's last real token (B,)."""
+        if self.padding_side == "left":
+            return torch.full((self.input_ids.shape[0],), self.input_ids.shape[1] - 1)
+        return self.lengths - 1
+
+    def repeat(self, n: int) -> Batch:
+        """n copies of the batch, set-major: copy i occupies rows i*B .. (i+1)*B - 1."""
+        return Batch(self.input_ids.repeat(n, 1), self.attention_mask.repeat(n, 1),
+                     self.position_ids.repeat(n, 1), self.str_tokens * n, self.padding_side)
+
+
+@dataclass
+class RunOutput:
+    batch: Batch
+    logits: torch.Tensor | None
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, site: str) -> torch.Tensor:
+        return self.cache[parse_site(site).name] if not site.startswith("aux.") else self.cache[site]
+
+
+class Model:
+    """A loaded causal LM. Build with :func:`lmscope.load`; ``check=True`` validates it at load."""
+
+    def __init__(self, hf, tokenizer, name: str, *, check: bool = True):
+        self.hf = hf.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.adapter: Adapter = adapter_for(hf.config)
+        self.hf.set_attn_implementation(_attention.ATTN_IMPL)
+        self.spec = self._make_spec()
+        if check:
+            from lmscope.models.checks import check_model
+
+            check_model(self)
+
+    def _make_spec(self) -> ModelSpec:
+        c, a = self.hf.config, self.adapter
+        n_heads = c.num_attention_heads
+        o_proj = get_module(self._blocks()[0], a.o_proj)
+        d_head = linear_weight(o_proj, a.linear).shape[0] // n_heads
+        down = get_module(self._blocks()[0], a.mlp_down)
+        return ModelSpec(
+            family=a.family, n_layers=len(self._blocks()), n_heads=n_heads,
+            n_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
+            d_model=c.hidden_size, d_head=d_head, d_mlp=linear_weight(down, a.linear).shape[0],
+            d_vocab=self.W_U.shape[1],
+            n_ctx=getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", 2048),
+            norm=a.norm_kind, post_norms=a.post_norms,
+            parallel=bool(getattr(c, a.parallel_flag, False)) if a.parallel_flag else False,
+        )
+
+    # ------------------------------------------------------------------ modules and weights
+    def _blocks(self):
+        return get_module(self.hf, self.adapter.layers)
+
+    def block(self, layer: int):
+        return self._blocks()[layer]
+
+    @property
+    def final_norm(self):
+        return get_module(self.hf, self.adapter.final_norm)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    def norm_eps_of(self, module) -> float:
+        return norm_eps(module)
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        """(V, D) token embedding (Gemma's sqrt(D) scaling is applied in its forward, not here)."""
+        return get_module(self.hf, self.adapter.embed).weight
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """(D, V) unembedding."""
+        return get_module(self.hf, self.adapter.unembed).weight.T
+
+    @property
+    def b_U(self) -> torch.Tensor | None:
+        return getattr(get_module(self.hf, self.adapter.unembed), "bias", None)
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """(H, dh, D) per-head output projection."""
+        w = linear_weight(get_module(self.block(layer), self.adapter.o_proj), self.adapter.linear)
+        return w.reshape(self.spec.n_heads, self.spec.d_head, self.spec.d_model)
+
+    def b_O(self, layer: int) -> torch.Tensor | None:
+        return getattr(get_module(self.block(layer), self.adapter.o_proj), "bias", None)
+
+    def _qkv(self, layer: int, which: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(D, heads*dh) weight and bias of q (0), k (1) or v (2), before GQA expansion."""
+        a, s, block = self.adapter, self.spec, self.block(layer)
+        if a.qkv is None:
+            mod = get_module(block, (a.q_proj, a.k_proj, a.v_proj)[which])
+            return linear_weight(mod, a.linear), mod.bias
+        mod = get_module(block, a.qkv)
+        w, b = linear_weight(mod, a.linear), mod.bias
+        d = s.n_heads * s.d_head
+        if a.qkv_layout == "blocks":
+            cols = slice(which * d, (which + 1) * d)
+            return w[:, cols], None if b is None else b[cols]
+        idx = torch.arange(s.n_heads)[:, None] * 3 * s.d_head + which * s.d_head + torch.arange(s.d_head)
+        idx = idx.flatten().to(w.device)
+        return w[:, idx], None if b is None else b[idx]
+
+    def _per_head(self, w: torch.Tensor) -> torch.Tensor:
+        """(R, heads*dh) -> (H, R, dh), KV heads expanded to query heads."""
+        s = self.spec
+        heads = w.shape[1] // s.d_head
+        w = w.reshape(w.shape[0], heads, s.d_head).permute(1, 0, 2)
+        return w.repeat_interleave(s.n_heads // heads, dim=0)
+
+    def _per_head_bias(self, layer: int, which: int) -> torch.Tensor | None:
+        b = self._qkv(layer, which)[1]
+        return None if b is None else self._per_head(b.unsqueeze(0)).squeeze(1)
+
+    def W_Q(self, layer: int) -> torch.Tensor:
+        """(H, D, dh) query weights (before RoPE and any q-norm)."""
+        return self._per_head(self._qkv(layer, 0)[0])
+
+    def W_K(self, layer: int) -> torch.Tensor:
+        """(H, D, dh) key weights, KV heads expanded to query heads."""
+        return self._per_head(self._qkv(layer, 1)[0])
+
+    def W_V(self, layer: int) -> torch.Tensor:
+        """(H, D, dh) value weights, KV heads expanded to query heads."""
+        return self._per_head(self._qkv(layer, 2)[0])
+
+    def b_Q(self, layer: int) -> torch.Tensor | None:
+        """(H, dh) query bias or None."""
+        return self._per_head_bias(layer, 0)
+
+    def b_K(self, layer: int) -> torch.Tensor | None:
+        return self._per_head_bias(layer, 1)
+
+    def b_V(self, layer: int) -> torch.Tensor | None:
+        return self._per_head_bias(layer, 2)
+
+    def W_out(self, layer: int) -> torch.Tensor:
+        """(F, D) neuron output directions (rows of the down projection)."""
+        return linear_weight(get_module(self.block(layer), self.adapter.mlp_down), self.adapter.linear)
+
+    def b_out(self, layer: int) -> torch.Tensor | None:
+        return getattr(get_module(self.block(layer), self.adapter.mlp_down), "bias", None)
+
+    def head_writes(self, layer: int, z: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+        """Each head's write (B, T, H, D) from z (B, T, H, dh); ``factor`` (B, T, D) is a frozen post-norm."""
+        out = torch.einsum("bthd,hde->bthe", z, self.W_O(layer).to(z.dtype))
+        return out if factor is None else out * factor.unsqueeze(2)
+
+    # ------------------------------------------------------------------ tokens
+    def encode(self, inputs, padding_side: str = "left") -> Batch:
+        """Tokenise a prompt, a list of prompts, a (B, T) id tensor, or pass a Batch through."""
+        if isinstance(inputs, Batch):
+            return inputs
+        if isinstance(inputs, torch.Tensor):
+            ids = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
+            mask = torch.ones_like(ids)
+        else:
+            prompts = [inputs] if isinstance(inputs, str) else list(inputs)
+            if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+                raise InputError("Empty prompt: give at least one non-empty text.")
+            self.tokenizer.padding_side = padding_side
+            enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        if ids.shape[1] > self.spec.n_ctx:
+            raise InputError(
+                f"The prompt has {ids.shape[1]} tokens but {self.name} takes at most {self.spec.n_ctx}; "
+                "shorten it."
+            )
+        if ids.shape[1] == 0:
+            raise InputError("Empty prompt: it tokenises to no tokens.")
+        pos = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        str_tokens = [
+            [t for t, keep in zip(self.tokenizer.convert_ids_to_tokens(row.tolist()), m.tolist()) if keep]
+            for row, m in zip(ids, mask)
+        ]
+        return Batch(ids, mask, pos, [[self._pretty(t) for t in row] for row in str_tokens], padding_side)
+
+    def _pretty(self, token: str) -> str:
+        return self.tokenizer.convert_tokens_to_string([token]) if token else token
+
+    def to_str_tokens(self, text: str) -> list[str]:
+        return self.encode(text).str_tokens[0]
+
+    def token_id(self, token: str | int) -> int:
+        """The id of a single token such as ``" Paris"``; a clear error if it splits."""
+        if isinstance(token, int):
+            if not 0 <= token < self.spec.d_vocab:
+                raise TokenError(f"Token id {token} is outside the vocabulary (0..{self.spec.d_vocab - 1}).")
+            return token
+        ids = self.tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            pieces = [self._pretty(t) for t in self.tokenizer.convert_ids_to_tokens(ids)]
+            raise TokenError(
+                f"{token!r} is not a single token for {self.name}: it splits into {len(ids)} tokens "
+                f"{pieces}. Use one of those pieces (mind the leading space) or another word."
+            )
+        return ids[0]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    # ------------------------------------------------------------------ running
+    def hooks(self, cache: Iterable[str | Site] = (), interventions: Iterable[Intervention] = (),
+              grad: bool = False) -> HookSession:
+        """A scoped hook session applying ``interventions`` to every row; use as a context manager."""
+        return HookSession(self, cache, [(None, iv) for iv in interventions], grad=grad)
+
+    def forward(self, batch: Batch, **kwargs):
+        dev = self.device
+        return self.hf(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                       position_ids=batch.position_ids.to(dev), use_cache=False, **kwargs)
+
+    def run(self, inputs, *, cache: Iterable[str | Site] = (), interventions: Sequence[Intervention] = (),
+            grad: bool = False, logits: str = "all", padding_side: str = "left") -> RunOutput:
+        """One forward with ``cache`` sites recorded and ``interventions`` applied.
+
+        ``logits``: "all" keeps (B, T, V), "last" keeps each row's last real token (B, V), "none".
+        """
+        batch = self.encode(inputs, padding_side)
+        with self.hooks(cache, interventions, grad) as session, torch.set_grad_enabled(grad):
+            out = self.forward(batch)
+        return RunOutput(batch, _select_logits(out.logits, batch, logits), session.cache)
+
+    def run_sets(self, inputs, sets: Sequence[Sequence[Intervention]], *,
+                 cache: Iterable[str | Site] = (), logits: str = "last", chunk_size: int | None = None,
+                 padding_side: str = "left", progress: bool = False) -> RunOutput:
+        """Apply each of N intervention sets to its own copy of the batch, in batched forwards.
+
+        Returns logits and cache entries with a leading set axis: (N, B, ...), equal to N separate
+        :meth:`run` calls. Sets are grouped by the lowest layer they touch, and the blocks below
+        it run once per chunk instead of once per set. ``chunk_size`` is the number of sets per
+        forward (default: as many as fit about 16k tokens).
+        """
+        batch = self.encode(inputs, padding_side)
+        n, b, t = len(sets), *batch.input_ids.shape
+        if n == 0:
+            raise InputError("run_sets needs at least one intervention set.")
+        cache = [parse_site(s, self.spec.n_layers) for s in cache]
+        lowest = [min([self._lowest_layer(iv) for iv in ivs], default=self.spec.n_layers) for ivs in sets]
+        order = sorted(range(n), key=lambda i: lowest[i])
+        chunk = chunk_size or max(1, 16384 // (b * t))
+        keep = 1 if logits == "last" and padding_side == "left" and Site("logits") not in cache else 0
+        logit_parts, cache_parts = [], []
+        starts = range(0, n, chunk)
+        for start in tqdm(starts, desc="batched forwards", disable=not progress or len(starts) < 2):
+            idx = order[start:start + chunk]
+            rows = [(slice(i * b, (i + 1) * b), iv) for i, j in enumerate(idx) for iv in sets[j]]
+            first = min(lowest[idx[0]], self.spec.n_layers - 1)
+            expand = (first, len(idx), b) if len(idx) > 1 else None
+            with HookSession(self, cache, rows, expand=expand) as session, torch.no_grad():
+                out = self.forward(batch, logits_to_keep=keep)
+            big = batch.repeat(len(idx))
+            logit_parts.append(_select_logits(out.logits, big, logits) if not keep else out.logits[:, -1])
+            cache_parts.append({k: v.repeat(len(idx), *[1] * (v.ndim - 1)) if v.shape[0] == b and len(idx) > 1
+                                else v for k, v in session.cache.items()})
+        inverse = torch.empty(n, dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(n)
+
+        def stack(parts):
+            return torch.cat(parts).reshape(n, b, *parts[0].shape[1:])[inverse]
+
+        stacked = {k: stack([c[k] for c in cache_parts]) for k in cache_parts[0]}
+        lg = None if logits == "none" else stack(logit_parts)
+        return RunOutput(batch, lg, stacked)
+
+    def _lowest_layer(self, iv: Intervention) -> int:
+        site = parse_site(iv.site, self.spec.n_layers)
+        if site.kind == "embed":
+            return 0
+        return self.spec.n_layers if site.layer is None else site.layer
+
+
+def _select_logits(logits: torch.Tensor, batch: Batch, which: str) -> torch.Tensor | None:
+    if which == "all":
+        return logits
+    if which == "last":
+        return logits[torch.arange(logits.shape[0]), batch.last_index.to(logits.device)]
+    if which == "none":
+        return None
+    raise InputError(f"logits={which!r}: use 'all', 'last' or 'none'.")

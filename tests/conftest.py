@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random models of every supported family (no weights needed), and the real
+default model (prepared once into the lmscope cache)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("the a cat dog sat on mat and when Mary John went to store gave drink ran fast slow red blue "
+         "green big small house tree river sun moon star one two three four five six seven eight nine "
+         "ten is was he she it they we you I of in at by for with from up down left right yes no").split()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<bos>": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<bos>", eos_token="<pad>")
+
+
+VOCAB = 80
+
+
+def tiny_config(family: str):
+    import transformers as tr
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=128, pad_token_id=1, bos_token_id=2,
+                  eos_token_id=1, tie_word_embeddings=False)
+    if family == "llama":
+        return tr.LlamaConfig(num_key_value_heads=2, **common)
+    if family == "mistral":
+        return tr.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    if family == "qwen2":
+        return tr.Qwen2Config(num_key_value_heads=2, **common)
+    if family == "gemma3":
+        return tr.Gemma3TextConfig(num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                   query_pre_attn_scalar=8, **common)
+    if family == "gpt2":
+        return tr.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                             bos_token_id=2, eos_token_id=1, pad_token_id=1)
+    if family in ("neox", "neox-seq"):
+        return tr.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                intermediate_size=48, max_position_embeddings=128, rotary_pct=0.5,
+                                use_parallel_residual=family == "neox", pad_token_id=1, bos_token_id=2,
+                                eos_token_id=1, tie_word_embeddings=False)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "gpt2", "neox", "neox-seq"]
+
+
+def make_tiny(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    from lmscope.models import Model
+
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init, so that effects are not tiny
+        for name, p in hf.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.3 if "emb" in name or "wte" in name or "wpe" in name else 0.15)
+            elif "bias" in name:
+                p.normal_(0, 0.1)
+    return Model(hf, tiny_tokenizer(), f"tiny-{family}")
+
+
+@pytest.fixture(params=FAMILIES, scope="session")
+def tiny(request):
+    return make_tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    import lmscope
+
+    return lmscope.load("smollm2-135m", progress=False)

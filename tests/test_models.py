@@ -260,3 +260,28 @@ def test_patch_of_wrong_length_says_why(tiny_llama):
         tiny_llama.run(PROMPT, interventions=[Patch("blocks.0.resid_pre", value=other["blocks.0.resid_pre"])])
     with pytest.raises(InputError, match="last dimension"):
         tiny_llama.run(PROMPT, interventions=[Add("blocks.0.resid_pre", vector=torch.ones(7))])
+
+
+def test_unknown_architecture_names_the_fix():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from lmscope.errors import UnsupportedArchitectureError
+    from lmscope.models import Model
+
+    hf = OPTForCausalLM(OPTConfig(vocab_size=80, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                  num_attention_heads=2, word_embed_proj_dim=16))
+    with pytest.raises(UnsupportedArchitectureError, match="adapters.py"):
+        Model(hf, None, "tiny-opt")
+
+
+def test_load_check_catches_a_decomposition_that_does_not_add_up(monkeypatch):
+    """The load-time check must fail when head writes are wrong (here: each scaled by 0.9)."""
+    from conftest import make_tiny
+
+    from lmscope.errors import ModelCheckError
+    from lmscope.models.model import Model
+
+    original = Model.head_writes
+    monkeypatch.setattr(Model, "head_writes", lambda self, *a, **k: 0.9 * original(self, *a, **k))
+    with pytest.raises(ModelCheckError, match="add up"):
+        make_tiny("llama")

@@ -87,3 +87,18 @@ def test_cli_demo_writes_report(tmp_path, smollm):
     html = (tmp_path / "report.html").read_text()
     assert "Logit lens" in html and "Direct logit attribution" in html
     assert "Mary" in result.output
+
+
+@pytest.mark.slow
+def test_gemma3_loads_checks_and_dla_adds_up():
+    """Gemma 3 (post-norms, sliding windows, GQA with one KV head): the load-time checks pass (every site
+    fires, explicit attention matches the kernel, the frozen-post-norm decomposition adds up), and DLA by
+    head sums to the model's own logit difference."""
+    import lmscope
+
+    model = lmscope.load("gemma3-270m", progress=False)
+    assert model.spec.post_norms and model.spec.n_kv_heads == 1
+    res = dla(model, IOI, " Mary", " John", by="head")
+    total = res.values.sum().item() + sum(t.sum().item() for t in res.extras.values()) + res.meta["constant"]
+    assert res.meta["model_value"] > 1.0
+    assert total == pytest.approx(res.meta["model_value"], rel=1e-4, abs=1e-3)

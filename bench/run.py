@@ -9,7 +9,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-BENCHES = {"sites": "bench_sites", "batched": "bench_batched"}
+BENCHES = {
+    "sites": "bench_sites", "batched": "bench_batched", "attribution": "bench_attribution",
+    "patching": "bench_patching", "atp": "bench_atp", "lens": "bench_lens", "harvest": "bench_harvest",
+    "probe": "bench_probe", "sae": "bench_sae", "circuits": "bench_circuits",
+}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(BENCHES)

@@ -93,3 +93,12 @@ def smollm():
     import lmscope
 
     return lmscope.load("smollm2-135m", progress=False)
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for torchrun rendezvous in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

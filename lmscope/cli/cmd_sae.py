@@ -1,9 +1,185 @@
-"""Command-line commands of the sae family (registered on the main app by register())."""
+"""Sparse-autoencoder commands: ``lmscope sae train | eval | features | compare``.
+
+Training harvests the site's activations into ``OUT/activations`` (or reads ``--store``) and writes the SAE
+in SAELens's layout to OUT; a killed run resumes from OUT's checkpoint when started again with the same
+arguments. Under ``torchrun --nproc_per_node N -m lmscope.cli.main sae train ...`` it trains data-parallel.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import typer
+from rich.table import Table
+
+from lmscope.cli.common import JsonOpt, ModelOpt, console, friendly, load_model, out
+
+sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders: train, evaluate, inspect, compare.")
+
+_COEFF = {"relu": "l1", "gated": "l1", "jumprelu": "l0"}
+_SHOWN = ("l0", "fve", "gamma", "ce_recovered", "delta_ce", "dead_frac", "dense_frac", "tokens")
+
+
+def _site_name(site: str, layer: int | None) -> str:
+    if site.startswith("blocks.") or layer is None:
+        return site
+    return f"blocks.{layer}.{site}"
+
+
+def _metrics_table(rows: list[tuple[str, dict]], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("sae")
+    for m in _SHOWN:
+        table.add_column(m)
+    for label, vals in rows:
+        table.add_row(label, *(f"{vals[m]:.4g}" for m in _SHOWN))
+    return table
+
+
+@friendly
+def train_cmd(arch: str = typer.Option(..., "--arch", help="relu | gated | topk | jumprelu"),
+              site: str = typer.Option("resid_post", help="Site kind (resid_post, mlp_out, attn.z, ...) or full name."),
+              layer: int = typer.Option(None, help="Layer of the site."),
+              latents: int = typer.Option(4608, help="Number of latents (dictionary size)."),
+              k: int = typer.Option(None, help="TopK: active latents per token."),
+              l1: float = typer.Option(None, "--l1", help="Sparsity coefficient (L1 for relu/gated, L0 for jumprelu)."),
+              tokens: int = typer.Option(1_000_000, help="Training tokens."),
+              out_dir: Path = typer.Option(..., "--out", help="Output folder (SAE files, checkpoint, log)."),
+              store: Path = typer.Option(None, help="An existing activation store (default: harvest into OUT)."),
+              batch_size: int = typer.Option(4096, help="Tokens per step."),
+              lr: float = typer.Option(4e-4, help="Learning rate."),
+              context: int = typer.Option(128, help="Context length when harvesting."),
+              seed: int = typer.Option(0, help="Seed (initialisation and batch order)."),
+              model: str = ModelOpt):
+    """Train an SAE on one site of the model."""
+    import torch.distributed as dist
+
+    from lmscope.data import ActivationStore, harvest, token_contexts
+    from lmscope.sae import TrainConfig, make_sae, train
+    from lmscope.sae.io import check_fits
+    from lmscope.sites import parse_site
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    m = load_model(model)
+    name = parse_site(_site_name(site, layer), m.spec.n_layers).name
+    fields = {}
+    if arch == "topk":
+        fields["k"] = k if k is not None else 32
+    elif arch in _COEFF and l1 is not None:
+        fields[_COEFF[arch]] = l1
+    sp = m.spec
+    make_sae(arch, d_in=sp.d_model, d_sae=latents, **fields)  # fail on a bad k or coefficient before harvesting
+    if store is None:
+        store_dir = out_dir / "activations"
+        if rank == 0:
+            ctx = token_contexts(m, "default", context=context, split="train",
+                                 max_tokens=int(tokens * context / (context - 1)) + context)
+            harvest(m, name, ctx, store_dir, n_tokens=tokens)
+        if dist.is_initialized():
+            dist.barrier()
+        source = ActivationStore(store_dir)
+    else:
+        source = ActivationStore(store)
+    d_head = sp.d_head if name.endswith("attn.z") else 0
+    sae = make_sae(arch, d_in=source.d, d_sae=latents, site=name, model=m.name, d_head=d_head, seed=seed, **fields)
+    check_fits(sae, m)
+    cfg = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, seed=seed)
+    state = train(sae, source, cfg, out_dir)
+    if rank == 0:
+        last = state.history[-1] if state.history else {}
+        console.print(f"trained {arch} SAE on {name}: L0 {last.get('l0', float('nan')):.1f}, "
+                      f"FVE {last.get('fve', float('nan')):.3f}; wrote {out_dir}")
+
+
+@friendly
+def eval_cmd(sae_dir: Path = typer.Argument(..., help="SAE folder (cfg.json + sae_weights.safetensors)."),
+             contexts: int = typer.Option(32, help="Held-out contexts of 128 tokens to evaluate on."),
+             model: str = ModelOpt, json: Path = JsonOpt):
+    """L0, variance explained, CE loss recovered (vs zero ablation), dead/dense latents, shrinkage γ."""
+    from lmscope.data import token_contexts
+    from lmscope.sae import load_sae
+    from lmscope.sae.evaluation import METRICS, evaluate
+
+    sae = load_sae(sae_dir)
+    m = load_model(model or sae.cfg.model or None)
+    held = token_contexts(m, "default", context=128, split="heldout", max_tokens=128 * contexts)
+    result = evaluate(sae, m, held, progress=True)
+    result.save_json(sae_dir / "eval.json")
+    out.print(_metrics_table([(str(sae_dir), dict(zip(METRICS, result.values.tolist())))],
+                             f"{sae.cfg.arch} SAE on {sae.cfg.site} ({m.name})"))
+    if json:
+        result.save_json(json)
+
+
+@friendly
+def features_cmd(sae_dir: Path = typer.Argument(..., help="SAE folder."),
+                 top: int = typer.Option(10, "--top", help="Top-activating contexts per latent."),
+                 latents: int = typer.Option(20, help="How many latents (the densest live ones)."),
+                 contexts: int = typer.Option(64, help="Held-out contexts of 128 tokens to search."),
+                 html: Path = typer.Option(..., "--html", help="Write the feature dashboards here."),
+                 model: str = ModelOpt, json: Path = JsonOpt):
+    """Feature dashboards: top-activating contexts (token marked), density, promoted/suppressed tokens."""
+    import torch
+
+    from lmscope.data import token_contexts
+    from lmscope.sae import load_sae
+    from lmscope.sae.features import feature_report, features_html, top_activations
+
+    sae = load_sae(sae_dir)
+    m = load_model(model or sae.cfg.model or None)
+    held = token_contexts(m, "default", context=128, split="heldout", max_tokens=128 * contexts)
+    _, _, _, density = top_activations(sae, m, held[:8], k=1)
+    order = density.argsort(descending=True)
+    chosen = order[density[order] > 0][:latents]
+    report = feature_report(sae, m, held, latents=chosen if chosen.numel() else torch.arange(latents), k=top,
+                            progress=True)
+    features_html(report, html)
+    console.print(f"wrote {html}")
+    if json:
+        report.save_json(json)
+
+
+@friendly
+def compare_cmd(sae_dirs: list[Path] = typer.Argument(..., help="SAE folders (evaluated with `sae eval` first, "
+                                                               "or evaluated now)."),
+                png: Path = typer.Option(None, "--png", help="Write the Pareto plot here."),
+                contexts: int = typer.Option(32, help="Held-out contexts for SAEs without eval.json."),
+                model: str = ModelOpt, json: Path = JsonOpt):
+    """Compare SAEs: L0 against variance explained and CE loss recovered (Pareto plot)."""
+    from lmscope.results import Result
+    from lmscope.sae.evaluation import METRICS, compare, evaluate, pareto_png
+
+    results, m = [], None
+    for d in sae_dirs:
+        if (d / "eval.json").exists():
+            results.append(Result.load(d / "eval.json"))
+            continue
+        from lmscope.data import token_contexts
+        from lmscope.sae import load_sae
+
+        sae = load_sae(d)
+        m = m or load_model(model or sae.cfg.model or None)
+        held = token_contexts(m, "default", context=128, split="heldout", max_tokens=128 * contexts)
+        r = evaluate(sae, m, held)
+        r.save_json(d / "eval.json")
+        results.append(r)
+    comp = compare(results, [d.name for d in sae_dirs])
+    out.print(_metrics_table([(lab, dict(zip(METRICS, row.tolist())))
+                              for lab, row in zip(comp.axes[0].labels, comp.values)], "SAE comparison"))
+    if png:
+        pareto_png(comp, png)
+        console.print(f"wrote {png}")
+    if json:
+        comp.save_json(json)
 
 
 def register(app: typer.Typer) -> None:
     """Add this family's commands to `app`."""
+    sae_app.command("train")(train_cmd)
+    sae_app.command("eval")(eval_cmd)
+    sae_app.command("features")(features_cmd)
+    sae_app.command("compare")(compare_cmd)
+    app.add_typer(sae_app, name="sae")

@@ -46,6 +46,7 @@ class Adapter:
     pos_embed: str | None = None
     parallel_flag: str | None = None  # config attribute that says attention and MLP run in parallel
     post_norms: bool = False  # attention and MLP writes pass through their own norms (Gemma 2/3)
+    attn_norm: str = "input_layernorm"  # block module: the norm applied to the attention's input
 
 
 _LLAMA_LIKE = dict(
@@ -66,7 +67,7 @@ ADAPTERS: tuple[Adapter, ...] = (
             embed="transformer.wte", pos_embed="transformer.wpe", layers="transformer.h",
             final_norm="transformer.ln_f", unembed="lm_head", attn="attn", o_proj="attn.c_proj",
             mlp="mlp", mlp_down="mlp.c_proj", attn_write="attn", mlp_write="mlp",
-            qkv="attn.c_attn", qkv_layout="blocks"),
+            qkv="attn.c_attn", qkv_layout="blocks", attn_norm="ln_1"),
     Adapter(family="gpt-neox", model_types=("gpt_neox",), norm_kind="layer",
             embed="gpt_neox.embed_in", layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm",
             unembed="lm_head", attn="attention", o_proj="attention.dense", mlp="mlp",

@@ -18,7 +18,8 @@ import torch
 from lmscope.errors import SiteError
 from lmscope.interventions import Intervention, Knockout
 from lmscope.models.adapters import get_module, norm_gain, norm_scale
-from lmscope.models.attention import ATTN_ATTR, explicit_attention
+from lmscope.models.attention import ATTN_ATTR, _explicit, explicit_attention
+from lmscope.models.reuse import Expansion, Prefix
 from lmscope.sites import ATTN_INNER_KINDS, Site, parse_site
 
 if TYPE_CHECKING:
@@ -36,7 +37,13 @@ class HookSession:
 
     ``expand=(layer, n, b)`` makes the forward start with a batch of b rows and repeat it n times
     (set-major) at the input of block ``layer``: the blocks below run once for all n copies. Only
-    interventions at or above that layer may then target rows of the copies.
+    interventions at or above that layer may then target rows of the copies. ``expand`` may also be
+    an :class:`~lmscope.models.reuse.Expansion` (copies appended at several blocks).
+
+    ``prefix`` (a :class:`~lmscope.models.reuse.Prefix`) makes the forward cover positions
+    ``prefix.start``..T−1 only: every layer's attention prepends the base run's keys/values of the
+    earlier positions. ``capture_kv=True`` records every layer's keys, values and mask into
+    ``session.prefix`` (for a later prefix forward).
     """
 
     def __init__(
@@ -45,10 +52,19 @@ class HookSession:
         cache: Iterable[str | Site] = (),
         interventions: Iterable[tuple[Rows, Intervention]] = (),
         grad: bool = False,
-        expand: tuple[int, int, int] | None = None,
+        expand: tuple[int, int, int] | Expansion | None = None,
+        prefix: Prefix | None = None,
+        capture_kv: bool = False,
     ):
         self.model = model
+        if isinstance(expand, tuple):
+            first, n, b = expand
+            expand = Expansion(b, {first: n})
         self.expand = expand
+        self.prefix = prefix
+        self.capture_kv = capture_kv
+        if capture_kv:
+            self.prefix = Prefix()
         self.grad = grad
         n_layers = model.spec.n_layers
         self.cache_sites: set[Site] = {parse_site(s, n_layers) for s in cache}
@@ -133,19 +149,21 @@ class HookSession:
         if Site("embed") in wanted:
             kinds_by_layer[0].add("embed")
         if self.expand is not None:
-            for layer in range(self.expand[0], m.spec.n_layers):
+            for layer in range(self.expand.first, m.spec.n_layers):
                 self._hook_pre(m.block(layer), self._expand_pre(layer))
 
+        explicit = {layer for layer, kinds in kinds_by_layer.items() if kinds & {*ATTN_INNER_KINDS, "knockout"}}
+        every = self.prefix is not None
+        for layer in range(m.spec.n_layers) if every else sorted(explicit):
+            attn = get_module(m.block(layer), a.attn)
+            if getattr(attn, ATTN_ATTR, None) is not None:
+                raise RuntimeError("Another lmscope hook session is active on this model; nest runs instead.")
+            setattr(attn, ATTN_ATTR, self._attention(layer, layer in explicit))
+            self._attn_modules.append(attn)
         for layer, kinds in kinds_by_layer.items():
             block = m.block(layer)
             if kinds & {"embed", "resid_pre", "resid_mid"}:
                 self._hook_pre(block, self._block_pre(layer))
-            if kinds & {*ATTN_INNER_KINDS, "knockout"}:
-                attn = get_module(block, a.attn)
-                if getattr(attn, ATTN_ATTR, None) is not None:
-                    raise RuntimeError("Another lmscope hook session is active on this model; nest runs instead.")
-                setattr(attn, ATTN_ATTR, self._attention(layer))
-                self._attn_modules.append(attn)
             if kinds & {"attn.z", "attn.head_out"}:
                 self._hook_pre(get_module(block, a.o_proj), self._o_proj_pre(layer))
             if kinds & {"attn_out", "attn.head_out", "resid_mid"}:
@@ -171,22 +189,28 @@ class HookSession:
 
     # ------------------------------------------------------------------ hook bodies
     def _expand_pre(self, layer: int):
-        first, n, b = self.expand
+        ex = self.expand
+        b = ex.b
 
-        def rep(v):
+        def rep(v, n):
             if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.shape[0] == b:
                 return v.repeat(n, *[1] * (v.ndim - 1))
             if isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
-                return tuple(rep(t) for t in v)
+                return tuple(rep(t, n) for t in v)
             return v
 
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            if layer == first:
-                hidden = hidden.repeat(n, 1, 1)
-            kwargs = {k: rep(v) for k, v in kwargs.items() if k != "hidden_states"}
+            new = ex.spawns.get(layer)
+            if new:
+                if ex.keep_base:
+                    hidden = torch.cat([hidden, hidden[:b].repeat(new, 1, 1)])
+                else:
+                    hidden = hidden.repeat(new, 1, 1)
+            n = hidden.shape[0] // b
+            kwargs = {k: rep(v, n) for k, v in kwargs.items() if k != "hidden_states"}
             if args:
-                return (hidden, *(rep(v) for v in args[1:])), kwargs
+                return (hidden, *(rep(v, n) for v in args[1:])), kwargs
             return args, {**kwargs, "hidden_states": hidden}
 
         return hook
@@ -204,9 +228,23 @@ class HookSession:
 
         return hook
 
-    def _attention(self, layer: int):
+    def _attention(self, layer: int, explicit: bool = True):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         def fn(module, query, key, value, mask, scaling, softcap=None):
-            return explicit_attention(self, layer, query, key, value, mask, scaling, softcap)
+            pre = self.prefix
+            if pre is not None and self.capture_kv:
+                pre.keys[layer], pre.values[layer] = key.detach(), value.detach()
+                pre.masks[layer] = None if mask is None else mask.detach()
+            elif pre is not None and pre.start > 0:
+                k0, v0 = pre.kv(layer, key.shape[0])
+                key, value = torch.cat([k0.to(key), key], dim=2), torch.cat([v0.to(value), value], dim=2)
+                mask = pre.mask(layer, query.shape[0], query.dtype)
+            if explicit:
+                return explicit_attention(self, layer, query, key, value, mask, scaling, softcap)
+            if softcap is None:
+                return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)
+            return _explicit(query, key, value, mask, scaling, softcap)
 
         return fn
 

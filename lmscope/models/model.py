@@ -22,6 +22,7 @@ from lmscope.interventions import Intervention
 from lmscope.models import attention as _attention  # noqa: F401  (registers the attention function)
 from lmscope.models.adapters import Adapter, adapter_for, get_module, linear_weight, norm_eps
 from lmscope.models.hooks import HookSession
+from lmscope.models.reuse import Expansion, first_position, shift
 from lmscope.sites import Site, parse_site
 
 
@@ -287,13 +288,19 @@ class Model:
 
     def run_sets(self, inputs, sets: Sequence[Sequence[Intervention]], *,
                  cache: Iterable[str | Site] = (), logits: str = "last", chunk_size: int | None = None,
-                 padding_side: str = "left", progress: bool = False) -> RunOutput:
+                 padding_side: str = "left", progress: bool = False, reuse: bool = True) -> RunOutput:
         """Apply each of N intervention sets to its own copy of the batch, in batched forwards.
 
         Returns logits and cache entries with a leading set axis: (N, B, ...), equal to N separate
         :meth:`run` calls. Sets are grouped by the lowest layer they touch, and the blocks below
         it run once per chunk instead of once per set. ``chunk_size`` is the number of sets per
         forward (default: as many as fit about 16k tokens).
+
+        With ``reuse=True`` (default), ``logits`` "last" or "none", left padding and no ``cache``,
+        two more savings apply (see :mod:`lmscope.models.reuse`): sets join a chunk's batch at
+        their own lowest layer (not the chunk's), and sets whose interventions all sit at positions
+        ≥ p are computed on positions p..T−1 only, with the keys/values of earlier positions taken
+        from one unpatched run.
         """
         batch = self.encode(inputs, padding_side)
         n, b, t = len(sets), *batch.input_ids.shape
@@ -301,22 +308,54 @@ class Model:
             raise InputError("run_sets needs at least one intervention set.")
         cache = [parse_site(s, self.spec.n_layers) for s in cache]
         lowest = [min([self._lowest_layer(iv) for iv in ivs], default=self.spec.n_layers) for ivs in sets]
-        order = sorted(range(n), key=lambda i: lowest[i])
-        chunk = chunk_size or max(1, 16384 // (b * t))
         keep = 1 if logits == "last" and padding_side == "left" and Site("logits") not in cache else 0
+        reuse = reuse and not cache and logits in ("last", "none") and batch.padding_side == "left"
+        if reuse:
+            start = [min([first_position(iv, t) for iv in ivs], default=t - 1) for ivs in sets]
+            start = [min(p, t - 1) for p in start]
+        else:
+            start = [0] * n
+        order = sorted(range(n), key=lambda i: (start[i], lowest[i]))
+        chunk = chunk_size or max(1, 16384 // (b * t))
+        chunks, i = [], 0
+        while i < n:  # consecutive sets of one start position, at most `chunk` per forward
+            j = i
+            while j < n and j - i < chunk and start[order[j]] == start[order[i]]:
+                j += 1
+            chunks.append(order[i:j])
+            i = j
+        prefix = None
+        if any(start):
+            with HookSession(self, capture_kv=True) as cap, torch.no_grad():
+                self.forward(batch, logits_to_keep=1)
+            prefix = cap.prefix
+            prefix.attention_mask = batch.attention_mask.to(self.device)
         logit_parts, cache_parts = [], []
-        starts = range(0, n, chunk)
-        for start in tqdm(starts, desc="batched forwards", disable=not progress or len(starts) < 2):
-            idx = order[start:start + chunk]
-            rows = [(slice(i * b, (i + 1) * b), iv) for i, j in enumerate(idx) for iv in sets[j]]
+        for idx in tqdm(chunks, desc="batched forwards", disable=not progress or len(chunks) < 2):
+            p = start[idx[0]]
+            sub = batch if p == 0 else Batch(batch.input_ids[:, p:], batch.attention_mask[:, p:],
+                                             batch.position_ids[:, p:], batch.str_tokens, batch.padding_side)
             first = min(lowest[idx[0]], self.spec.n_layers - 1)
-            expand = (first, len(idx), b) if len(idx) > 1 else None
-            with HookSession(self, cache, rows, expand=expand) as session, torch.no_grad():
-                out = self.forward(batch, logits_to_keep=keep)
+            spawns: dict[int, int] = {}
+            for j in idx:
+                layer = min(lowest[j], self.spec.n_layers - 1) if reuse else first
+                spawns[layer] = spawns.get(layer, 0) + 1
+            expand = None
+            if len(idx) > 1 or len(spawns) > 1:
+                expand = Expansion(b, spawns, keep_base=len(spawns) > 1)
+            off = expand.offset if expand is not None else 0
+            rows = [(slice(off + k * b, off + (k + 1) * b), shift(iv, p, t)) for k, j in enumerate(idx)
+                    for iv in sets[j]]
+            pre = prefix.at(p) if p > 0 else None
+            with HookSession(self, cache, rows, expand=expand, prefix=pre) as session, torch.no_grad():
+                out = self.forward(sub, logits_to_keep=keep)
             big = batch.repeat(len(idx))
-            logit_parts.append(_select_logits(out.logits, big, logits) if not keep else out.logits[:, -1])
+            if logits != "none":
+                lg = out.logits[off:]
+                logit_parts.append(_select_logits(lg, big, logits) if not keep else lg[:, -1])
             cache_parts.append({k: v.repeat(len(idx), *[1] * (v.ndim - 1)) if v.shape[0] == b and len(idx) > 1
                                 else v for k, v in session.cache.items()})
+        order = [j for idx in chunks for j in idx]
         inverse = torch.empty(n, dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(n)
 

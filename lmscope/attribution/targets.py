@@ -1,0 +1,115 @@
+"""Targets: the scalar function of the model's output that an attribution explains.
+
+A target is one token's logit, probability or log-probability at one position (default: the last
+token), or a contrastive difference between a target and a foil token (Yin & Neubig, 2022): logit
+difference, probability difference, or log-probability difference (numerically the logit
+difference, since the normaliser cancels). Every method in :mod:`lmscope.attribution` takes
+``target``, ``foil`` and ``metric`` and resolves them here.
+
+Shapes: ``Target.score(logits (N, T, V) or (N, V)) -> (N,)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmscope.errors import InputError
+from lmscope.models import Model
+from lmscope.models.adapters import norm_gain
+from lmscope.results import Axis, Result
+
+METRICS = ("logit", "probability", "log_probability")
+_ALIASES = {"prob": "probability", "logprob": "log_probability", "log_prob": "log_probability",
+            "logit": "logit", "probability": "probability", "log_probability": "log_probability"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved target: token ids, metric and position (``None``: each row's last token)."""
+
+    target_id: int
+    foil_id: int | None
+    metric: str
+    position: int | None
+    target_text: str
+    foil_text: str | None
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N,) target values from logits (N, T, V) (read at ``position``) or (N, V)."""
+        if logits.ndim == 3:
+            logits = logits[:, -1 if self.position is None else self.position]
+        logits = logits.float()
+        if self.metric == "logit":
+            pick = logits
+        elif self.metric == "probability":
+            pick = logits.softmax(dim=-1)
+        else:
+            pick = logits.log_softmax(dim=-1)
+        value = pick[:, self.target_id]
+        return value if self.foil_id is None else value - pick[:, self.foil_id]
+
+    def describe(self) -> dict:
+        doc = {"target": self.target_text, "target_id": self.target_id, "metric": self.metric,
+               "position": self.position}
+        if self.foil_id is not None:
+            doc.update(foil=self.foil_text, foil_id=self.foil_id)
+        return doc
+
+    @property
+    def label(self) -> str:
+        name = {"logit": "logit", "probability": "p", "log_probability": "log p"}[self.metric]
+        if self.foil_id is None:
+            return f"{name}({self.target_text!r})"
+        return f"{name}({self.target_text!r}) − {name}({self.foil_text!r})"
+
+
+def resolve_target(model: Model, target: str | int, foil: str | int | None = None, metric: str = "logit",
+                   position: int | None = None) -> Target:
+    """Check the tokens and metric; a foil equal to the target is an error that names the fix."""
+    if metric not in _ALIASES:
+        raise InputError(f"metric={metric!r} is unknown; use one of {METRICS}.")
+    metric = _ALIASES[metric]
+    if target is None:
+        raise InputError("This method explains a target token: pass target=' Mary' (mind the leading space).")
+    t = model.token_id(target)
+    f = None
+    if foil is not None:
+        f = model.token_id(foil)
+        if f == t:
+            raise InputError(f"The foil {foil!r} is the target itself; choose a different token to contrast "
+                             "with, or leave the foil out for a non-contrastive target.")
+    return Target(t, f, metric, position, model.decode([t]), None if f is None else model.decode([f]))
+
+
+def resolve_position(position: int | None, n_tokens: int) -> int:
+    """A non-negative position inside a sequence of ``n_tokens``; an error naming the range otherwise."""
+    if position is None:
+        return n_tokens - 1
+    if not -n_tokens <= position < n_tokens:
+        raise InputError(f"position {position} is outside the prompt's {n_tokens} tokens "
+                         f"(use 0..{n_tokens - 1} or a negative index).")
+    return position % n_tokens
+
+
+def logit_vector(model: Model, target: Target, scale: torch.Tensor) -> torch.Tensor:
+    """(D,) vector v with ``logit(target) [− logit(foil)] = resid · v + const`` under the final norm's
+    scale frozen at ``scale`` (a scalar 1/s): a component c contributes ``c · v``."""
+    if target.metric != "logit":
+        raise InputError(f"This method decomposes logits linearly; metric={target.metric!r} is not linear in "
+                         "the residual stream. Use metric='logit'.")
+    w_u = model.W_U.detach().float().cpu()
+    u = w_u[:, target.target_id] - (w_u[:, target.foil_id] if target.foil_id is not None else 0.0)
+    v = scale.float().cpu().reshape(()) * norm_gain(model.final_norm, model.spec.norm).detach().float().cpu() * u
+    if model.spec.norm == "layer":
+        v = v - v.mean()
+    return v
+
+
+def token_result(model: Model, tokens: list[str], values: torch.Tensor, method: str, target: Target | None,
+                 params: dict, extras: dict | None = None, meta: dict | None = None) -> Result:
+    """A Result over the prompt's tokens (axis ``token``)."""
+    return Result(values, (Axis("token", tuple(tokens)),), method, model.name,
+                  None if target is None else target.describe(), params, extras or {},
+                  {"tokens": list(tokens), **(meta or {})})

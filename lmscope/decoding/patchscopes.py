@@ -1,0 +1,200 @@
+"""Patchscopes (Ghandeharioun, Caciularu, Pearce, Dixon, Geva; ICML 2024): let the model read its own states.
+
+Take the hidden state h at (source prompt S, layer ℓ, position i), run a *target* prompt T and
+replace its hidden state at (layer ℓ*, position i*) with h, then read the next-token distribution
+(or generate a few tokens greedily; the patch is applied on the first forward, and generated tokens
+see it through the KV cache). "Layer ℓ" means the input of block ℓ (``resid_pre``; layer 0 is the
+token embedding) on both sides, so source and target use the same convention; ``site="resid_post"``
+uses block outputs instead.
+
+Target prompts: ``identity`` (few-shot "cat -> cat; 1135 -> 1135; hello -> hello; table -> table;
+green -> green; ? ->", patched at "?", ℓ* = ℓ: decodes which token h stands for; with only the first
+three demonstrations SmolLM2 copies 81% of random words at layer 0, with five 98%) and ``entity`` (a few "entity: description" pairs,
+patched at the final "x", then generate). Any prompt with a placeholder token works
+(:class:`TargetPrompt`). :func:`patchscope_sweep` runs all (ℓ, ℓ*) pairs in batched forwards and
+:func:`token_identity` measures how often the identity Patchscope returns the source token per layer.
+
+Shapes: source states (L, B, D); sweep values (source_layer, target_layer); identity accuracy (layer,).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lmscope.decoding.probes import resolve_layers
+from lmscope.decoding.steering import greedy
+from lmscope.errors import InputError
+from lmscope.interventions import Patch
+from lmscope.models import Model
+from lmscope.results import Axis, Result
+
+SITES = ("resid_pre", "resid_post", "resid_mid")
+
+
+@dataclass(frozen=True)
+class TargetPrompt:
+    """A target prompt and the placeholder token whose state is replaced (its last occurrence)."""
+
+    text: str
+    placeholder: str = "?"
+
+
+TARGET_PROMPTS = {
+    "identity": TargetPrompt("cat -> cat; 1135 -> 1135; hello -> hello; table -> table; green -> green; ? ->", "?"),
+    "entity": TargetPrompt("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South "
+                           "Korean multinational major appliance and consumer electronics corporation, x", "x"),
+}
+
+
+def target_prompt(target: str | TargetPrompt) -> TargetPrompt:
+    """A :class:`TargetPrompt` from a built-in name, a prompt text (placeholder "?" or "x") or itself."""
+    if isinstance(target, TargetPrompt):
+        return target
+    if target in TARGET_PROMPTS:
+        return TARGET_PROMPTS[target]
+    if not isinstance(target, str) or not target.strip():
+        raise InputError("The target prompt is empty; give a text or one of " + ", ".join(TARGET_PROMPTS) + ".")
+    return TargetPrompt(target, "x" if " x" in target and "?" not in target else "?")
+
+
+def placeholder_position(model: Model, target: TargetPrompt, position: int | None = None) -> tuple[int, list[str]]:
+    """The index i* to patch in the tokenised target prompt, and its tokens."""
+    tokens = model.encode(target.text).str_tokens[0]
+    if position is not None:
+        if not -len(tokens) <= position < len(tokens):
+            raise InputError(f"Target position {position} is out of range: the target prompt has {len(tokens)} "
+                             "tokens.")
+        return position % len(tokens), tokens
+    hits = [i for i, t in enumerate(tokens) if t.strip() == target.placeholder]
+    if not hits:
+        raise InputError(f"The target prompt {target.text!r} has no token {target.placeholder!r} to patch "
+                         f"(tokens: {tokens}); put the placeholder in it or give the target position.")
+    return hits[-1], tokens
+
+
+def _check_site(site: str) -> None:
+    if site not in SITES:
+        raise InputError(f"Patchscopes patch the residual stream; site must be one of {SITES}, not {site!r}.")
+
+
+def source_states(model: Model, sources: str | Sequence[str], layers: Sequence[int], *, position: int = -1,
+                  site: str = "resid_pre") -> torch.Tensor:
+    """Hidden states (L, B, D) of each source prompt at ``position`` (counted within each prompt)."""
+    _check_site(site)
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    batch = model.encode(sources, padding_side="left")
+    t = batch.input_ids.shape[1]
+    idx = []
+    for r, n in enumerate(batch.lengths.tolist()):
+        if not -n <= position < n:
+            raise InputError(f"Source position {position} is out of range for source {r} ({n} tokens).")
+        idx.append(t - n + position % n)
+    names = [f"blocks.{l}.{site}" for l in layers]
+    run = model.run(batch, cache=names, logits="none")
+    rows = torch.arange(len(sources))
+    return torch.stack([run[name][rows, torch.tensor(idx)] for name in names])
+
+
+def patchscope(model: Model, source: str, layer: int, *, position: int = -1,
+               target: str | TargetPrompt = "identity", target_layer: int | None = None,
+               target_position: int | None = None, k: int = 10, max_new_tokens: int = 0,
+               site: str = "resid_pre") -> Result:
+    """One Patchscope: top-k next tokens of the patched target prompt (and a greedy continuation).
+
+    values (k,) probabilities; meta ``top_tokens``, ``generated`` (when ``max_new_tokens`` > 0), the
+    source and target tokens and positions.
+    """
+    (layer,) = resolve_layers(model, [layer])
+    (tl,) = resolve_layers(model, [layer if target_layer is None else target_layer])
+    tp = target_prompt(target)
+    tpos, ttokens = placeholder_position(model, tp, target_position)
+    h = source_states(model, source, [layer], position=position, site=site)[0]  # (1, D)
+    patch = Patch(f"blocks.{tl}.{site}", value=h[:, None, :], positions=[tpos])
+    batch = model.encode(tp.text)
+    calls = []
+
+    def first_only(abs_pos, real):
+        calls.append(1)
+        return [patch] if len(calls) == 1 else []
+
+    tokens, logps = greedy(model, batch, max(1, max_new_tokens), first_only)
+    probs = logps[0, 0].exp()
+    top = probs.topk(k)
+    src_tokens = model.encode(source).str_tokens[0]
+    meta = {"top_tokens": [model.decode([i]) for i in top.indices.tolist()], "top_ids": top.indices.tolist(),
+            "source_tokens": src_tokens, "source_position": position % len(src_tokens),
+            "target_prompt": tp.text, "target_tokens": ttokens, "target_position": tpos}
+    if max_new_tokens > 0:
+        meta["generated"] = model.decode(tokens[0].tolist())
+    return Result(top.values, (Axis("rank", tuple(str(r + 1) for r in range(k))),), "patchscope", model.name,
+                  {"source": source, "position": position}, {"layer": layer, "target_layer": tl, "site": site,
+                                                           "k": k, "max_new_tokens": max_new_tokens}, {}, meta)
+
+
+def patchscope_sweep(model: Model, source: str, *, position: int = -1, layers: Sequence[int] | None = None,
+                     target_layers: Sequence[int] | None = None, target: str | TargetPrompt = "identity",
+                     target_position: int | None = None, expected: str | int | None = None,
+                     site: str = "resid_pre", chunk_size: int | None = None) -> Result:
+    """All (source layer, target layer) Patchscopes in batched forwards.
+
+    values (source_layer, target_layer): the probability of ``expected`` (default: the source token
+    itself), with extras ``rank`` of it and meta ``top_tokens`` (the top-1 token of every cell).
+    """
+    layers = resolve_layers(model, layers)
+    tls = resolve_layers(model, target_layers)
+    tp = target_prompt(target)
+    tpos, ttokens = placeholder_position(model, tp, target_position)
+    src = model.encode(source)
+    if expected is None:
+        eid = int(src.input_ids[0, position])
+    else:
+        eid = model.token_id(expected)
+    h = source_states(model, source, layers, position=position, site=site)  # (L, 1, D)
+    sets = [[Patch(f"blocks.{tl}.{site}", value=h[i][:, None, :], positions=[tpos])]
+            for i in range(len(layers)) for tl in tls]
+    logits = model.run_sets(tp.text, sets, logits="last", chunk_size=chunk_size).logits[:, 0].float()
+    probs = logits.softmax(-1).reshape(len(layers), len(tls), -1)
+    p = probs[..., eid]
+    rank = (probs > p[..., None]).sum(-1) + 1
+    top1 = probs.argmax(-1)
+    meta = {"top_tokens": [[model.decode([i]) for i in row] for row in top1.tolist()],
+            "expected": model.decode([eid]), "source_tokens": src.str_tokens[0],
+            "target_prompt": tp.text, "target_tokens": ttokens, "target_position": tpos}
+    return Result(p, (Axis("source_layer", tuple(map(str, layers))), Axis("target_layer", tuple(map(str, tls)))),
+                  "patchscope_sweep", model.name, {"source": source, "expected": model.decode([eid]),
+                                                   "expected_id": eid},
+                  {"position": position, "site": site}, {"rank": rank}, meta)
+
+
+def token_identity(model: Model, sources: Sequence[str], *, layers: Sequence[int] | None = None,
+                   position: int = -1, target: str | TargetPrompt = "identity", site: str = "resid_pre",
+                   expected: Sequence[str | int] | None = None, chunk_size: int | None = None) -> Result:
+    """Share of sources whose identity Patchscope (ℓ* = ℓ) predicts the source token, per layer.
+
+    ``expected`` defaults to each source's token at ``position``. values (layer,) accuracy; extras
+    ``correct`` (layer, B) booleans and ``expected_prob`` (layer, B).
+    """
+    sources = list(sources)
+    layers = resolve_layers(model, layers)
+    tp = target_prompt(target)
+    tpos, _ = placeholder_position(model, tp)
+    if expected is None:
+        enc = [model.encode(s).input_ids[0] for s in sources]
+        eids = torch.tensor([int(e[position]) for e in enc])
+    else:
+        if len(expected) != len(sources):
+            raise InputError(f"{len(expected)} expected tokens for {len(sources)} sources.")
+        eids = torch.tensor([model.token_id(e) for e in expected])
+    h = source_states(model, sources, layers, position=position, site=site)  # (L, B, D)
+    sets = [[Patch(f"blocks.{l}.{site}", value=h[i][:, None, :], positions=[tpos])] for i, l in enumerate(layers)]
+    logits = model.run_sets([tp.text] * len(sources), sets, logits="last", chunk_size=chunk_size).logits.float()
+    correct = logits.argmax(-1) == eids
+    expected_prob = logits.softmax(-1).gather(-1, eids.expand(len(layers), -1)[..., None])[..., 0]
+    return Result(correct.float().mean(1), (Axis("layer", tuple(map(str, layers))),), "patchscope_token_identity",
+                  model.name, None, {"site": site, "position": position, "target_prompt": tp.text,
+                                     "n": len(sources)},
+                  {"correct": correct.int(), "expected_prob": expected_prob},
+                  {"expected": [model.decode([i]) for i in eids.tolist()]})

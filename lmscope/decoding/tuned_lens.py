@@ -1,0 +1,382 @@
+"""Tuned lens (Belrose et al. 2023, "Eliciting Latent Predictions from Transformers with the Tuned Lens").
+
+The logit lens decodes a hidden state h^l with the model's final norm and unembedding. The tuned
+lens first applies a learned affine translator per layer, parameterised residually:
+
+    logits_l = W_U · Norm_f(h^l + A_l h^l + b_l),      A_l = 0, b_l = 0 at initialisation,
+
+so an untrained lens *is* the logit lens, and weight decay pulls it back towards it. The
+translators are trained to minimise KL(p_final || p_l) over tokens of a text corpus (no token
+shift), with the final norm and unembedding frozen. Hidden states are indexed like the logit
+lens: "embed" (the input of block 0) and the output of each block; the last block's output is
+the model's own prediction and needs no translator.
+
+Training runs in one process or data-parallel across processes started by ``torchrun``
+(torch.distributed with gloo on CPU, DDP): each rank takes an equal share of every global batch
+and DDP averages the gradients, so the result equals a one-process run on the same data and
+seed. Optimisers: the reference recipe (``optimizer="sgd"``: Nesterov momentum 0.9,
+lr = lr_scale·(1−0.9), weight decay 1e-3, linear decay to zero) and AdamW (the default; lr 1e-4,
+short warm-up, linear decay), which is stable at the small budgets a CPU affords.
+
+Shapes: hidden states (..., D); translators (D, D) + (D,) per hidden state 0..n_layers−1; logits (..., V).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from lmscope.errors import InputError
+from lmscope.models.adapters import get_module
+from lmscope.results import Axis, Result
+
+WEIGHTS = "tuned_lens.safetensors"
+CONFIG = "tuned_lens.json"
+
+
+def layer_labels(n_layers: int) -> tuple[str, ...]:
+    """Labels of the n_layers + 1 hidden states: "embed", "0", ..., str(n_layers - 1)."""
+    return ("embed", *(str(layer) for layer in range(n_layers)))
+
+
+def hidden_sites(n_layers: int) -> list[str]:
+    """The site of each hidden state, in lens order."""
+    return ["blocks.0.resid_pre", *(f"blocks.{layer}.resid_post" for layer in range(n_layers))]
+
+
+def parse_layers(layers, n_layers: int) -> tuple[int, ...]:
+    """Hidden-state indices (0 = embed, l + 1 = output of block l) of the translators to train.
+
+    Accepts labels ("embed", "3", -1) as in the logit lens; the last block's output has no translator.
+    """
+    if layers is None:
+        return tuple(range(n_layers))
+    out = []
+    for item in layers:
+        if str(item) == "embed":
+            out.append(0)
+            continue
+        try:
+            layer = int(item)
+        except ValueError:
+            raise InputError(f"Layer {item!r} is not a number or 'embed'.") from None
+        layer = layer + n_layers if layer < 0 else layer
+        if not 0 <= layer < n_layers:
+            raise InputError(f"Layer {item} is out of range: the model has {n_layers} layers (0..{n_layers - 1}, "
+                             "or 'embed').")
+        if layer == n_layers - 1:
+            raise InputError(f"Layer {item} is the last block: its output is the model's own prediction and has no "
+                             f"translator. Choose layers 'embed', 0..{n_layers - 2}.")
+        out.append(layer + 1)
+    return tuple(sorted(set(out)))
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the model's unembedding and final norm (what a lens depends on)."""
+    h = hashlib.sha256()
+    h.update(str((model.spec.d_model, model.spec.d_vocab, model.spec.n_layers)).encode())
+    h.update(model.W_U[:, :64].detach().float().cpu().contiguous().numpy().tobytes())
+    w = getattr(model.final_norm, "weight", None)
+    if w is not None:
+        h.update(w.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def decode(model, x: torch.Tensor) -> torch.Tensor:
+    """Logits (..., V) of hidden states x (..., D) through the frozen final norm and unembedding.
+
+    Gradients flow to ``x`` only; the model's parameters are used detached (nothing accumulates in them).
+    """
+    norm = model.final_norm
+    unembed = get_module(model.hf, model.adapter.unembed)
+    frozen = {k: v.detach() for k, v in norm.named_parameters()}
+    x = functional_call(norm, frozen, (x.to(next(norm.parameters()).dtype),))
+    logits = functional_call(unembed, {k: v.detach() for k, v in unembed.named_parameters()}, (x,)).float()
+    softcap = getattr(model.hf.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+class TunedLens(nn.Module):
+    """One residual affine translator per hidden state 0..n_layers−1 (embed and blocks 0..n−2).
+
+    ``translate(h, i)`` returns h + A_i h + b_i; ``forward(hs)`` does so for stacked hidden
+    states (k, N, D) at ``self.trained`` indices (used by training, where DDP wraps it).
+    """
+
+    def __init__(self, d_model: int, n_layers: int, model_name: str = "", fingerprint: str = "",
+                 trained: tuple[int, ...] | None = None):
+        super().__init__()
+        self.d_model, self.n_layers = d_model, n_layers
+        self.model_name, self.fingerprint = model_name, fingerprint
+        self.trained = tuple(range(n_layers)) if trained is None else tuple(trained)
+        self.translators = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(n_layers))
+        for t in self.translators:
+            nn.init.zeros_(t.weight)
+            nn.init.zeros_(t.bias)
+        for i, t in enumerate(self.translators):  # untrained translators stay zero (= logit lens) and frozen
+            t.requires_grad_(i in self.trained)
+        self.info: dict = {}
+
+    @classmethod
+    def for_model(cls, model, layers=None) -> TunedLens:
+        """A zero (identity) lens for ``model``: equal to the logit lens until trained."""
+        s = model.spec
+        return cls(s.d_model, s.n_layers, model.name, model_fingerprint(model), parse_layers(layers, s.n_layers))
+
+    def translate(self, h: torch.Tensor, index: int) -> torch.Tensor:
+        """h (..., D) at hidden-state ``index`` (0 = embed); the last index (n_layers) is returned as is."""
+        if not 0 <= index <= self.n_layers:
+            raise InputError(f"Hidden-state index {index} is out of range 0..{self.n_layers}.")
+        if index == self.n_layers:
+            return h
+        t = self.translators[index]
+        return h + t(h.to(t.weight.dtype)).to(h.dtype)
+
+    def forward(self, hs: torch.Tensor) -> torch.Tensor:
+        """Translate stacked hidden states (k, N, D), one per index of ``self.trained``."""
+        return torch.stack([self.translate(h, i) for h, i in zip(hs, self.trained)])
+
+    def check_model(self, model) -> None:
+        """Raise InputError unless this lens was trained for ``model``."""
+        s = model.spec
+        if (s.d_model, s.n_layers) != (self.d_model, self.n_layers) or (
+                self.fingerprint and self.fingerprint != model_fingerprint(model)):
+            raise InputError(f"This tuned lens was trained for {self.model_name!r} (d_model {self.d_model}, "
+                             f"{self.n_layers} layers), not for {model.name!r} (d_model {s.d_model}, {s.n_layers} "
+                             "layers, or different unembedding weights). Train one for this model with "
+                             "`lmscope lens train`.")
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``tuned_lens.safetensors`` and ``tuned_lens.json`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, out / WEIGHTS)
+        cfg = {"format": "lmscope-tuned-lens/1", "model": self.model_name, "fingerprint": self.fingerprint,
+               "d_model": self.d_model, "n_layers": self.n_layers, "trained": list(self.trained), "info": self.info}
+        (out / CONFIG).write_text(json.dumps(cfg, indent=1))
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, model=None) -> TunedLens:
+        """Read a saved lens (folder or its json); with ``model``, check that it was trained for it."""
+        path = Path(path)
+        folder = path.parent if path.suffix in (".json", ".safetensors") else path
+        if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
+            raise InputError(f"{path} holds no tuned lens ({CONFIG} and {WEIGHTS}); train one with "
+                             "`lmscope lens train --out DIR`.")
+        cfg = json.loads((folder / CONFIG).read_text())
+        lens = cls(cfg["d_model"], cfg["n_layers"], cfg["model"], cfg["fingerprint"], tuple(cfg["trained"]))
+        lens.load_state_dict(load_file(folder / WEIGHTS))
+        lens.info = cfg.get("info", {})
+        if model is not None:
+            lens.check_model(model)
+        return lens
+
+
+@dataclass(frozen=True)
+class TunedLensConfig:
+    """Training options. ``tokens`` is the total budget (steps = tokens // (batch_contexts·context)).
+
+    ``optimizer="sgd"`` is the reference recipe (Nesterov momentum, lr = lr_scale·(1 − momentum),
+    linear decay); ``"adam"`` (AdamW, lr 1e-4 by default, warm-up over min(1000, steps/5) steps,
+    then linear decay) is the default here: SmolLM2's late residuals have norms of several hundred,
+    so an SGD step on A (∝ ‖h‖²) overshoots, and Adam at 1e-3 moved late layers past the logit lens
+    in a short run.
+    """
+
+    tokens: int = 2**18
+    context: int = 128
+    batch_contexts: int = 8
+    optimizer: str = "adam"
+    lr: float | None = None
+    lr_scale: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    seed: int = 0
+    chunk_tokens: int = 512
+
+    def __post_init__(self):
+        if self.tokens < self.context * self.batch_contexts:
+            raise InputError(f"tokens={self.tokens} is less than one batch ({self.batch_contexts} contexts of "
+                             f"{self.context}); give more tokens.")
+        if self.optimizer not in ("sgd", "adam"):
+            raise InputError(f"optimizer={self.optimizer!r}: use 'sgd' or 'adam'.")
+        if not 0 <= self.momentum < 1 or self.lr_scale <= 0 or self.chunk_tokens < 1 or (self.lr or 1) <= 0:
+            raise InputError("momentum must be in [0, 1); lr, lr_scale and chunk_tokens positive.")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // (self.context * self.batch_contexts)
+
+    def make_optimizer(self, params, steps: int):
+        """The optimizer and its per-step learning-rate schedule."""
+        if self.optimizer == "sgd":
+            lr = self.lr if self.lr is not None else self.lr_scale * (1 - self.momentum)
+            opt = torch.optim.SGD(params, lr=lr, momentum=self.momentum, nesterov=self.momentum > 0,
+                                  weight_decay=self.weight_decay)
+            warmup = 0
+        else:
+            opt = torch.optim.AdamW(params, lr=self.lr if self.lr is not None else 1e-4,
+                                    weight_decay=self.weight_decay)
+            warmup = min(1000, steps // 5)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 1 - (step - warmup) / max(1, steps - warmup)
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _hidden_and_target(model, ids: torch.Tensor, indices: tuple[int, ...]):
+    """Stacked hidden states (k, N, D) at ``indices`` and final log-probs (N, V), first position dropped."""
+    sites = hidden_sites(model.spec.n_layers)
+    run = model.run(ids, cache=[sites[i] for i in indices], logits="all")
+    hs = torch.stack([run[sites[i]][:, 1:].reshape(-1, model.spec.d_model) for i in indices])
+    target = run.logits[:, 1:].reshape(-1, run.logits.shape[-1]).float().log_softmax(-1)
+    return hs, target
+
+
+def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of KL(p_target || softmax(logits)), summed over the vocabulary."""
+    logp = logits.log_softmax(-1)
+    return (target_logp.exp() * (target_logp - logp)).sum()
+
+
+def train_tuned_lens(model, corpus="default", config: TunedLensConfig = TunedLensConfig(), *, layers=None,
+                     contexts: torch.Tensor | None = None, progress: bool = True) -> TunedLens:
+    """Train a tuned lens for ``model`` on the train split of ``corpus`` (or on given (N, T) ``contexts``).
+
+    Under ``torchrun`` (torch.distributed initialised, or WORLD_SIZE > 1 in the environment: then a
+    gloo process group is created), every rank must see the same data; each takes an equal slice
+    of every global batch and DDP averages gradients. Every rank returns the same lens.
+    """
+    import torch.distributed as dist
+
+    from lmscope.data import token_contexts
+
+    created = not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if created:
+        dist.init_process_group("gloo")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if config.batch_contexts % world:
+        raise InputError(f"batch_contexts={config.batch_contexts} must be divisible by the {world} processes.")
+    if contexts is None:
+        contexts = token_contexts(model, corpus, config.context, "train", max_tokens=config.tokens)
+    steps = min(config.steps, len(contexts) // config.batch_contexts)
+    if steps < 1:
+        raise InputError(f"{len(contexts)} contexts are fewer than one batch of {config.batch_contexts}.")
+
+    torch.manual_seed(config.seed)
+    lens = TunedLens.for_model(model, layers)
+    module = nn.parallel.DistributedDataParallel(lens) if world > 1 else lens
+    opt, sched = config.make_optimizer([p for p in lens.parameters() if p.requires_grad], steps)
+    per_rank = config.batch_contexts // world
+    losses = []
+    bar = tqdm(range(steps), desc="tuned lens", unit="step", disable=not progress or rank != 0)
+    for step in bar:
+        batch = contexts[step * config.batch_contexts:(step + 1) * config.batch_contexts]
+        mine = batch[rank * per_rank:(rank + 1) * per_rank]
+        with torch.no_grad():
+            hs, target = _hidden_and_target(model, mine, lens.trained)
+        translated = module(hs)
+        leaf = translated.detach().requires_grad_()
+        n_tok = target.shape[0]
+        total = 0.0
+        for k in range(len(lens.trained)):
+            for lo in range(0, n_tok, config.chunk_tokens):
+                hi = min(lo + config.chunk_tokens, n_tok)
+                loss = _kl(target[lo:hi], decode(model, leaf[k, lo:hi])) / n_tok
+                loss.backward()
+                total += float(loss.detach())
+        opt.zero_grad(set_to_none=True)
+        translated.backward(leaf.grad)  # DDP averages the translators' gradients across ranks here
+        opt.step()
+        sched.step()
+        losses.append(total / len(lens.trained))
+        bar.set_postfix(kl=f"{losses[-1]:.3f}")
+    if created:
+        dist.destroy_process_group()
+    lens.info = {"config": asdict(config), "steps": steps, "world_size": world, "tokens_seen": steps *
+                 config.batch_contexts * config.context, "mean_kl_per_step": losses}  # rank 0's share under DDP
+    return lens
+
+
+def evaluate_lens(model, lens: TunedLens | None = None, corpus="default", *, contexts: torch.Tensor | None = None,
+                  tokens: int = 4096, context: int = 128, batch_contexts: int = 4,
+                  progress: bool = False) -> Result:
+    """Per-layer KL(p_final || p_lens) and next-token cross-entropy of the logit and tuned lens.
+
+    On the held-out split of ``corpus`` (or given contexts), first position of each context left
+    out. Values (n_layers + 1, 4): columns kl_logit, kl_tuned, ce_logit, ce_tuned (nats, mean per
+    token); without a lens the tuned columns equal the logit ones. meta["ce_model"] is the model's CE.
+    """
+    if lens is not None:
+        lens.check_model(model)
+    if contexts is None:
+        from lmscope.data import token_contexts
+
+        contexts = token_contexts(model, corpus, context, "heldout", max_tokens=tokens)
+    n = model.spec.n_layers
+    indices = tuple(range(n + 1))
+    sums = torch.zeros(n + 1, 4, dtype=torch.float64)
+    n_kl = n_ce = 0
+    ce_model = 0.0
+    starts = range(0, len(contexts), batch_contexts)
+    for b in tqdm(starts, desc="evaluate lens", disable=not progress):
+        ids = contexts[b:b + batch_contexts]
+        with torch.no_grad():
+            hs, target = _hidden_and_target(model, ids, indices)
+            t = ids.shape[1] - 1
+            nxt = torch.cat([ids[:, 2:], torch.full((len(ids), 1), -100)], 1).reshape(-1)  # next token, -100: none
+            valid = nxt != -100
+            ce_model += float(F.nll_loss(target[valid], nxt[valid], reduction="sum"))
+            for i in indices:
+                for col, h in ((0, hs[i]), (1, hs[i] if lens is None else lens.translate(hs[i], i))):
+                    logp = decode(model, h).log_softmax(-1)
+                    sums[i, col] += float((target.exp() * (target - logp)).sum())
+                    sums[i, col + 2] += float(F.nll_loss(logp[valid], nxt[valid], reduction="sum"))
+            n_kl += len(ids) * t
+            n_ce += int(valid.sum())
+    values = torch.cat([sums[:, :2] / n_kl, sums[:, 2:] / n_ce], 1).float()
+    return Result(values, (Axis("layer", layer_labels(n)), Axis("metric", ("kl_logit", "kl_tuned", "ce_logit",
+                                                                             "ce_tuned"))),
+                  "lens_eval", model.name, None, {"tokens": n_kl, "context": contexts.shape[1]}, {},
+                  {"ce_model": ce_model / max(n_ce, 1), "lens": None if lens is None else lens.info.get("config")})
+
+
+def tuned_lens(model, prompt: str, lens: TunedLens, target: str | int | None = None, *, k: int = 5,
+               position: int | None = None) -> Result:
+    """Like :func:`lmscope.decoding.logit_lens`, with each hidden state passed through the tuned lens first."""
+    lens.check_model(model)
+    n = model.spec.n_layers
+    sites = hidden_sites(n)
+    run = model.run(prompt, cache=sites, logits="none")
+    pos = int(run.batch.last_index[0]) if position is None else position % run.batch.input_ids.shape[1]
+    with torch.no_grad():
+        hs = torch.stack([lens.translate(run[s][0, pos], i) for i, s in enumerate(sites)])
+        probs = decode(model, hs).softmax(-1)
+    top = probs.topk(k, dim=-1)
+    meta = {"top_tokens": [[model.decode([i]) for i in row] for row in top.indices.tolist()],
+            "position": pos, "tokens": run.batch.str_tokens[0]}
+    extras, target_doc = {}, None
+    if target is not None:
+        t = model.token_id(target)
+        extras["target_prob"] = probs[:, t]
+        extras["target_rank"] = (probs > probs[:, t:t + 1]).sum(dim=-1) + 1
+        target_doc = {"target": model.decode([t]), "target_id": t, "position": pos}
+    return Result(top.values, (Axis("layer", layer_labels(n)), Axis("rank", tuple(str(r + 1) for r in range(k)))),
+                  "tuned_lens", model.name, target_doc, {"k": k, "position": position}, extras, meta)

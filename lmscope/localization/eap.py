@@ -1,0 +1,80 @@
+"""Edge attribution patching: EAP (Syed, Rager, Conmy 2023) and EAP-IG (Hanna, Pezzelle, Belinkov 2024).
+
+Every edge u → v of the component graph (heads and MLPs, each head's q/k/v input a separate
+receiver; :mod:`lmscope.models.edges`) gets the first-order estimate of patching that edge alone
+to its corrupted value:
+
+    EAP:     s(u → v) = (z_u(x_corrupt) − z_u(x_clean)) · ∂M/∂in_v |_{x_clean}
+    EAP-IG:  the gradient is averaged over m inputs whose embeddings interpolate from corrupted
+             (k = 0) towards clean, excluding the clean end: e_r + (k/m)(e_c − e_r), k = 0..m−1.
+
+``in_v`` is the receiver's own copy of the residual stream, so one backward pass gives ∂M/∂in_v for
+all receivers at once (m backward passes for EAP-IG). Scores are sums over positions and means over
+prompts. Grouped-query attention is ungrouped: each query head has its own key and value input.
+Use EAP to rank ~10⁵ edges in seconds, EAP-IG when faithfulness matters (it gives more faithful
+circuits at equal size); check any circuit with :func:`lmscope.localization.circuits.faithfulness_curve`.
+
+Returns :class:`~lmscope.localization.circuits.EdgeScores` (U upstream × R receivers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmscope.errors import InputError
+from lmscope.interventions import Patch
+from lmscope.localization.circuits import EdgeScores, _batches, _metric
+from lmscope.localization.tasks import PromptPairs
+from lmscope.models import Model
+from lmscope.models.edges import edge_forward, edge_graph, upstream_values
+
+METHODS = ("eap", "eap-ig")
+
+
+def eap(model: Model, pairs: PromptPairs, *, method: str = "eap", ig_steps: int = 5, metric: str = "logit_diff",
+        batch_size: int = 8) -> EdgeScores:
+    """Edge scores by EAP (``method="eap"``) or EAP-IG with ``ig_steps`` interpolation steps."""
+    if method not in METHODS:
+        raise InputError(f"method={method!r}: use one of {METHODS}.")
+    if method == "eap-ig" and ig_steps < 1:
+        raise InputError("ig_steps must be at least 1.")
+    if metric not in ("logit_diff", "prob", "logprob"):
+        raise InputError(f"metric={metric!r}: use 'logit_diff', 'prob' or 'logprob'.")
+    pairs.check(model)
+    graph = edge_graph(model)
+    total = len(pairs)
+    scores = torch.zeros(graph.valid.shape)
+    clean_m = corrupt_m = 0.0
+    for sub, clean, corrupt in _batches(model, pairs, batch_size):
+        w = len(sub) / total
+        m = _metric(model, sub, metric)
+        up_clean, up_corrupt = upstream_values(model, clean), upstream_values(model, corrupt)
+        if method == "eap":
+            steps = [()]
+        else:
+            e_c, e_r = up_clean[0], up_corrupt[0]
+            steps = [(Patch("embed", value=e_r + (k / ig_steps) * (e_c - e_r)),) for k in range(ig_steps)]
+        grads = None
+        for ivs in steps:
+            run = edge_forward(model, clean, grad=True, interventions=ivs)
+            value = m(run.logits)
+            g = run.receiver_grads(value)
+            grads = g if grads is None else grads + g
+            if not ivs:
+                clean_m += float(value.detach()) * w
+            del run
+        grads = grads / len(steps)
+        delta = (up_corrupt - up_clean).flatten(1)  # (U, B*T*D)
+        scores += (delta @ grads.flatten(1).T) * w
+        if method == "eap-ig":
+            with torch.no_grad():
+                clean_m += float(m(model.run(clean, logits="last").logits)) * w
+        with torch.no_grad():
+            corrupt_m += float(m(model.run(corrupt, logits="last").logits)) * w
+    scores = scores * graph.valid
+    params = {"method": method, "metric": metric, "n_prompts": total}
+    if method == "eap-ig":
+        params["ig_steps"] = ig_steps
+    meta = {"clean_metric": clean_m, "corrupt_metric": corrupt_m, "task": pairs.meta.get("task"),
+            "prompt": pairs.clean[0], "corrupt_prompt": pairs.corrupt[0]}
+    return EdgeScores(graph, scores, method, model.name, params, meta)

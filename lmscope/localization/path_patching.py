@@ -1,0 +1,129 @@
+"""Path patching (Wang et al. 2023, IOI; Goldowsky-Dill et al. 2023): the effect of a sender along
+direct paths only.
+
+For a sender component S (an attention head or an MLP layer) and receivers R (the queries, keys or
+values of some heads, or the logits), in the noising direction (METHODS.md §5.3):
+
+1. run the clean prompts and cache every head's ``z`` (and every MLP output);
+2. run the clean prompts again with S's output set to its corrupted value and every other head
+   frozen to its clean ``z`` (MLPs frozen too when ``freeze_mlps=True``; by default they are not,
+   so paths through MLPs count); record the receivers' q/k/v inputs;
+3. run the clean prompts with only the receivers' q/k/v replaced by those recorded values, and
+   measure the metric.
+
+With ``receivers="logits"`` step 3 is skipped and the metric is read from step 2 (the direct
+effect of S on the logits, through MLPs unless frozen). Scores are normalised like noising:
+0 = no effect, −1 = the behaviour is destroyed. Receiver inputs are per query head (GQA keys and
+values expanded), so patching the keys of one head leaves the other heads of its group alone.
+
+Public API::
+
+    path_patching(model, pairs, receivers, *, senders=None, receiver_input="q", metric="logit_diff",
+                  positions=None, freeze_mlps=False, normalise=True) -> Result
+        receivers: list of (layer, head) or "logits"; senders: list of (layer, head) or ("mlp", layer),
+        default every head below the highest receiver layer. Result axes: (sender,) with labels
+        "L{layer}.H{head}" / "MLP{layer}".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lmscope.errors import InputError
+from lmscope.interventions import Patch
+from lmscope.localization.patching import prepare
+from lmscope.localization.tasks import PromptPairs
+from lmscope.models import Model
+from lmscope.results import Axis, Result
+
+Component = tuple  # (layer, head) or ("mlp", layer)
+
+
+def _label(c: Component) -> str:
+    return f"MLP{c[1]}" if c[0] == "mlp" else f"L{c[0]}.H{c[1]}"
+
+
+def _check_component(model: Model, c, what: str) -> Component:
+    s = model.spec
+    if isinstance(c, tuple) and len(c) == 2 and c[0] == "mlp" and isinstance(c[1], int) and 0 <= c[1] < s.n_layers:
+        return c
+    if (isinstance(c, tuple) and len(c) == 2 and all(isinstance(x, int) for x in c)
+            and 0 <= c[0] < s.n_layers and 0 <= c[1] < s.n_heads):
+        return c
+    raise InputError(f"{what} {c!r} is not a component of {model.name}: use (layer, head) with layer < "
+                     f"{s.n_layers} and head < {s.n_heads}, or ('mlp', layer).")
+
+
+def path_patching(model: Model, pairs: PromptPairs, receivers: Sequence[tuple[int, int]] | str, *,
+                  senders: Sequence[Component] | None = None, receiver_input: str = "q",
+                  metric: str = "logit_diff", positions: Sequence[int] | None = None,
+                  freeze_mlps: bool = False, normalise: bool = True, chunk_size: int | None = None) -> Result:
+    """Score each sender by its effect on the metric through the receivers only (see the module docstring).
+
+    ``positions`` restricts the receivers' patched inputs to some positions (e.g. END), default all.
+    """
+    if receiver_input not in ("q", "k", "v"):
+        raise InputError(f"receiver_input={receiver_input!r}: use 'q', 'k' or 'v'.")
+    to_logits = isinstance(receivers, str)
+    if to_logits and receivers != "logits":
+        raise InputError(f"receivers={receivers!r}: give a list of (layer, head) or 'logits'.")
+    if not to_logits:
+        receivers = [_check_component(model, tuple(r), "Receiver") for r in receivers]
+        if not receivers or any(r[0] == "mlp" for r in receivers):
+            raise InputError("Receivers must be attention heads (layer, head), or 'logits'.")
+    s = model.spec
+    top = s.n_layers if to_logits else max(r[0] for r in receivers)
+    if senders is None:
+        senders = [(layer, h) for layer in range(top) for h in range(s.n_heads)]
+    senders = [_check_component(model, tuple(c), "Sender") for c in senders]
+    setup = prepare(model, pairs, metric)
+    clean, corrupt = setup.clean, setup.corrupt
+    z_names = [f"blocks.{layer}.attn.z" for layer in range(s.n_layers)]
+    mlp_names = [f"blocks.{layer}.mlp_out" for layer in range(s.n_layers)]
+    with torch.no_grad():
+        c_cache = model.run(clean, cache=z_names + mlp_names, logits="none").cache
+        r_cache = model.run(corrupt, cache=z_names + mlp_names, logits="none").cache
+
+    # step 2: one set per sender, all heads frozen to clean except the sender (corrupted)
+    step2 = []
+    for c in senders:
+        ivs = []
+        for layer in range(s.n_layers):
+            z = c_cache[z_names[layer]]
+            if c[0] == layer:
+                z = z.clone()
+                z[:, :, c[1]] = r_cache[z_names[layer]][:, :, c[1]]
+            ivs.append(Patch(z_names[layer], value=z))
+            if c == ("mlp", layer):
+                ivs.append(Patch(mlp_names[layer], value=r_cache[mlp_names[layer]]))
+            elif freeze_mlps:
+                ivs.append(Patch(mlp_names[layer], value=c_cache[mlp_names[layer]]))
+        step2.append(ivs)
+    if to_logits:
+        out = model.run_sets(clean, step2, logits="last", chunk_size=chunk_size)
+        raw = setup.metric(out.logits)
+    else:
+        r_layers = sorted({r[0] for r in receivers})
+        r_names = [f"blocks.{layer}.attn.{receiver_input}" for layer in r_layers]
+        rec = model.run_sets(clean, step2, cache=r_names, logits="none", chunk_size=chunk_size).cache
+        step3 = []
+        for i in range(len(senders)):
+            ivs = []
+            for layer, name in zip(r_layers, r_names):
+                hs = [h for (lr, h) in receivers if lr == layer]
+                ivs.append(Patch(name, value=rec[name][i], heads=hs, positions=positions))
+            step3.append(ivs)
+        raw = setup.metric(model.run_sets(clean, step3, logits="last", chunk_size=chunk_size).logits)
+    vals = setup.normalise(raw, "noise") if normalise else raw
+    return Result(
+        vals.float().cpu(), axes=(Axis("sender", tuple(_label(c) for c in senders)),),
+        method="path_patching", model=model.name,
+        target={"targets": list(pairs.targets[:5]), "foils": list(pairs.foils[:5]), "metric": metric},
+        params={"receivers": "logits" if to_logits else [_label(r) for r in receivers],
+                "receiver_input": None if to_logits else receiver_input, "freeze_mlps": freeze_mlps,
+                "positions": None if positions is None else list(positions), "normalise": normalise},
+        extras={"raw": raw.float().cpu()},
+        meta={"clean_metric": setup.clean_value, "corrupt_metric": setup.corrupt_value},
+    )

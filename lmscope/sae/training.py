@@ -1,0 +1,324 @@
+"""Training SAEs from an activation store: schedules, dead latents, checkpoints, resume, data parallelism.
+
+``train(sae, source, TrainConfig(tokens=...), out_dir)`` streams shuffled batches from ``source`` (anything
+with ``d``, ``len()`` and ``batches(batch_size, shuffle=, seed=, epochs=)`` yielding ``(B, D)`` tensors:
+:class:`lmscope.data.ActivationStore`, or :class:`TensorSource` for in-memory data), and runs Adam with
+
+* a linear LR warm-up and a linear decay to 0 over the last ``lr_decay`` fraction of steps (Anthropic 2024),
+* a linear warm-up of the sparsity coefficient (λ) from 0 over the first ``coeff_warmup`` fraction,
+* decoder-gradient projection before and renormalisation after each step (unit-norm architectures),
+  gradient-norm clipping,
+* dead-latent tracking (tokens since each latent last fired; feeds TopK's AuxK) and, for the unit-norm ReLU
+  SAE, Anthropic's resampling of latents that did not fire since the last resample.
+
+Initialisation from data: the input scale (``E‖x‖² = d``), b_dec at the geometric median (architectures that
+subtract it), and TopK's ``mse_scale = 1/E‖x − E x‖²``.
+
+Checkpoints (``checkpoint.pt``, atomic) hold everything the next step depends on, and the batch order is a
+pure function of the seed, so a run killed at any point and restarted with the same arguments ends with the
+same weights as an uninterrupted run. A step with a non-finite loss stops the run before anything is written.
+
+Data parallel: launched under ``torchrun`` (or any initialised ``torch.distributed`` group), every process
+reads the same global batch, computes the loss on its rows ``rank::world`` and gradients are averaged with an
+all-reduce before the step (what DDP does), so 2 processes follow the 1-process run up to float rounding.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from lmscope.errors import InputError, LmscopeError
+from lmscope.results import atomic_write_bytes
+from lmscope.sae.base import SAE
+from lmscope.sae.io import save_sae
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainingError(LmscopeError):
+    """Training stopped (diverged or bad checkpoint); the last good checkpoint is left untouched."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    tokens: int
+    batch_size: int = 4096
+    lr: float = 4e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_warmup: float = 0.01
+    lr_decay: float = 0.2
+    coeff_warmup: float = 0.05
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    init_sample: int = 16384
+    dead_tokens: int = 1_000_000
+    resample_every: int = 0
+    max_resamples: int = 4
+    log_every: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tokens < self.batch_size or self.batch_size <= 0:
+            raise InputError(f"TrainConfig: tokens ({self.tokens}) must be ≥ batch_size ({self.batch_size}) > 0.")
+        for name in ("lr_warmup", "lr_decay", "coeff_warmup"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise InputError(f"TrainConfig.{name} is a fraction of the run; got {getattr(self, name)}.")
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+
+class TensorSource:
+    """An in-memory activation source with the ActivationStore's batch interface."""
+
+    def __init__(self, acts: torch.Tensor):
+        self.acts = acts.reshape(-1, acts.shape[-1]).float()
+        self.d = self.acts.shape[1]
+
+    def __len__(self) -> int:
+        return self.acts.shape[0]
+
+    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, epochs: int = 1) -> Iterator[torch.Tensor]:
+        n = len(self)
+        for epoch in range(epochs):
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+            for i in range(0, n - batch_size + 1, batch_size):
+                yield self.acts[order[i:i + batch_size]]
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    mse_scale: float = 1.0
+    since_fired: torch.Tensor | None = None     # (F,) tokens since each latent last fired
+    fired_window: torch.Tensor | None = None    # (F,) firings since the last resample
+    resamples: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def geometric_median(x_ND: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed Euclidean distance to the rows of x."""
+    y = x_ND.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x_ND - y).norm(dim=1).clamp_min(1e-8)
+        y_new = (w[:, None] * x_ND).sum(0) / w.sum()
+        if (y_new - y).norm() <= tol * y.norm().clamp_min(1e-8):
+            return y_new
+        y = y_new
+    return y
+
+
+def _batches(source, cfg: TrainConfig) -> Iterator[torch.Tensor]:
+    per_epoch = len(source) // cfg.batch_size
+    if per_epoch == 0:
+        raise InputError(f"The activation source holds {len(source)} rows, fewer than one batch of {cfg.batch_size}.")
+    epochs = math.ceil(cfg.steps / per_epoch)
+    for x in source.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs):
+        if x.shape[0] == cfg.batch_size:
+            yield x.float()
+
+
+@torch.no_grad()
+def init_from_data(sae: SAE, source, cfg: TrainConfig) -> float:
+    """Set the input scale and b_dec from a data sample; returns TopK's mse_scale."""
+    if source.d != sae.cfg.d_in:
+        raise InputError(f"The activations are {source.d} wide but the SAE reads {sae.cfg.d_in}; build the SAE "
+                         f"with d_in={source.d}.")
+    n = min(cfg.init_sample, len(source))
+    bs = min(n, 4096)
+    rows, got = [], 0
+    for x in source.batches(bs, shuffle=True, seed=cfg.seed + 7_919, epochs=1):
+        rows.append(x.float())
+        got += x.shape[0]
+        if got >= n:
+            break
+    sample = torch.cat(rows)[:n]
+    sae.scale.fill_(math.sqrt(sae.cfg.d_in / sample.pow(2).sum(1).mean().clamp_min(1e-12).item()))
+    sample = sample * sae.scale
+    if sae.apply_b_dec_to_input:
+        sae.b_dec.copy_(geometric_median(sample))
+    return 1.0 / (sample - sample.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12).item()
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    n = cfg.steps
+    warm = max(1, round(cfg.lr_warmup * n)) if cfg.lr_warmup else 0
+    if warm and step < warm:
+        return (step + 1) / warm
+    decay_start = n - round(cfg.lr_decay * n)
+    if cfg.lr_decay and step >= decay_start:
+        return max(0.0, (n - step) / max(1, n - decay_start))
+    return 1.0
+
+
+def _coeff_factor(step: int, cfg: TrainConfig) -> float:
+    warm = round(cfg.coeff_warmup * cfg.steps)
+    return min(1.0, (step + 1) / warm) if warm else 1.0
+
+
+@torch.no_grad()
+def resample_dead(sae: SAE, opt: torch.optim.Adam, x_BD: torch.Tensor, dead_F: torch.Tensor, seed: int) -> int:
+    """Anthropic's resampling: dead latents take inputs sampled with probability ∝ loss² (normalised x)."""
+    idx = dead_F.nonzero().flatten()
+    if idx.numel() == 0:
+        return 0
+    err = (sae.decode_n(sae.encode_n(x_BD)) - x_BD).pow(2).sum(-1)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.multinomial(err.pow(2) + 1e-12, idx.numel(), replacement=True, generator=g)
+    d = sae.sae_in(x_BD[pick])
+    d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    alive = ~dead_F
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    sae.W_dec[idx] = d
+    sae.W_enc[:, idx] = (d * enc_norm * 0.2).T
+    sae.b_enc[idx] = 0.0
+    for p, sl in ((sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
+        st = opt.state.get(p)
+        if st:
+            st["exp_avg"][sl] = 0.0
+            st["exp_avg_sq"][sl] = 0.0
+    return int(idx.numel())
+
+
+def _save_checkpoint(path: Path, sae: SAE, opt, state: TrainState, cfg: TrainConfig) -> None:
+    buf = io.BytesIO()
+    torch.save({"sae": sae.state_dict(), "sae_config": sae.cfg.to_dict(), "opt": opt.state_dict(),
+                "train_config": asdict(cfg), "state": asdict(state)}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path, sae: SAE, opt, cfg: TrainConfig) -> TrainState:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ck, dict) or "sae" not in ck:
+            raise ValueError("not an lmscope SAE checkpoint")
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem for the user
+        raise TrainingError(f"The checkpoint {path} is corrupted or not an lmscope SAE checkpoint ({err}). "
+                            "Delete it to start over, or point --out at another folder.") from None
+    if ck["sae_config"] != sae.cfg.to_dict() or ck["train_config"] != asdict(cfg):
+        raise TrainingError(f"The checkpoint {path} was written by a run with other settings "
+                            f"({ck['sae_config']}, {ck['train_config']}). Resume with the same arguments or use "
+                            "another output folder.")
+    sae.load_state_dict(ck["sae"])
+    opt.load_state_dict(ck["opt"])
+    return TrainState(**ck["state"])
+
+
+def _all_reduce_(t: torch.Tensor, world: int, mean: bool = False) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t)
+        if mean:
+            t /= world
+    return t
+
+
+def train(sae: SAE, source, cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *,
+          progress: bool = True, resume: bool = True) -> TrainState:
+    """Train ``sae`` in place on ``source``; with ``out_dir``, checkpoint there and write the SAE files at the end.
+
+    Returns the final :class:`TrainState` (``history`` has loss, L0, FVE, lr and λ every ``log_every`` steps).
+    """
+    rank, world = _world()
+    if cfg.batch_size % world:
+        raise InputError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world}).")
+    out = Path(out_dir) if out_dir is not None else None
+    ck_path = out / CHECKPOINT if out is not None else None
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas)
+    if ck_path is not None and resume and ck_path.exists():
+        state = _load_checkpoint(ck_path, sae, opt, cfg)
+    else:
+        state = TrainState(mse_scale=init_from_data(sae, source, cfg))
+        sae.normalise_decoder()
+    F = sae.cfg.d_sae
+    if state.since_fired is None:
+        state.since_fired = torch.zeros(F, dtype=torch.long)
+        state.fired_window = torch.zeros(F, dtype=torch.long)
+    if out is not None and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    n_steps = cfg.steps
+    batches = _batches(source, cfg)
+    for _ in range(state.step):  # replay the batch order up to the checkpoint
+        next(batches)
+    bar = tqdm(total=n_steps, initial=state.step, desc=f"train {sae.cfg.arch} SAE",
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    resample_on = cfg.resample_every and getattr(sae, "unit_norm_decoder", False) and sae.cfg.arch == "relu"
+    while state.step < n_steps:
+        try:
+            x = next(batches) * sae.scale
+        except StopIteration:
+            raise TrainingError(f"The activation source ran out after {state.step} steps; it holds {len(source)} "
+                                f"rows for {cfg.tokens} tokens. Harvest more or lower --tokens.") from None
+        step = state.step
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg)
+        coeff = sae.coeff * _coeff_factor(step, cfg)
+        shard = x[rank::world] if world > 1 else x
+        dead = state.since_fired >= cfg.dead_tokens
+        out_ = sae.loss(shard, coeff, dead_F=dead, mse_scale=state.mse_scale)
+        if not torch.isfinite(out_.loss):
+            raise TrainingError(f"The loss became {out_.loss.detach().item()} at step {step}; the run stopped and the last "
+                                "good checkpoint was kept. Lower the learning rate or the sparsity coefficient.")
+        opt.zero_grad(set_to_none=True)
+        out_.loss.backward()
+        if world > 1:
+            for p in sae.parameters():
+                if p.grad is not None:
+                    _all_reduce_(p.grad, world, mean=True)
+        sae.project_decoder_grad()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        opt.step()
+        sae.normalise_decoder()
+        with torch.no_grad():
+            fired = _all_reduce_((out_.f > 0).sum(0).long(), world)
+            state.since_fired = torch.where(fired > 0, 0, state.since_fired + cfg.batch_size)
+            state.fired_window += fired
+        state.step += 1
+        if resample_on and state.step % cfg.resample_every == 0 and state.resamples < cfg.max_resamples:
+            resample_dead(sae, opt, x, state.fired_window == 0, seed=cfg.seed * 1_000_003 + state.step)
+            state.fired_window.zero_()
+            state.resamples += 1
+        if state.step % cfg.log_every == 0 or state.step == n_steps:
+            with torch.no_grad():
+                stats = torch.tensor([out_.loss.detach().item(), float((out_.f > 0).sum(-1).float().mean()),
+                                      out_.parts["mse"], float((shard - shard.mean(0)).pow(2).sum(-1).mean())])
+                _all_reduce_(stats, world, mean=True)
+            row = {"step": state.step, "loss": stats[0].item(), "l0": stats[1].item(),
+                   "fve": 1 - stats[2].item() / max(stats[3].item(), 1e-12), "lr": opt.param_groups[0]["lr"],
+                   "coeff": coeff, "dead_frac": float(dead.float().mean())}
+            state.history.append(row)
+            bar.set_postfix(L0=f"{row['l0']:.1f}", FVE=f"{row['fve']:.3f}", loss=f"{row['loss']:.3g}")
+        bar.update(1)
+        if ck_path is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 \
+                and state.step < n_steps:
+            if rank == 0:
+                _save_checkpoint(ck_path, sae, opt, state, cfg)
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    if out is not None and rank == 0:
+        _save_checkpoint(ck_path, sae, opt, state, cfg)
+        save_sae(sae, out, extra={"train_config": asdict(cfg), "tokens": state.step * cfg.batch_size})
+        atomic_write_bytes(out / "training_log.json", json.dumps(state.history, indent=1).encode())
+    if world > 1:
+        dist.barrier()
+    return state

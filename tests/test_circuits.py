@@ -1,0 +1,215 @@
+"""Edge-level patching, EAP / EAP-IG, circuit extraction, faithfulness and ACDC: against independent
+computations (node-level interventions, finite differences of real edge-patched forwards), on tiny
+models of several families and, for the IOI circuit, on the real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmscope import Add, Patch
+from lmscope.errors import InputError
+from lmscope.localization.acdc import acdc, receiver_order
+from lmscope.localization.atp import encode_pairs
+from lmscope.localization.circuits import Circuit, evaluate_masks, extract, faithfulness_curve
+from lmscope.localization.eap import eap
+from lmscope.localization.metrics import Metric
+from lmscope.localization.tasks import PromptPairs
+from lmscope.models.edges import edge_forward, edge_graph, upstream_values
+from lmscope.results import Result
+
+PAIRS = PromptPairs(
+    ["when Mary and John went to the store John gave a drink to", "the cat sat on the mat and the dog ran to the"],
+    ["when Mary and John went to the store Mary gave a drink to", "the dog sat on the mat and the cat ran to the"],
+    ["Mary", "dog"], ["John", "cat"])
+
+
+def _batches(model):
+    clean, corrupt = encode_pairs(model, PAIRS)
+    return clean, corrupt, upstream_values(model, clean), upstream_values(model, corrupt)
+
+
+def test_edge_forward_endpoints(tiny):
+    """No patched edge: the model's own run; every edge patched: exactly the corrupted run."""
+    clean, corrupt, _, up_r = _batches(tiny)
+    graph = edge_graph(tiny)
+    with torch.no_grad():
+        own = tiny.run(clean, logits="last").logits
+        bad = tiny.run(corrupt, logits="last").logits
+        torch.testing.assert_close(edge_forward(tiny, clean).logits, own, atol=1e-5, rtol=1e-4)
+        full = edge_forward(tiny, clean, patch=graph.valid.clone(), corrupt=up_r).logits
+    torch.testing.assert_close(full, bad, atol=1e-5, rtol=1e-4)
+    assert (own - bad).abs().max() > 0.1
+
+
+def test_single_edges_against_node_interventions(tiny):
+    """Patching u → logits alone equals adding the corrupted-minus-clean write of u to the final
+    residual; patching every edge into one head's query (key) equals patching that head's query
+    (key) with the corrupted run's (for grouped-query models: that query head's copy only)."""
+    clean, corrupt, up_c, up_r = _batches(tiny)
+    graph = edge_graph(tiny)
+    n = tiny.spec.n_layers
+    with torch.no_grad():
+        u = graph.head_index(1, 2)
+        patch = torch.zeros_like(graph.valid)
+        patch[u, -1] = True
+        got = edge_forward(tiny, clean, patch=patch, corrupt=up_r).logits
+        want = tiny.run(clean, logits="last", interventions=[
+            Add(f"blocks.{n - 1}.resid_post", up_r[u] - up_c[u])]).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        for which in ("q", "k", "v"):
+            layer, head = 2, 1
+            site = f"blocks.{layer}.attn.{which}"
+            patch = torch.zeros_like(graph.valid)
+            patch[:, graph.receiver_index(layer, which, head)] = True
+            got = edge_forward(tiny, clean, patch=patch, corrupt=up_r).logits
+            value = tiny.run(corrupt, cache=[site]).cache[site]
+            want = tiny.run(clean, logits="last", interventions=[Patch(site, value=value, heads=[head])]).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+            assert (got - tiny.run(clean, logits="last").logits).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "neox"])
+def test_eap_is_the_first_order_term_of_edge_patching(family):
+    from conftest import make_tiny
+
+    model = make_tiny(family)
+    scores = eap(model, PAIRS)
+    clean, corrupt, up_c, up_r = _batches(model)
+    t, f = PAIRS.token_ids(model)
+    metric = Metric("logit_diff", t, f)
+    g = scores.graph
+    eps = 1e-2
+    edges = [(0, g.receiver_index(1, "q", 2)), (g.head_index(0, 1), g.receiver_index(2, "k", 3)),
+             (g.mlp_index(1), len(g.receivers) - 1), (g.head_index(0, 3), g.receiver_index(1, "v", 1)),
+             (g.head_index(1, 0), g.receiver_index(1, "mlp"))]
+    nonzero = 0
+    for u, r in edges:
+        if not g.valid[u, r]:  # parallel blocks: a head does not feed its own layer's MLP
+            assert model.spec.parallel and scores.scores[u, r] == 0
+            continue
+        patch = torch.zeros_like(g.valid)
+        patch[u, r] = True
+        with torch.no_grad():
+            plus = metric(edge_forward(model, clean, patch=patch, corrupt=up_c + eps * (up_r - up_c)).logits)
+            minus = metric(edge_forward(model, clean, patch=patch, corrupt=up_c - eps * (up_r - up_c)).logits)
+        by_hand = float(plus - minus) / (2 * eps)
+        assert float(scores.scores[u, r]) == pytest.approx(by_hand, abs=1e-3, rel=1e-3), (g.upstream[u], g.receivers[r])
+        nonzero += abs(by_hand) > 1e-3
+    assert nonzero >= 3
+
+
+def test_eap_ig_one_step_is_eap_at_the_corrupted_input(tiny_llama):
+    """With one step EAP-IG takes the gradient at the corrupted embeddings: equal to EAP's formula
+    with the gradient taken on the corrupted prompts (scores are linear in the gradient)."""
+    ig = eap(tiny_llama, PAIRS, method="eap-ig", ig_steps=1)
+    clean, corrupt, up_c, up_r = _batches(tiny_llama)
+    t, f = PAIRS.token_ids(tiny_llama)
+    run = edge_forward(tiny_llama, corrupt, grad=True)
+    grads = run.receiver_grads(Metric("logit_diff", t, f)(run.logits))
+    want = ((up_r - up_c).flatten(1) @ grads.flatten(1).T) * ig.graph.valid
+    torch.testing.assert_close(ig.scores, want, atol=1e-5, rtol=1e-4)
+    five = eap(tiny_llama, PAIRS, method="eap-ig", ig_steps=5)
+    assert not torch.allclose(five.scores, ig.scores)
+
+
+def test_extraction_faithfulness_and_json(tiny_llama, tmp_path):
+    scores = eap(tiny_llama, PAIRS)
+    n_all = scores.graph.n_edges
+    top = extract(scores, 10)
+    assert top.n_edges == 10
+    kept = scores.scores[top.mask].abs()
+    assert kept.min() >= scores.scores[scores.graph.valid & ~top.mask].abs().max()
+    curve = faithfulness_curve(tiny_llama, PAIRS, scores, [0, 10, n_all])
+    # the empty circuit is the corrupted run, the full graph the clean run
+    assert curve.values[0] == pytest.approx(0.0, abs=1e-4)
+    assert curve.values[-1] == pytest.approx(1.0, abs=1e-4)
+    ev = evaluate_masks(tiny_llama, PAIRS, [top.mask])
+    gap = ev["clean"] - ev["corrupt"]
+    assert curve.values[1] == pytest.approx((float(ev["circuit"][0]) - ev["corrupt"]) / gap, abs=1e-5)
+    # graph results serialise to JSON and back
+    res = top.to_result()
+    res.save_json(tmp_path / "circuit.json")
+    back = Circuit.from_result(Result.load(tmp_path / "circuit.json"), tiny_llama)
+    assert torch.equal(back.mask, top.mask)
+    assert {n["id"] for n in res.meta["nodes"]} >= {e["source"] for e in res.meta["edges"]}
+    full = scores.to_result()
+    assert full.shape == (len(scores.graph.upstream), len(scores.graph.receivers))
+    assert int(torch.isfinite(full.values).sum()) == n_all
+    with pytest.raises(InputError, match="impossible"):
+        extract(scores, n_all + 1)
+
+
+def _two_layer_llama():
+    import transformers as tr
+
+    from conftest import tiny_tokenizer
+    from lmscope.models import Model
+
+    torch.manual_seed(1)
+    cfg = tr.LlamaConfig(vocab_size=80, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         pad_token_id=1, bos_token_id=2, eos_token_id=1, tie_word_embeddings=False)
+    hf = tr.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.5)
+    return Model(hf, tiny_tokenizer(), "tiny-2l")
+
+
+def test_acdc_greedy_pruning_is_exact():
+    model = _two_layer_llama()
+    graph = edge_graph(model)
+    order = receiver_order(graph)
+    assert order[0] == len(graph.receivers) - 1 and sorted(order) == list(range(len(graph.receivers)))
+    tau = 0.02
+    circ = acdc(model, PAIRS, threshold=tau)
+    # the reported damage is the exact KL of the circuit with its complement patched
+    ev = evaluate_masks(model, PAIRS, [circ.mask], metric="kl")
+    assert float(ev["circuit"][0]) == pytest.approx(circ.meta["circuit_metric"], abs=1e-6)
+    assert circ.meta["n_tests"] == graph.n_edges
+    # every removed edge was removed because its measured damage increase was below τ; kept ones were not
+    removed = graph.valid & ~circ.mask
+    assert (circ.scores[removed] < tau).all() and (circ.scores[circ.mask] >= tau).all()
+    assert 0 < circ.n_edges < graph.n_edges
+    empty = acdc(model, PAIRS, threshold=1e6)
+    assert empty.n_edges == 0
+    with pytest.raises(InputError, match="positive"):
+        acdc(model, PAIRS, threshold=0)
+
+
+@pytest.mark.real
+def test_acdc_refuses_large_models(smollm):
+    with pytest.raises(InputError, match="EAP"):
+        acdc(smollm, PAIRS)
+
+
+@pytest.mark.real
+def test_cli_atp_and_circuit(smollm, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lmscope.cli.main import app
+
+    runner = CliRunner()
+    path = tmp_path / "atp.json"
+    result = runner.invoke(app, ["atp", "--clean", "When Mary and John went to the store, John gave a drink to",
+                                 "--corrupt", "When Mary and John went to the store, Mary gave a drink to",
+                                 "--target", " Mary", "--foil", " John", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(path.read_text())
+    assert doc["method"] == "atp" and [a["name"] for a in doc["axes"]] == ["layer", "head"]
+    assert len(doc["values"]) == smollm.spec.n_layers
+    path = tmp_path / "circuit.json"
+    result = runner.invoke(app, ["circuit", "--task", "ioi", "--method", "eap", "--n", "4", "--edges", "200",
+                                 "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(path.read_text())
+    assert doc["method"] == "eap" and len(doc["meta"]["edges"]) == 200
+    assert "faithfulness" in doc["meta"]
+    bad = runner.invoke(app, ["circuit", "--task", "ioi", "--method", "acdc", "--n", "2"])
+    assert bad.exit_code == 2 and "EAP" in bad.output
+    bad = runner.invoke(app, ["flow", "--prompt", "hello there", "--threshold", "1.5"])
+    assert bad.exit_code == 2 and "between 0 and 1" in bad.output

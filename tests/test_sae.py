@@ -329,21 +329,34 @@ _SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from lmscope.sae import TensorSource, TrainConfig, make_sae, train
     from test_sae import resume_run
-    resume_run(sys.argv[1], sys.argv[2], sys.argv[3])
+    resume_run(sys.argv[1], sys.argv[2], sys.argv[3], delay=float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)
 """)
 
 
 RESUME_STEPS = 150
 
 
-def resume_run(data, out, arch):
+class SlowSource(TensorSource):
+    """A TensorSource that waits ``delay`` s per batch, so that a run is surely killed mid-way."""
+
+    def __init__(self, acts, delay):
+        super().__init__(acts)
+        self.delay = delay
+
+    def batches(self, *args, **kwargs):
+        for batch in super().batches(*args, **kwargs):
+            time.sleep(self.delay)
+            yield batch
+
+
+def resume_run(data, out, arch, delay=0.0):
     """The run of the kill-and-resume test (also imported by its subprocess)."""
     x = torch.load(data)
     kw = dict(k=8) if arch == "topk" else dict(l1=0.5, decoder="unit_norm")
     sae = make_sae(arch, d_in=x.shape[1], d_sae=512, seed=1, **kw)
     cfg = TrainConfig(tokens=256 * RESUME_STEPS, batch_size=256, lr=1e-3, checkpoint_every=10, dead_tokens=512,
                       resample_every=25 if arch == "relu" else 0)
-    train(sae, TensorSource(x), cfg, out, progress=False)
+    train(sae, SlowSource(x, delay) if delay else TensorSource(x), cfg, out, progress=False)
 
 
 def _run_script(tmp_path, *args, wait=True):
@@ -363,7 +376,7 @@ def test_kill_and_resume_gives_same_weights(tmp_path, arch):
     """A real SIGKILL mid-run, then a restart: the same final weights as an uninterrupted run."""
     x, _ = synthetic(n=8192, d=64, m=256, k=4)
     torch.save(x, tmp_path / "x.pt")
-    proc = _run_script(tmp_path, tmp_path / "x.pt", tmp_path / "killed", arch, wait=False)
+    proc = _run_script(tmp_path, tmp_path / "x.pt", tmp_path / "killed", arch, 0.05, wait=False)
     resume_run(tmp_path / "x.pt", tmp_path / "ref", arch)     # the uninterrupted reference, meanwhile
     ck = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.time() + 300

@@ -134,6 +134,24 @@ class Scale(_Base):
 
 
 @dataclass(frozen=True, eq=False)
+class Erase(_Base):
+    """Remove the component along ``direction`` (D,) where selected (linear erasure of a direction)."""
+
+    direction: torch.Tensor | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        d = self.direction
+        if not isinstance(d, torch.Tensor) or d.ndim != 1 or not torch.isfinite(d).all() or d.norm() == 0:
+            raise InputError(f"Erase on {self.site.name} needs direction=<a finite, non-zero (D,) tensor>.")
+        object.__setattr__(self, "direction", d.float() / d.float().norm())
+
+    def apply(self, x):
+        u = _broadcast(self.direction, x, self.site)
+        return torch.where(_mask(self, x), x - (x * u).sum(dim=-1, keepdim=True) * u, x)
+
+
+@dataclass(frozen=True, eq=False)
 class Knockout:
     """Block attention from query ``from_positions`` to key ``to_positions`` in ``layer``.
 
@@ -164,7 +182,7 @@ class Knockout:
         return m & _axis_mask(self.to_positions, tk, dev).view(1, 1, 1, tk)
 
 
-Intervention = Patch | Ablate | Add | Scale | Knockout
+Intervention = Patch | Ablate | Add | Scale | Erase | Knockout
 
 
 def _broadcast(value: torch.Tensor, x: torch.Tensor, site: Site) -> torch.Tensor:

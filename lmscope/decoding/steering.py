@@ -29,7 +29,7 @@ import torch
 
 from lmscope.decoding.probes import Position, collect, resolve_layers
 from lmscope.errors import InputError
-from lmscope.interventions import Add, _Base, _mask
+from lmscope.interventions import Add, Erase  # noqa: F401  (Erase is re-exported here)
 from lmscope.models import Batch, Model
 
 
@@ -113,23 +113,6 @@ def erase(acts: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     u = _unit(direction)
     _check_width(acts.shape[-1], u.shape[0], "erase")
     return acts - (acts.float() @ u).unsqueeze(-1).to(acts.dtype) * u.to(acts.dtype)
-
-
-@dataclass(frozen=True, eq=False)
-class Erase(_Base):
-    """Remove the component along ``direction`` (D,) from the site's activation where selected."""
-
-    direction: torch.Tensor | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.direction, torch.Tensor):
-            raise InputError(f"Erase on {self.site.name} needs direction=<(D,) tensor>.")
-        object.__setattr__(self, "direction", _unit(self.direction))
-
-    def apply(self, x):
-        _check_width(x.shape[-1], self.direction.shape[0], f"Erase on {self.site.name}")
-        return torch.where(_mask(self, x), erase(x, self.direction), x)
 
 
 def _check_width(width: int, d: int, what: str) -> None:

@@ -215,6 +215,42 @@ def test_run_sets_equals_separate_runs(tiny):
                 torch.testing.assert_close(batched[s][i], single[s], atol=1e-5, rtol=1e-5)
 
 
+def _plan_cost(chunks, starts, weights, rows, t, overhead):
+    return sum(overhead + rows * (t - min(starts[i] for i in c))
+               * ((len({weights[i] for i in c}) > 1) + sum(weights[i] for i in c)) for c in chunks)
+
+
+@pytest.mark.parametrize("cap", [None, 3])
+def test_plan_chunks_is_the_cheapest_contiguous_split(cap):
+    from itertools import product
+
+    from lmscope.models.reuse import plan_chunks
+
+    gen = torch.Generator().manual_seed(0)
+    t, rows, overhead = 12, 2, 20.0
+    starts = torch.randint(0, t, (9,), generator=gen).tolist()
+    weights = (torch.randint(1, 5, (9,), generator=gen) / 4).tolist()
+    chunks = plan_chunks(starts, weights, rows, t, cap=cap, overhead=overhead)
+    assert sorted(i for c in chunks for i in c) == list(range(9))
+    assert cap is None or max(map(len, chunks)) <= cap
+    # brute force over every way to cut the (start, -weight) order, each piece split greedily by cap
+    order = sorted(range(9), key=lambda i: (starts[i], -weights[i]))
+    cuts = [k for k in range(1, 9) if starts[order[k]] != starts[order[k - 1]]]
+    best = float("inf")
+    for keep in product([False, True], repeat=len(cuts)):
+        edges = [0] + [c for c, k in zip(cuts, keep) if k] + [9]
+        pieces = []
+        for a, e in zip(edges, edges[1:]):
+            step = cap or 9
+            pieces += [order[x:min(e, x + step)] for x in range(a, e, step)]
+        best = min(best, _plan_cost(pieces, starts, weights, rows, t, overhead))
+    assert _plan_cost(chunks, starts, weights, rows, t, overhead) == pytest.approx(best)
+    # a fixed cost per forward makes one-token-apart sets share forwards; without it, they do not
+    one_each = plan_chunks(list(range(40)), [1.0] * 40, 1, 40, overhead=0.0)
+    shared = plan_chunks(list(range(40)), [1.0] * 40, 1, 40, overhead=64.0)
+    assert len(one_each) == 40 and 1 < len(shared) < 40
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batches_match_single_prompts(tiny, side):
     sites = ["blocks.1.resid_post", "blocks.2.attn.z"]

@@ -40,10 +40,11 @@ def occlusion(model: Model, prompt, target, foil=None, *, metric: str = "logit",
         raise InputError("Every window covers only special tokens; nothing to occlude.")
     sets = [[Patch("embed", value=base[None], positions=list(range(s, s + window)))] for s in starts]
     last = tgt.position == n_tok - 1
-    clean = tgt.score(model.run(batch, logits="all").logits)[0]
-    out = model.run_sets(batch, sets, logits="last" if last else "all", chunk_size=chunk_size)
-    logits = out.logits[:, 0]
-    scores = (clean - tgt.score(logits)).cpu()
+    # the unpatched prompt rides along as an empty set (with reuse, only its last position is computed)
+    out = model.run_sets(batch, [[]] + sets, logits="last" if last else "all", chunk_size=chunk_size)
+    f = tgt.score(out.logits[:, 0])
+    clean = f[0]
+    scores = (clean - f[1:]).cpu()
     windows = torch.full((n_tok - window + 1,), float("nan"))
     windows[torch.tensor(starts)] = scores
     total, count = torch.zeros(n_tok), torch.zeros(n_tok)

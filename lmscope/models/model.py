@@ -22,7 +22,7 @@ from lmscope.interventions import Intervention
 from lmscope.models import attention as _attention  # noqa: F401  (registers the attention function)
 from lmscope.models.adapters import Adapter, adapter_for, get_module, linear_weight, norm_eps
 from lmscope.models.hooks import HookSession
-from lmscope.models.reuse import Expansion, first_position, shift
+from lmscope.models.reuse import Expansion, first_position, plan_chunks, shift
 from lmscope.sites import Site, parse_site
 
 
@@ -293,14 +293,16 @@ class Model:
 
         Returns logits and cache entries with a leading set axis: (N, B, ...), equal to N separate
         :meth:`run` calls. Sets are grouped by the lowest layer they touch, and the blocks below
-        it run once per chunk instead of once per set. ``chunk_size`` is the number of sets per
-        forward (default: as many as fit about 16k tokens).
+        it run once per chunk instead of once per set. ``chunk_size`` is the most sets per forward
+        (default: as many as fit about 16k tokens; :func:`~lmscope.models.reuse.plan_chunks` picks
+        the split).
 
         With ``reuse=True`` (default), ``logits`` "last" or "none", left padding and no ``cache``,
         two more savings apply (see :mod:`lmscope.models.reuse`): sets join a chunk's batch at
         their own lowest layer (not the chunk's), and sets whose interventions all sit at positions
         ≥ p are computed on positions p..T−1 only, with the keys/values of earlier positions taken
-        from one unpatched run.
+        from one unpatched run. Sets with different first positions may share a forward, which
+        then starts at the smallest of them.
         """
         batch = self.encode(inputs, padding_side)
         n, b, t = len(sets), *batch.input_ids.shape
@@ -315,15 +317,10 @@ class Model:
             start = [min(p, t - 1) for p in start]
         else:
             start = [0] * n
-        order = sorted(range(n), key=lambda i: (start[i], lowest[i]))
-        chunk = chunk_size or max(1, 16384 // (b * t))
-        chunks, i = [], 0
-        while i < n:  # consecutive sets of one start position, at most `chunk` per forward
-            j = i
-            while j < n and j - i < chunk and start[order[j]] == start[order[i]]:
-                j += 1
-            chunks.append(order[i:j])
-            i = j
+        n_layers = self.spec.n_layers
+        weights = [(n_layers - min(low, n_layers - 1)) / n_layers for low in lowest]
+        # rows of a chunk are laid out by the layer where each set joins (see Expansion)
+        chunks = [sorted(idx, key=lambda j: lowest[j]) for idx in plan_chunks(start, weights, b, t, cap=chunk_size)]
         prefix = None
         if any(start):
             with HookSession(self, capture_kv=True) as cap, torch.no_grad():
@@ -332,10 +329,10 @@ class Model:
             prefix.attention_mask = batch.attention_mask.to(self.device)
         logit_parts, cache_parts = [], []
         for idx in tqdm(chunks, desc="batched forwards", disable=not progress or len(chunks) < 2):
-            p = start[idx[0]]
+            p = min(start[j] for j in idx)
             sub = batch if p == 0 else Batch(batch.input_ids[:, p:], batch.attention_mask[:, p:],
                                              batch.position_ids[:, p:], batch.str_tokens, batch.padding_side)
-            first = min(lowest[idx[0]], self.spec.n_layers - 1)
+            first = min(min(lowest[j] for j in idx), self.spec.n_layers - 1)
             spawns: dict[int, int] = {}
             for j in idx:
                 layer = min(lowest[j], self.spec.n_layers - 1) if reuse else first

@@ -16,6 +16,11 @@ Two facts make patching sweeps cheaper than one forward per cell:
 forward that starts at position p (positions minus p, position-shaped values sliced). Keys,
 values and the key axis of patterns keep their full length in such a forward (the prefix is
 concatenated before they are read), so they are not shifted.
+
+:func:`plan_chunks` decides which sets share a forward. Sets with different first positions may
+share one: the forward then starts at the smallest of them (recomputing a few unchanged positions
+for the others), which pays off because a forward has a fixed cost (weights read once, per-layer
+dispatch) worth tens of tokens of compute on a CPU.
 """
 
 from __future__ import annotations
@@ -132,3 +137,54 @@ def shift(iv: Intervention, start: int, t: int) -> Intervention:
     if isinstance(iv, Scale):
         return dataclasses.replace(iv, positions=pos)
     raise TypeError(f"Cannot shift {type(iv).__name__}")
+
+
+# Fixed cost of one forward, in tokens of compute. Measured for SmolLM2-135M on 2 CPU cores: a forward
+# over 1 token takes 70 ms, and each extra token about 1.3 ms in a large batch (about 54 tokens).
+FORWARD_OVERHEAD_TOKENS = 64
+
+
+def plan_chunks(starts: list[int], weights: list[float], rows: int, t: int, *, cap: int | None = None,
+                token_budget: int = 16384, overhead: float = FORWARD_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Split sets into forwards (chunks of set indices) that minimise an estimated cost.
+
+    ``starts[i]`` is the first position set i changes, ``weights[i]`` the fraction of the layers it
+    runs (1 for a set that starts at the embeddings), ``rows`` the batch rows per set and ``t`` the
+    prompt length. A chunk starting at position p costs ``overhead + rows·(t − p)·(base + Σ weights)``
+    (base is 1 when its sets join at different layers, for the shared unpatched copy, else 0) and
+    holds at most ``cap`` sets, or as many as fit
+    ``token_budget`` tokens. Chunks are consecutive in the order (start, −weight), and the best split
+    is found by dynamic programming over the distinct start positions.
+    """
+    n = len(starts)
+    order = sorted(range(n), key=lambda i: (starts[i], -weights[i]))
+    prefix_w, prefix_w2 = [0.0], [0.0]
+    for i in order:
+        prefix_w.append(prefix_w[-1] + weights[i])
+        prefix_w2.append(prefix_w2[-1] + weights[i] ** 2)
+    bounds = [k for k in range(n) if k == 0 or starts[order[k]] != starts[order[k - 1]]] + [n]
+
+    def size_cap(p: int) -> int:
+        return cap if cap is not None else max(1, token_budget // (rows * (t - p)))
+
+    def split(a: int, e: int) -> tuple[float, list[tuple[int, int]]]:
+        cost, parts = 0.0, []
+        while a < e:
+            p = starts[order[a]]
+            end = min(e, a + size_cap(p))
+            w, w2 = prefix_w[end] - prefix_w[a], prefix_w2[end] - prefix_w2[a]
+            base = 1.0 if w2 - w * w / (end - a) > 1e-9 else 0.0  # weights differ: sets join at several layers
+            cost += overhead + rows * (t - p) * (base + w)
+            parts.append((a, end))
+            a = end
+        return cost, parts
+
+    g = len(bounds) - 1
+    best: list[tuple[float, list[tuple[int, int]]]] = [(0.0, [])] * (g + 1)
+    for i in range(g - 1, -1, -1):
+        options = []
+        for j in range(i + 1, g + 1):
+            cost, parts = split(bounds[i], bounds[j])
+            options.append((cost + best[j][0], parts + best[j][1]))
+        best[i] = min(options, key=lambda o: o[0])
+    return [order[a:e] for a, e in best[0][1]]

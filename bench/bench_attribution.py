@@ -19,7 +19,7 @@ import lmscope
 from lmscope.attribution import integrated_gradients, occlusion
 from lmscope.models.mixing import embed_parts
 
-from common import best_time, record
+from common import best_time, interleaved_best, record
 
 PROMPT = "When Mary and John went to the store after a long day at work, John gave a drink to"
 TARGET, FOIL = " Mary", " John"
@@ -109,7 +109,8 @@ def bench_occlusion(model, batch, t, tid, fid, repeats):
         return torch.stack(out)
 
     diff = float((occ_batched() - occ_loop()).abs().max())
-    t_b, t_l = best_time(occ_batched, max(repeats, 2), warmup=0), best_time(occ_loop, max(repeats, 2), warmup=0)
+    times = interleaved_best({"batched": occ_batched, "loop": occ_loop}, max(repeats, 3))
+    t_b, t_l = times["batched"], times["loop"]
     record("attribution_occlusion", tokens=t, batched_s=round(t_b, 3), loop_s=round(t_l, 3),
            speedup=round(t_l / t_b, 2), max_abs_diff=diff, target="speedup >= 3")
 

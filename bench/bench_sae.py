@@ -2,10 +2,11 @@
 
 576 -> 4608 SAEs on SmolLM2 layer-15 resid_post activations (an activation store; harvested first when
 ``LMSCOPE_SAE_STORE`` does not point at one). TopK (k = 32) and ReLU, batch 4096, tokens per second over the same
-number of steps (data loading included in both). The plain loop is what one writes without a library: dense
-encode, top-k, dense decode, MSE, Adam. SAELens is not timed here (it would install without replacing the CPU
-torch, per ``pip install --dry-run sae-lens``, but pulls transformer-lens and datasets). Also records harvest
-throughput when it harvests.
+number of steps (data loading included in all). The plain loop is what one writes without a library: dense
+encode, top-k, dense decode, MSE, Adam. SAELens (pip ``sae-lens``, the ``bench`` extra; it installs next to the
+CPU torch, best in a ``--system-site-packages`` venv since it pulls transformer-lens, datasets and wandb) is timed
+with its own ``SAETrainer`` on the same batches when it imports: ``TopKTrainingSAE`` (k = 32) and
+``StandardTrainingSAE`` (L1 5.0), no wandb, no checkpoints. Also records harvest throughput when it harvests.
 """
 
 from __future__ import annotations
@@ -74,6 +75,31 @@ def _plain(store, arch: str) -> float:
     return BS * STEPS / (time.perf_counter() - t)
 
 
+def _saelens(store, arch: str) -> float | None:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import sae_lens as sl
+            from sae_lens.config import SAETrainerConfig
+    except ImportError:
+        return None
+    if arch == "topk":
+        sae = sl.TopKTrainingSAE(sl.TopKTrainingSAEConfig(d_in=D, d_sae=F, k=K, device="cpu"))
+    else:
+        sae = sl.StandardTrainingSAE(sl.StandardTrainingSAEConfig(d_in=D, d_sae=F, l1_coefficient=5.0,
+                                                                  device="cpu"))
+    batches = store.batches(BS, shuffle=True, seed=0, epochs=10, drop_last=True)
+    trainer = sl.SAETrainer(cfg=SAETrainerConfig(total_training_samples=BS * STEPS, train_batch_size_samples=BS,
+                                                 lr=4e-4, lr_end=4e-4), sae=sae, data_provider=batches)
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit()
+    return BS * STEPS / (time.perf_counter() - t)
+
+
 def main() -> None:
     store, harvest_tps = _store(int(os.environ.get("LMSCOPE_SAE_BENCH_TOKENS", "200000")))
     figures = {"store_tokens": len(store), "steps": STEPS, "batch": BS}
@@ -84,6 +110,10 @@ def main() -> None:
         figures[f"{arch}_lmscope_tokens_per_s"] = round(ours, 1)
         figures[f"{arch}_plain_tokens_per_s"] = round(plain, 1)
         figures[f"{arch}_speedup_vs_plain"] = round(ours / plain, 2)
+        theirs = _saelens(store, arch)
+        if theirs is not None:
+            figures[f"{arch}_saelens_tokens_per_s"] = round(theirs, 1)
+            figures[f"{arch}_speedup_vs_saelens"] = round(ours / theirs, 2)
     record("sae_train", **figures)
 
 

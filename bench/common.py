@@ -24,6 +24,17 @@ def best_time(fn, repeats: int = 5, warmup: int = 1) -> float:
     return min(times)
 
 
+def interleaved_best(fns: dict, repeats: int = 3) -> dict:
+    """Best time of each function, timed in alternating rounds (fairer than back-to-back on a busy machine)."""
+    times = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name] = min(times[name], time.perf_counter() - t0)
+    return times
+
+
 def record(name: str, **figures) -> dict:
     """Append one benchmark record to results/<name>.jsonl and print it."""
     RESULTS.mkdir(parents=True, exist_ok=True)

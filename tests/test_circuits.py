@@ -11,7 +11,7 @@ from lmscope import Add, Patch
 from lmscope.errors import InputError
 from lmscope.localization.acdc import acdc, receiver_order
 from lmscope.localization.atp import encode_pairs
-from lmscope.localization.circuits import Circuit, evaluate_masks, extract, faithfulness_curve
+from lmscope.localization.circuits import Circuit, evaluate_masks, extract, faithfulness_curve, prune, select
 from lmscope.localization.eap import eap
 from lmscope.localization.metrics import Metric
 from lmscope.localization.tasks import PromptPairs
@@ -140,6 +140,64 @@ def test_extraction_faithfulness_and_json(tiny_llama, tmp_path):
         extract(scores, n_all + 1)
 
 
+def _reachable(graph, mask):
+    """Naive search: (U, R) bool, edges on some input → logits path of ``mask``."""
+    def node(r):
+        name = graph.receivers[r]
+        return None if name == "logits" else graph.upstream.index(".".join(name.split(".")[:2]))
+
+    edges = [(u, r) for u, r in mask.nonzero().tolist()]
+    fwd, todo = {0}, [0]
+    while todo:  # nodes reached from the input
+        w = todo.pop()
+        for u, r in edges:
+            if u == w and node(r) is not None and node(r) not in fwd:
+                fwd.add(node(r))
+                todo.append(node(r))
+    back, changed = set(), True
+    while changed:  # nodes that reach the logits
+        changed = False
+        for u, r in edges:
+            if u not in back and (node(r) is None or node(r) in back):
+                back.add(u)
+                changed = True
+    out = torch.zeros_like(mask)
+    for u, r in edges:
+        if u in fwd and (node(r) is None or node(r) in back):
+            out[u, r] = True
+    return out
+
+
+def test_pruning_drops_only_edges_that_change_nothing(tiny_llama):
+    """Dangling edges (not on an input → logits path) are found as a naive search finds them, and
+    removing them leaves the patched-complement metric exactly as it was; "pruned" and "greedy"
+    selections respect the budget and contain no dangling edge."""
+    scores = eap(tiny_llama, PAIRS)
+    graph = scores.graph
+    gen = torch.Generator().manual_seed(0)
+    masks = [graph.valid & (torch.rand(graph.valid.shape, generator=gen) < p) for p in (0.03, 0.08)]
+    masks.append(scores.top_mask(40))
+    pruned = [prune(graph, m) for m in masks]
+    for m, p in zip(masks, pruned):
+        assert torch.equal(p, _reachable(graph, m))
+        assert (p & ~m).sum() == 0
+    assert any(int(p.sum()) < int(m.sum()) for m, p in zip(masks, pruned))
+    ev = evaluate_masks(tiny_llama, PAIRS, masks + pruned)
+    k = len(masks)
+    torch.testing.assert_close(ev["circuit"][k:], ev["circuit"][:k], atol=1e-4, rtol=1e-4)
+    assert (ev["circuit"][:k] - ev["corrupt"]).abs().max() > 1e-3  # the circuits do something
+    for how in ("pruned", "greedy"):
+        for n in (10, 40):
+            m = select(scores, n, how)
+            assert 0 < int(m.sum()) <= n and torch.equal(prune(graph, m), m)
+    # "pruned" keeps the top-k edges that survive pruning, for the largest k within budget
+    m = select(scores, 40, "pruned")
+    k_top = next(k for k in range(40, graph.n_edges + 1) if torch.equal(prune(graph, scores.top_mask(k)), m))
+    assert int(prune(graph, scores.top_mask(k_top + 1)).sum()) > 40 or k_top == graph.n_edges
+    with pytest.raises(InputError, match="how="):
+        select(scores, 10, "best")
+
+
 def _two_layer_llama():
     import transformers as tr
 
@@ -207,7 +265,7 @@ def test_cli_atp_and_circuit(smollm, tmp_path):
                                  "--json", str(path)])
     assert result.exit_code == 0, result.output
     doc = json.loads(path.read_text())
-    assert doc["method"] == "eap" and len(doc["meta"]["edges"]) == 200
+    assert doc["method"] == "eap" and 0 < len(doc["meta"]["edges"]) <= 200  # dangling edges pruned
     assert "faithfulness" in doc["meta"]
     bad = runner.invoke(app, ["circuit", "--task", "ioi", "--method", "acdc", "--n", "2"])
     assert bad.exit_code == 2 and "EAP" in bad.output

@@ -80,3 +80,27 @@ def test_default_corpus_is_english_and_deterministic(smollm):
     assert not torch.equal(a, train)
     text = smollm.decode(a[0].tolist())
     assert sum(w.isalpha() for w in text.split()) > 20  # English words, not code or numbers
+
+
+def test_hugging_face_datasets_saved_to_disk(tmp_path, tiny_llama):
+    """A local `datasets` Dataset / DatasetDict saved with save_to_disk loads as a corpus (nothing downloaded)."""
+    datasets = pytest.importorskip("datasets")
+    docs = _sentences(60, seed=4)
+    rows = {"text": [*docs, "", None], "label": list(range(len(docs) + 2))}  # empty and missing texts are dropped
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    c = load_corpus(tmp_path / "ds")
+    assert c.documents == tuple(docs) and c.meta["source"] == "datasets"
+    assert c.split("train") == Corpus("ref", tuple(docs)).split("train")
+    ctx = token_contexts(tiny_llama, c, context=8, split="train")
+    assert ctx.shape[1] == 8 and len(ctx) > 0
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:10]}),
+                          "test": datasets.Dataset.from_dict({"text": docs[10:12]})}).save_to_disk(str(tmp_path / "dd"))
+    assert load_corpus(tmp_path / "dd").documents == tuple(docs[:10])  # the train split
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": docs})}).save_to_disk(str(tmp_path / "v"))
+    with pytest.raises(InputError, match="no 'train' split"):
+        load_corpus(tmp_path / "v")
+    datasets.Dataset.from_dict({"sentence": docs}).save_to_disk(str(tmp_path / "nt"))
+    with pytest.raises(InputError, match="no 'text' column"):
+        load_corpus(tmp_path / "nt")
+    with pytest.raises(InputError, match="offline"):  # a name not in the local cache: a clear error, no download
+        load_corpus("lmscope-no-such-user/no-such-dataset")

@@ -265,6 +265,51 @@ def test_saelens_style_file_written_by_hand_loads(tmp_path):
     assert torch.allclose(sae(x), f @ W_dec + b_dec, atol=1e-4)
 
 
+def _saelens():
+    """SAELens (pip sae-lens, the bench extra), imported with its own import-time warnings silenced."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pytest.importorskip("sae_lens")
+
+
+@pytest.mark.parametrize("arch, kw", [("relu", {"decoder": "unit_norm"}), ("relu", {}), ("gated", {}),
+                                      ("topk", {"k": 5}), ("jumprelu", {})])
+def test_files_load_in_saelens_and_back(tmp_path, arch, kw):
+    """An SAE saved here loads in SAELens with the same encode/decode; one saved by SAELens loads here."""
+    sl = _saelens()
+    g = torch.Generator().manual_seed(5)
+    sae = make_sae(arch, d_in=16, d_sae=40, site="blocks.3.resid_post", model="smollm2-135m", **kw)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+        sae.scale.fill_(1.7)                     # the file folds the input scale in
+    x = 3 * torch.randn(64, 16, generator=g)
+    theirs = sl.SAE.load_from_disk(save_sae(sae, tmp_path / "ours"))
+    f_ours, f_theirs = sae.encode(x), theirs.encode(x).detach()
+    assert (f_ours > 0).sum() > 0 and torch.equal(f_ours > 0, f_theirs > 0)
+    assert torch.allclose(f_theirs, f_ours, atol=1e-4)
+    assert torch.allclose(theirs.decode(f_theirs).detach(), sae.decode(f_ours), atol=1e-4)
+
+    cls_cfg = {"relu": ("StandardSAE", "StandardSAEConfig"), "gated": ("GatedSAE", "GatedSAEConfig"),
+               "topk": ("TopKSAE", "TopKSAEConfig"), "jumprelu": ("JumpReLUSAE", "JumpReLUSAEConfig")}[arch]
+    extra = {"k": 5} if arch == "topk" else {}
+    native = getattr(sl, cls_cfg[0])(getattr(sl, cls_cfg[1])(d_in=16, d_sae=40, **extra))
+    with torch.no_grad():
+        for name, p in native.named_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+            if name == "threshold":
+                p.abs_()
+    native.save_model(tmp_path / "theirs")
+    back = load_sae(tmp_path / "theirs")
+    assert back.cfg.arch == arch
+    f_native, f_back = native.encode(x).detach(), back.encode(x)
+    assert (f_native > 0).sum() > 0 and torch.equal(f_native > 0, f_back > 0)
+    assert torch.allclose(f_back, f_native, atol=1e-4)
+    assert torch.allclose(back.decode(f_back), native.decode(f_native).detach(), atol=1e-4)
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="between 1 and the number of latents"):
         make_sae("topk", d_in=8, d_sae=16, k=17)

@@ -48,10 +48,39 @@ def test_evaluate_matches_hand_computation(tiny_llama, site):
     fvu = (xs - xhs).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()
     assert got["fve"] == pytest.approx(1 - fvu.item(), rel=1e-4, abs=1e-5)
     assert got["gamma"] == pytest.approx((xhs.pow(2).sum() / (xs * xhs).sum()).item(), rel=1e-4)
+    mu = xs.mean(0)
+    assert got["gamma_centred"] == pytest.approx(((xhs - mu).pow(2).sum() / ((xs - mu) * (xhs - mu)).sum()).item(),
+                                                 rel=1e-4)
     density = (sae.encode(xs) > 0).float().mean(0)
     assert torch.allclose(r.extras["density"], density, atol=1e-6)
     assert got["dead_frac"] == pytest.approx((density == 0).float().mean().item())
     assert r.extras["density_hist"].sum() + r.meta["dead_latents"] == 48
+
+
+def test_massive_positions_left_out_and_clean(tiny_llama):
+    """max_norm_ratio: outsized positions leave the metrics and keep their clean activation in the spliced run."""
+    m, site = tiny_llama, "blocks.1.resid_post"
+    sae = make_sae("topk", d_in=32, d_sae=48, k=4, site=site, seed=3)
+    ids = _ids(n=4)
+    x = m.run(ids, cache=[site])[site]
+    norms = x[:, 1:].norm(dim=-1)
+    ratio = 1.0001 * (norms.max() / norms.median()).item()                  # nothing left out
+    same = dict(zip(METRICS, evaluate(sae, m, ids, max_norm_ratio=ratio).values.tolist()))
+    assert same == pytest.approx(dict(zip(METRICS, evaluate(sae, m, ids).values.tolist())), rel=1e-6)
+    cut = 0.5 * (norms.max() + norms.flatten().sort().values[-2]).item()   # leaves out the largest norm only
+    r = evaluate(sae, m, ids, max_norm_ratio=cut / norms.median().item())
+    got = dict(zip(METRICS, r.values.tolist()))
+    assert got["tokens"] == norms.numel() - 1
+    keep = norms <= cut
+    xh = sae(x)
+    xh[:, 0] = x[:, 0]
+    xh[:, 1:][~keep] = x[:, 1:][~keep]
+    assert got["ce_sae"] == pytest.approx(_ce(m.run(ids, interventions=[Patch(site, xh)]).logits, ids), rel=1e-4)
+    xs, xhs = x[:, 1:][keep], xh[:, 1:][keep]
+    assert got["fve"] == pytest.approx(1 - ((xs - xhs).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()).item(),
+                                       rel=1e-4)
+    with pytest.raises(InputError, match="above 1"):
+        evaluate(sae, m, ids, max_norm_ratio=0.5)
 
 
 def test_gamma_detects_shrinkage():
@@ -60,8 +89,24 @@ def test_gamma_detects_shrinkage():
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(16) * 0.8)           # a 0.8× shrinking (on the positive part) autoencoder
         sae.W_dec.copy_(torch.eye(16))
-    g = dict(zip(METRICS, evaluate_activations(sae, [x]).values.tolist()))["gamma"]
-    assert g == pytest.approx(0.8, abs=1e-4)
+    got = dict(zip(METRICS, evaluate_activations(sae, [x]).values.tolist()))
+    assert got["gamma"] == pytest.approx(0.8, abs=1e-4)
+    # x̂ = μ + 0.8 (x − μ) (latents ±e_i, b_dec = μ): a large mean reproduced exactly by the decoder bias pulls
+    # raw γ to ~1, the centred γ still sees the 0.8 shrinkage
+    two = make_sae("relu", d_in=16, d_sae=32, decoder="unit_norm")
+    mu = torch.full((16,), 30.0)
+    with torch.no_grad():
+        two.W_enc.copy_(torch.cat([torch.eye(16), -torch.eye(16)], 1) * 0.8)
+        two.W_dec.copy_(torch.cat([torch.eye(16), -torch.eye(16)], 0))
+        two.b_dec.copy_(mu)
+    xm = x + mu
+    assert torch.allclose(two(xm), mu + 0.8 * x, atol=1e-4)
+    got = dict(zip(METRICS, evaluate_activations(two, [xm]).values.tolist()))
+    xc = xm - xm.mean(0)
+    dev = 0.8 * xc - 0.2 * (xm.mean(0) - mu)                     # x̂ − E x
+    want = dev.pow(2).sum() / (xc * dev).sum()
+    assert got["gamma_centred"] == pytest.approx(want.item(), rel=1e-4) and abs(want.item() - 0.8) < 0.01
+    assert got["gamma"] > 0.99
 
 
 def test_compare_and_pareto(tmp_path, tiny_llama):

@@ -68,6 +68,8 @@ def circuit(task: str = typer.Option("ioi", help="ioi | induction"),
             n: int = typer.Option(20, help="Prompts of the task."),
             edges: int = typer.Option(None, help="Circuit size in edges (default: --fraction of all edges)."),
             fraction: float = typer.Option(0.05, help="Circuit size as a fraction of the graph's edges."),
+            select: str = typer.Option("pruned", help="top (largest |score|) | pruned (top, dangling edges "
+                                                      "removed) | greedy (grown from the logits, pruned)."),
             ig_steps: int = typer.Option(5, help="EAP-IG interpolation steps."),
             threshold: float = typer.Option(0.1, help="ACDC's τ (KL increase allowed per removed edge)."),
             curve: bool = typer.Option(False, "--curve", help="Also print the faithfulness curve."),
@@ -82,6 +84,8 @@ def circuit(task: str = typer.Option("ioi", help="ioi | induction"),
         raise InputError(f"--method {method!r}: choose eap, eap-ig or acdc.")
     if not 0 < fraction <= 1:
         raise InputError(f"--fraction {fraction}: give a fraction in (0, 1].")
+    if select not in ("top", "pruned", "greedy"):
+        raise InputError(f"--select {select!r}: choose top, pruned or greedy.")
     m = load_model(model)
     pairs = _task_pairs(m, task, n, seed)
     if method == "acdc":
@@ -92,7 +96,7 @@ def circuit(task: str = typer.Option("ioi", help="ioi | induction"),
         with console.status(f"{method.upper()} edge scores…"):
             scores = eap(m, pairs, method=method, ig_steps=ig_steps)
         size = edges if edges is not None else max(1, round(fraction * scores.graph.n_edges))
-        circ = extract(scores, size)
+        circ = extract(scores, size, select)
     ev = evaluate_masks(m, pairs, [circ.mask])
     gap = ev["clean"] - ev["corrupt"]
     faith = (float(ev["circuit"][0]) - ev["corrupt"]) / gap if abs(gap) > 1e-6 else float("nan")
@@ -106,15 +110,18 @@ def circuit(task: str = typer.Option("ioi", help="ioi | induction"),
         table.add_row(e["source"], e["target"], f"{e['score']:+.4f}")
     out.print(table)
     if curve and scores is not None:
-        fc = faithfulness_curve(m, pairs, scores)
+        fc = faithfulness_curve(m, pairs, scores, how=select)
         ct = Table(title="Faithfulness against circuit size (complement patched)")
         ct.add_column("edges")
         ct.add_column("fraction")
+        ct.add_column("kept")
         ct.add_column("faithfulness")
-        for label, frac, f in zip(fc.axes[0].labels, fc.extras["fraction"].tolist(), fc.values.tolist()):
-            ct.add_row(label, f"{frac:.4f}", f"{f:.3f}")
+        for label, frac, kept, f in zip(fc.axes[0].labels, fc.extras["fraction"].tolist(),
+                                        fc.extras["kept"].tolist(), fc.values.tolist()):
+            ct.add_row(label, f"{frac:.4f}", str(int(kept)), f"{f:.3f}")
         out.print(ct)
-        circ.meta["curve"] = {"n_edges": [int(x) for x in fc.axes[0].labels], "faithfulness": fc.values.tolist()}
+        circ.meta["curve"] = {"n_edges": [int(x) for x in fc.axes[0].labels], "kept": fc.extras["kept"].tolist(),
+                              "faithfulness": fc.values.tolist()}
     write_result(circ.to_result(), json)
 
 

@@ -18,7 +18,7 @@ from lmscope.cli.common import JsonOpt, ModelOpt, console, friendly, load_model,
 sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders: train, evaluate, inspect, compare.")
 
 _COEFF = {"relu": "l1", "gated": "l1", "jumprelu": "l0"}
-_SHOWN = ("l0", "fve", "gamma", "ce_recovered", "delta_ce", "dead_frac", "dense_frac", "tokens")
+_SHOWN = ("l0", "fve", "gamma", "gamma_centred", "ce_recovered", "delta_ce", "dead_frac", "dense_frac", "tokens")
 
 
 def _site_name(site: str, layer: int | None) -> str:
@@ -51,6 +51,9 @@ def train_cmd(arch: str = typer.Option(..., "--arch", help="relu | gated | topk 
               lr: float = typer.Option(4e-4, help="Learning rate."),
               context: int = typer.Option(128, help="Context length when harvesting."),
               seed: int = typer.Option(0, help="Seed (initialisation and batch order)."),
+              max_norm_ratio: float = typer.Option(None, help="Leave out activations whose norm exceeds this "
+                                                   "multiple of the median (attention-sink tokens); loads the "
+                                                   "store into memory."),
               model: str = ModelOpt):
     """Train an SAE on one site of the model."""
     import torch.distributed as dist
@@ -83,6 +86,10 @@ def train_cmd(arch: str = typer.Option(..., "--arch", help="relu | gated | topk 
         source = ActivationStore(store_dir)
     else:
         source = ActivationStore(store)
+    if max_norm_ratio:
+        from lmscope.sae import TensorSource
+
+        source = TensorSource.from_store(source, max_norm_ratio=max_norm_ratio)
     d_head = sp.d_head if name.endswith("attn.z") else 0
     sae = make_sae(arch, d_in=source.d, d_sae=latents, site=name, model=m.name, d_head=d_head, seed=seed, **fields)
     check_fits(sae, m)
@@ -97,6 +104,8 @@ def train_cmd(arch: str = typer.Option(..., "--arch", help="relu | gated | topk 
 @friendly
 def eval_cmd(sae_dir: Path = typer.Argument(..., help="SAE folder (cfg.json + sae_weights.safetensors)."),
              contexts: int = typer.Option(32, help="Held-out contexts of 128 tokens to evaluate on."),
+             max_norm_ratio: float = typer.Option(None, help="Leave positions whose activation norm exceeds this "
+                                                  "multiple of the median out of the metrics (kept clean)."),
              model: str = ModelOpt, json: Path = JsonOpt):
     """L0, variance explained, CE loss recovered (vs zero ablation), dead/dense latents, shrinkage γ."""
     from lmscope.data import token_contexts
@@ -106,7 +115,7 @@ def eval_cmd(sae_dir: Path = typer.Argument(..., help="SAE folder (cfg.json + sa
     sae = load_sae(sae_dir)
     m = load_model(model or sae.cfg.model or None)
     held = token_contexts(m, "default", context=128, split="heldout", max_tokens=128 * contexts)
-    result = evaluate(sae, m, held, progress=True)
+    result = evaluate(sae, m, held, max_norm_ratio=max_norm_ratio, progress=True)
     result.save_json(sae_dir / "eval.json")
     out.print(_metrics_table([(str(sae_dir), dict(zip(METRICS, result.values.tolist())))],
                              f"{sae.cfg.arch} SAE on {sae.cfg.site} ({m.name})"))
@@ -147,6 +156,7 @@ def compare_cmd(sae_dirs: list[Path] = typer.Argument(..., help="SAE folders (ev
                                                                "or evaluated now)."),
                 png: Path = typer.Option(None, "--png", help="Write the Pareto plot here."),
                 contexts: int = typer.Option(32, help="Held-out contexts for SAEs without eval.json."),
+                max_norm_ratio: float = typer.Option(None, help="As in `sae eval`, for SAEs without eval.json."),
                 model: str = ModelOpt, json: Path = JsonOpt):
     """Compare SAEs: L0 against variance explained and CE loss recovered (Pareto plot)."""
     from lmscope.results import Result
@@ -155,15 +165,17 @@ def compare_cmd(sae_dirs: list[Path] = typer.Argument(..., help="SAE folders (ev
     results, m = [], None
     for d in sae_dirs:
         if (d / "eval.json").exists():
-            results.append(Result.load(d / "eval.json"))
-            continue
+            saved = Result.load(d / "eval.json")
+            if list(saved.axes[0].labels) == list(METRICS):   # else written by an older version: evaluate again
+                results.append(saved)
+                continue
         from lmscope.data import token_contexts
         from lmscope.sae import load_sae
 
         sae = load_sae(d)
         m = m or load_model(model or sae.cfg.model or None)
         held = token_contexts(m, "default", context=128, split="heldout", max_tokens=128 * contexts)
-        r = evaluate(sae, m, held)
+        r = evaluate(sae, m, held, max_norm_ratio=max_norm_ratio)
         r.save_json(d / "eval.json")
         results.append(r)
     comp = compare(results, [d.name for d in sae_dirs])

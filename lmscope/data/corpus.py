@@ -105,6 +105,9 @@ def load_corpus(name_or_path: str | Path = "default", *, heldout_fraction: float
             raise InputError(f"Folder {path} holds no {'/'.join(_TEXT_SUFFIXES)} files; put text files in it.")
         docs = tuple(t for t in (_read_text(f).strip() for f in files) if t)
         return Corpus(str(path), docs, heldout_fraction, {"source": "folder", "files": len(files)})
+    if not path.exists() and (path.is_absolute() or str(name_or_path).startswith((".", "~"))):
+        raise InputError(f"{name_or_path} is not a file or folder. Give 'default', a .txt file, a folder of text "
+                         "files, or a Hugging Face `datasets` name or saved folder.")
     return Corpus(str(name_or_path), _hf_documents(str(name_or_path)), heldout_fraction, {"source": "datasets"})
 
 
@@ -163,8 +166,9 @@ def _hf_documents(name: str) -> tuple[str, ...]:
         path = Path(name)
         ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(name)
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds; re-raise one clear error
-        raise InputError(f"Could not load dataset {name!r} offline ({type(err).__name__}: {err}). Use a local "
-                         "file or folder, or a dataset already in the Hugging Face cache.") from None
+        raise InputError(f"{name!r} is not a file or folder, and could not be loaded as a Hugging Face `datasets` "
+                         f"dataset offline ({type(err).__name__}: {err}). Use a local file or folder, a folder "
+                         "written by `Dataset.save_to_disk`, or a dataset already in the Hugging Face cache.") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise InputError(f"Dataset {name!r} has no 'train' split (it has {list(ds)}).")

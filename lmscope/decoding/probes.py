@@ -198,7 +198,6 @@ def _check_xy(X: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def fit_probe(X: torch.Tensor, y: torch.Tensor, config: ProbeConfig = ProbeConfig()) -> Probe:
     """Fit one probe on X (N, D), y (N,) class indices 0..K-1."""
     X, y, k = _check_xy(X, y)
-    mu, sd = X.mean(0), X.std(0, unbiased=False).clamp_min(1e-6)
     if config.kind == "mean_diff":
         if k != 2:
             raise InputError("The mean_diff probe is binary; use logistic or ridge for more classes.")
@@ -206,6 +205,7 @@ def fit_probe(X: torch.Tensor, y: torch.Tensor, config: ProbeConfig = ProbeConfi
         d = m1 - m0
         b = -(d @ (m0 + m1) / 2)
         return Probe(torch.stack([-d / 2, d / 2]), torch.stack([-b / 2, b / 2]), "mean_diff")
+    mu, sd = X.mean(0), X.std(0, unbiased=False).clamp_min(1e-6)  # standardise for ridge and logistic
     Z = (X - mu) / sd
     if config.kind == "ridge":
         Y = torch.nn.functional.one_hot(y, k).double()

@@ -249,10 +249,21 @@ def _hidden_and_target(model, ids: torch.Tensor, indices: tuple[int, ...]):
     return hs, target
 
 
-def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Sum over tokens of KL(p_target || softmax(logits)), summed over the vocabulary."""
-    logp = logits.log_softmax(-1)
-    return (target_logp.exp() * (target_logp - logp)).sum()
+def _kl_backward(p_target: torch.Tensor, logits: torch.Tensor, weight: float) -> float:
+    """Backpropagate ``weight`` · Σ_tokens KL(p_target || softmax(logits)) from logits (N, V); return the
+    un-weighted sum of the cross-entropy part, Σ (logsumexp(z) − p·z) (KL = that + Σ p log p).
+
+    The gradient of the KL with respect to the logits is softmax(z) − p, so it is formed directly
+    (one exp over the vocabulary, no log-softmax graph kept) and passed to ``logits.backward``:
+    autograd only runs the unembedding and final norm backward, to the translated hidden states.
+    """
+    with torch.no_grad():
+        z = logits.detach()
+        lse = z.logsumexp(-1, keepdim=True)
+        cross = float(lse.sum()) - float(torch.dot(p_target.reshape(-1), z.reshape(-1)))
+        grad = z.sub(lse).exp_().sub_(p_target).mul_(weight)
+    logits.backward(grad)
+    return cross
 
 
 def train_tuned_lens(model, corpus="default", config: TunedLensConfig = TunedLensConfig(), *, layers=None,
@@ -290,8 +301,10 @@ def train_tuned_lens(model, corpus="default", config: TunedLensConfig = TunedLen
     for step in bar:
         batch = contexts[step * config.batch_contexts:(step + 1) * config.batch_contexts]
         mine = batch[rank * per_rank:(rank + 1) * per_rank]
-        with torch.no_grad():
+        with torch.no_grad():  # one model forward per batch; targets shared by every translator
             hs, target = _hidden_and_target(model, mine, lens.trained)
+            p_target = target.exp()
+            neg_entropy = float((p_target * target).sum())
         translated = module(hs)
         leaf = translated.detach().requires_grad_()
         n_tok = target.shape[0]
@@ -299,17 +312,24 @@ def train_tuned_lens(model, corpus="default", config: TunedLensConfig = TunedLen
         for k in range(len(lens.trained)):
             for lo in range(0, n_tok, config.chunk_tokens):
                 hi = min(lo + config.chunk_tokens, n_tok)
-                loss = _kl(target[lo:hi], decode(model, leaf[k, lo:hi])) / n_tok
-                loss.backward()
-                total += float(loss.detach())
+                logits = decode(model, leaf[k, lo:hi])
+                total += _kl_backward(p_target[lo:hi], logits, 1 / n_tok)
+        total = (total + len(lens.trained) * neg_entropy) / n_tok
         opt.zero_grad(set_to_none=True)
         translated.backward(leaf.grad)  # DDP averages the translators' gradients across ranks here
         opt.step()
         sched.step()
         losses.append(total / len(lens.trained))
         bar.set_postfix(kl=f"{losses[-1]:.3f}")
-    if created:
-        dist.destroy_process_group()
+    bar.close()
+    if world > 1:
+        # Tear down in the same order on every rank: all ranks meet at a barrier (none is still in
+        # its last all-reduce), the DDP wrapper (whose reducer holds the process group) is released
+        # while the group is alive, and only then is the group destroyed.
+        dist.barrier()
+        del module
+        if created:
+            dist.destroy_process_group()
     lens.info = {"config": asdict(config), "steps": steps, "world_size": world, "tokens_seen": steps *
                  config.batch_contexts * config.context, "mean_kl_per_step": losses}  # rank 0's share under DDP
     return lens

@@ -3,8 +3,11 @@ faithfulness checked by actually patching the complement.
 
 The component graph (:mod:`lmscope.models.edges`) has upstream nodes ``input``, ``a{l}.h{h}`` and
 ``m{l}`` and receivers ``a{l}.h{h}.q|k|v``, ``m{l}`` and ``logits``. :class:`EdgeScores` holds one
-score per edge (EAP, EAP-IG); :func:`extract` keeps the top-n edges by |score|; a :class:`Circuit`
-is a set of edges. Faithfulness of a circuit (METHODS.md §5.6):
+score per edge (EAP, EAP-IG); :func:`extract` picks a circuit of at most n edges (:func:`select`:
+the top n by |score|, or the top edges with dangling ones pruned — an edge counts only if it lies on
+a path from the input to the logits inside the circuit, otherwise patching the complement makes it
+a no-op — or Hanna et al.'s greedy growth from the logits); a :class:`Circuit` is a set of edges.
+Faithfulness of a circuit (METHODS.md §5.6):
 
     F = (M(circuit) − M(corrupt)) / (M(clean) − M(corrupt))
 
@@ -143,11 +146,122 @@ class Circuit:
         return cls(graph, mask, scores, result.method, result.model, result.params, meta)
 
 
-def extract(scores: EdgeScores, n_edges: int) -> Circuit:
-    """The circuit of the ``n_edges`` edges with the largest |score|."""
-    mask = scores.top_mask(n_edges)
+SELECTIONS = ("top", "pruned", "greedy")
+
+
+def receiver_nodes(graph: EdgeGraph) -> torch.Tensor:
+    """(R,) the upstream index of the node each receiver feeds (a head for its q/k/v inputs, an MLP
+    for its input); −1 for the logits."""
+    up = {n: i for i, n in enumerate(graph.upstream)}
+    return torch.tensor([up[".".join(r.split(".")[:2])] if r != "logits" else -1 for r in graph.receivers])
+
+
+def prune(graph: EdgeGraph, mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` without its dangling edges: keep u → v only if u is reached from the input and v
+    reaches the logits through edges of ``mask``.
+
+    A dropped edge changes nothing when the complement is patched: a node none of whose inputs is
+    in the circuit computes exactly its corrupted output, so its edges carry corrupted values
+    anyway; a node none of whose outputs is in the circuit only writes into patched edges.
+    """
+    mask = mask & graph.valid
+    rnode = receiver_nodes(graph)
+    n_up = len(graph.upstream)
+    cols = [[] for _ in range(n_up)]
+    for r, u in enumerate(rnode.tolist()):
+        if u >= 0:
+            cols[u].append(r)
+    alive = torch.zeros(n_up, dtype=torch.bool)  # reached from the input
+    alive[0] = True
+    for u in range(1, n_up):  # upstream order is topological
+        alive[u] = bool((mask[:, cols[u]] & alive[:, None]).any())
+    reaches = torch.zeros(n_up, dtype=torch.bool)  # reaches the logits
+    to_logits = rnode < 0
+    for u in range(n_up - 1, -1, -1):
+        ok = to_logits.clone()
+        ok[~to_logits] = reaches[rnode[~to_logits]]
+        reaches[u] = bool((mask[u] & ok).any())
+    target_ok = to_logits.clone()
+    target_ok[~to_logits] = reaches[rnode[~to_logits]]
+    return mask & alive[:, None] & target_ok[None, :]
+
+
+def select(scores: EdgeScores, n_edges: int, how: str = "pruned") -> torch.Tensor:
+    """(U, R) bool mask of a circuit of at most ``n_edges`` edges chosen from ``scores``.
+
+    ``how``: "top", the ``n_edges`` edges of largest |score|; "pruned", the top-k edges with
+    dangling ones removed (:func:`prune`), k the largest for which at most ``n_edges`` remain;
+    "greedy", grown from the logits by |score| (Hanna et al. 2024), then pruned the same way, the
+    largest such circuit with at most ``n_edges`` edges.
+    """
+    if how not in SELECTIONS:
+        raise InputError(f"how={how!r}: use one of {SELECTIONS}.")
+    graph = scores.graph
+    if not 0 <= n_edges <= graph.n_edges:
+        raise InputError(f"A circuit of {n_edges} edges is impossible: the graph has {graph.n_edges} edges.")
+    if how == "top":
+        return scores.top_mask(n_edges)
+    if how == "pruned":
+        build = scores.top_mask
+    else:
+        if n_edges == 0:
+            return torch.zeros_like(graph.valid)
+        rank = _greedy_order(scores)
+
+        def build(k: int) -> torch.Tensor:
+            return rank < k
+
+    lo, hi = n_edges, graph.n_edges  # pruned size is monotone in k: find the largest k with size <= n
+    best = prune(graph, build(lo))  # pruning only removes edges: k = n_edges always fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        m = prune(graph, build(mid))
+        if int(m.sum()) <= n_edges:
+            lo, best = mid, m
+        else:
+            hi = mid - 1
+    return best
+
+
+def _greedy_order(scores: EdgeScores) -> torch.Tensor:
+    """(U, R) long: the step at which greedy growth adds each edge (edges never added: a large value)."""
+    import heapq
+
+    graph = scores.graph
+    rnode = receiver_nodes(graph)
+    by_node: dict[int, list[int]] = {}
+    for r, u in enumerate(rnode.tolist()):
+        by_node.setdefault(u, []).append(r)
+    a = torch.where(graph.valid, scores.scores.abs(), torch.tensor(-1.0))
+    rank = torch.full(graph.valid.shape, graph.valid.numel(), dtype=torch.long)
+    heap: list = []
+    seen: set[int] = set()
+
+    def add_node(u: int) -> None:
+        seen.add(u)
+        for r in by_node.get(u, ()):
+            col = a[:, r]
+            idx = (col >= 0).nonzero().flatten()
+            for w, v in zip(idx.tolist(), col[idx].tolist()):
+                heapq.heappush(heap, (-v, w, r))
+
+    add_node(-1)
+    step = 0
+    while heap:
+        _, w, r = heapq.heappop(heap)
+        rank[w, r] = step
+        step += 1
+        if w not in seen and w != 0:
+            add_node(w)
+    return rank
+
+
+def extract(scores: EdgeScores, n_edges: int, how: str = "top") -> Circuit:
+    """The circuit of at most ``n_edges`` edges chosen by ``how`` (:func:`select`; "top": the
+    ``n_edges`` edges with the largest |score|)."""
+    mask = select(scores, n_edges, how)
     return Circuit(scores.graph, mask, scores.scores, scores.method, scores.model,
-                   {**scores.params, "n_edges": n_edges}, dict(scores.meta))
+                   {**scores.params, "n_edges": n_edges, "selection": how}, dict(scores.meta))
 
 
 def _batches(model: Model, pairs: PromptPairs, batch_size: int):
@@ -188,21 +302,26 @@ def evaluate_masks(model: Model, pairs: PromptPairs, masks: Sequence[torch.Tenso
 
 
 def faithfulness_curve(model: Model, pairs: PromptPairs, scores: EdgeScores, sizes: Sequence[int] | None = None,
-                       *, metric: str = "logit_diff", batch_size: int = 16) -> Result:
-    """Faithfulness of the top-n-edge circuits for each n in ``sizes`` (default: a log-spaced grid
-    from 0.1% to 100% of the edges), each checked by patching every other edge to its corrupted
-    value. Values: normalised F; extras ``metric`` (raw M(circuit)) and ``fraction`` of edges."""
+                       *, how: str = "top", metric: str = "logit_diff", batch_size: int = 16) -> Result:
+    """Faithfulness of the circuits of at most n edges chosen by ``how`` (:func:`select`) for each n
+    in ``sizes`` (default: a log-spaced grid from 0.1% to 100% of the edges), each checked by
+    patching every other edge to its corrupted value. Values: normalised F; extras ``metric`` (raw
+    M(circuit)), ``fraction`` (n over all edges) and ``kept`` (edges actually in each circuit, ≤ n
+    when dangling edges were pruned)."""
     n_all = scores.graph.n_edges
     if sizes is None:
         fracs = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
         sizes = sorted({max(1, round(f * n_all)) for f in fracs})
     sizes = [int(n) for n in sizes]
-    ev = evaluate_masks(model, pairs, [scores.top_mask(n) for n in sizes], metric=metric, batch_size=batch_size)
+    masks = [select(scores, n, how) for n in sizes]
+    ev = evaluate_masks(model, pairs, masks, metric=metric, batch_size=batch_size)
     gap = ev["clean"] - ev["corrupt"]
     if abs(gap) < 1e-6:
         raise InputError("Clean and corrupted prompts give the same metric; faithfulness is undefined.")
     faith = (ev["circuit"] - ev["corrupt"]) / gap
     return Result(faith, (Axis("n_edges", tuple(sizes)),), "faithfulness", model.name,
-                  params={"scores": scores.method, "metric": metric, "n_prompts": len(pairs), **scores.params},
-                  extras={"metric": ev["circuit"], "fraction": torch.tensor(sizes, dtype=torch.float32) / n_all},
+                  params={"scores": scores.method, "metric": metric, "n_prompts": len(pairs), "selection": how,
+                          **scores.params},
+                  extras={"metric": ev["circuit"], "fraction": torch.tensor(sizes, dtype=torch.float32) / n_all,
+                          "kept": torch.tensor([int(m.sum()) for m in masks], dtype=torch.float32)},
                   meta={"clean_metric": ev["clean"], "corrupt_metric": ev["corrupt"], "graph_edges": n_all})

@@ -5,12 +5,19 @@ first-token activations have outsized norms):
 
 * ``l0``: mean number of active latents per token; ``fve``: fraction of variance explained
   ``1 − Σ‖x − x̂‖² / Σ‖x − E x‖²``; ``mse``: mean ``‖x − x̂‖²``.
-* ``gamma``: relative reconstruction bias (Gated SAE paper) ``argmin_γ E‖x̂/γ − x‖² = E‖x̂‖² / E[x·x̂]``;
-  γ < 1 means the SAE shrinks its reconstructions.
+* ``gamma``: relative reconstruction bias (Gated SAE paper, eq. 10; SAELens and dictionary_learning compute it
+  the same way, on raw activations) ``argmin_γ E‖x̂/γ − x‖² = E‖x̂‖² / E[x·x̂]``; γ < 1 means the SAE shrinks
+  its reconstructions. ``gamma_centred`` is the same fit after subtracting the mean activation ``μ = E x`` from
+  both x and x̂: ``E‖x̂ − μ‖² / E[(x − μ)·(x̂ − μ)]``. Where activations have a large mean (SmolLM2's residual
+  stream: ‖μ‖² is about half of E‖x‖²), the decoder bias reproduces μ exactly and raw γ is pulled towards 1
+  whatever the features do; the centred γ measures the shrinkage of the part the latents have to explain.
 * ``ce_clean``, ``ce_sae``, ``ce_zero``: next-token cross-entropy of the clean model, with the reconstruction
   patched in at the site (positions ≥ 1, in the same forward: the SAE reads the clean activation, which is
   what the patched run sees there), and with the site zero-ablated; ``ce_recovered`` =
   ``(ce_zero − ce_sae) / (ce_zero − ce_clean)`` (zero-ablation baseline), ``delta_ce = ce_sae − ce_clean``.
+* ``max_norm_ratio``: tokens whose activation norm exceeds this multiple of the median norm ("massive
+  activations", attention-sink tokens: in SmolLM2 some second-position tokens reach 100× the median norm and
+  carry most of the variance) are left out of the metrics and left clean in the spliced run, like position 0.
 * ``dead_frac`` (never fired on the evaluation tokens), ``dense_frac`` (fires on > ``dense`` of tokens);
   the per-latent density and a histogram of log10 density are extras of the result.
 
@@ -33,8 +40,8 @@ from lmscope.results import Axis, Result
 from lmscope.sae.base import SAE
 from lmscope.sae.io import check_fits
 
-METRICS = ("l0", "fve", "mse", "gamma", "ce_clean", "ce_sae", "ce_zero", "ce_recovered", "delta_ce", "dead_frac",
-           "dense_frac", "tokens")
+METRICS = ("l0", "fve", "mse", "gamma", "gamma_centred", "ce_clean", "ce_sae", "ce_zero", "ce_recovered", "delta_ce",
+           "dead_frac", "dense_frac", "tokens")
 HIST_EDGES = torch.linspace(-7, 0, 29)
 
 
@@ -47,6 +54,7 @@ class _Acc:
         self.err = 0.0
         self.sx = None
         self.sxx = 0.0
+        self.sxh = None
         self.xhat2 = 0.0
         self.xdot = 0.0
         self.fires = torch.zeros(d_sae, dtype=torch.long)
@@ -59,6 +67,7 @@ class _Acc:
         self.l0 += active.sum().item()
         self.err += (x - x_hat).pow(2).sum().item()
         self.sx = x.sum(0) if self.sx is None else self.sx + x.sum(0)
+        self.sxh = x_hat.sum(0) if self.sxh is None else self.sxh + x_hat.sum(0)
         self.sxx += x.pow(2).sum().item()
         self.xhat2 += x_hat.pow(2).sum().item()
         self.xdot += (x * x_hat).sum().item()
@@ -69,8 +78,13 @@ class _Acc:
             raise InputError("No tokens to evaluate on; give more contexts or activations.")
         var = self.sxx - self.sx.pow(2).sum().item() / self.n
         density = self.fires.double() / self.n
+        mu, mu_hat = self.sx / self.n, self.sxh / self.n
+        # Σ‖x̂ − μ‖² and Σ(x − μ)·(x̂ − μ) from the running sums (Σx = nμ)
+        c_hat2 = self.xhat2 - 2 * self.n * (mu * mu_hat).sum().item() + self.n * mu.pow(2).sum().item()
+        c_dot = self.xdot - self.n * (mu * mu_hat).sum().item()
         return {"l0": self.l0 / self.n, "fve": 1 - self.err / max(var, 1e-30), "mse": self.err / self.n,
                 "gamma": self.xhat2 / self.xdot if self.xdot else float("nan"),
+                "gamma_centred": c_hat2 / c_dot if c_dot else float("nan"),
                 "dead_frac": (density == 0).double().mean().item(), "dense_frac": (density > dense).double().mean().item(),
                 "tokens": float(self.n)}
 
@@ -96,24 +110,42 @@ def _result(sae: SAE, values: dict[str, float], acc: _Acc, model_name: str, para
 
 
 @torch.no_grad()
-def evaluate_activations(sae: SAE, batches, *, max_tokens: int | None = None, dense: float = 0.1) -> Result:
-    """Reconstruction metrics (no model) over an iterable of (B, D) activations, e.g. ``store.batches(4096)``."""
+def evaluate_activations(sae: SAE, batches, *, max_tokens: int | None = None, dense: float = 0.1,
+                         max_norm_ratio: float | None = None) -> Result:
+    """Reconstruction metrics (no model) over an iterable of (B, D) activations, e.g. ``store.batches(4096)``.
+
+    ``max_norm_ratio``: leave out rows whose norm exceeds this multiple of the batch's median norm.
+    """
     acc = _Acc(sae.cfg.d_sae)
     for x in batches:
         x = x.float()
+        x = x[_typical(x, max_norm_ratio)]
         f = sae.encode(x)
         acc.add(x, f, sae.decode(f))
         if max_tokens and acc.n >= max_tokens:
             break
-    return _result(sae, acc.metrics(dense), acc, sae.cfg.model, {"source": "activations"})
+    return _result(sae, acc.metrics(dense), acc, sae.cfg.model, {"source": "activations",
+                                                                  "max_norm_ratio": max_norm_ratio})
+
+
+def _typical(x: torch.Tensor, max_norm_ratio: float | None) -> torch.Tensor:
+    """Mask (...,) of the vectors whose norm is at most ``max_norm_ratio`` × the median norm (all when None)."""
+    norms = x.norm(dim=-1)
+    if not max_norm_ratio:
+        return torch.ones_like(norms, dtype=torch.bool)
+    if max_norm_ratio <= 1:
+        raise InputError(f"max_norm_ratio={max_norm_ratio}: give a multiple of the median norm above 1 (e.g. 10).")
+    return norms <= max_norm_ratio * norms.flatten().median()
 
 
 @torch.no_grad()
 def evaluate(sae: SAE, model, contexts: torch.Tensor, *, batch_size: int = 4, dense: float = 0.1,
-             progress: bool = False) -> Result:
+             max_norm_ratio: float | None = None, progress: bool = False) -> Result:
     """All metrics, including CE loss recovered with the SAE spliced into ``model`` at its site.
 
     ``contexts``: (N, T) token ids (e.g. held-out ``lmscope.data.token_contexts``), T ≥ 3.
+    ``max_norm_ratio``: positions whose activation norm exceeds this multiple of the batch's median norm are
+    left out of the reconstruction metrics and keep their clean activation in the spliced run.
     """
     site = check_fits(sae, model)
     if contexts.ndim != 2 or contexts.shape[1] < 3:
@@ -130,7 +162,9 @@ def evaluate(sae: SAE, model, contexts: torch.Tensor, *, batch_size: int = 4, de
         x = act.reshape(*act.shape[:2], -1).float()
         f = sae.encode(x[:, 1:])
         x_hat = sae.decode(f)
-        acc.add(x[:, 1:].reshape(-1, x.shape[-1]), f.reshape(-1, f.shape[-1]), x_hat.reshape(-1, x.shape[-1]))
+        keep = _typical(x[:, 1:], max_norm_ratio)
+        acc.add(x[:, 1:][keep], f[keep], x_hat[keep])
+        x_hat = torch.where(keep[..., None], x_hat, x[:, 1:])
         patched = torch.cat([x[:, :1], x_hat], dim=1).reshape(act.shape).to(act.dtype)
         runs = model.run_sets(ids, [[Patch(site.name, patched, positions=later)],
                                     [Ablate(site.name, "zero", positions=later)]], logits="all")
@@ -144,7 +178,7 @@ def evaluate(sae: SAE, model, contexts: torch.Tensor, *, batch_size: int = 4, de
     values.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, delta_ce=ce_sae - ce_clean,
                   ce_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"))
     return _result(sae, values, acc, model.name, {"contexts": int(len(contexts)), "context": int(T),
-                                                   "baseline": "zero ablation"})
+                                                   "baseline": "zero ablation", "max_norm_ratio": max_norm_ratio})
 
 
 def compare(results: list[Result], labels: list[str] | None = None) -> Result:

@@ -109,6 +109,9 @@ def load_sae(path: str | os.PathLike) -> SAE:
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise InputError(f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold "
                          "the normalisation into the weights in SAELens first (normalize_activations='none').")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise InputError(f"{folder}: rescale_acts_by_decoder_norm=true is not supported; fold the decoder norms "
+                         "into the encoder in SAELens first (sae.fold_W_dec_norm(), then save_model).")
     meta = cfg.get("metadata") or {}
     ours = (meta.get("lmscope") or {}).get("config", {})
     hook = meta.get("hook_name") or cfg.get("hook_name") or ""
@@ -125,10 +128,9 @@ def load_sae(path: str | os.PathLike) -> SAE:
     if arch == "relu" and not ours:
         fields["decoder"] = "unit_norm" if cfg.get("apply_b_dec_to_input", True) else "weighted"
     sae = make_sae(arch, **fields)
-    if arch == "relu":
-        sae.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
-    elif sae.apply_b_dec_to_input != bool(cfg.get("apply_b_dec_to_input", sae.apply_b_dec_to_input)):
-        raise _bad(folder, f"apply_b_dec_to_input={cfg['apply_b_dec_to_input']} is not what a {arch} SAE uses here")
+    # SAELens lets every architecture subtract b_dec or not (its JumpReLU default subtracts it; ours does not):
+    # the file decides, so the loaded SAE computes exactly what was saved.
+    sae.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", sae.apply_b_dec_to_input))
     _fill(sae, tensors, folder)
     return sae
 

@@ -87,6 +87,31 @@ class TensorSource:
         self.acts = acts.reshape(-1, acts.shape[-1]).float()
         self.d = self.acts.shape[1]
 
+    @classmethod
+    def from_store(cls, store, *, max_rows: int | None = None, max_norm_ratio: float | None = None) -> TensorSource:
+        """Load an activation store's rows (in stored order) into memory.
+
+        ``max_norm_ratio`` leaves out rows whose norm exceeds that multiple of the median row norm: the
+        "massive activations" of attention-sink tokens (in SmolLM2's layer-15 residual, about one context in
+        fifty has a second-position token at ~100× the median norm; a handful of such rows carry most of the
+        variance and would set the input scale and every reconstruction metric).
+        """
+        parts, got = [], 0
+        for x in store.batches(32768, shuffle=False):
+            parts.append(x.float())
+            got += x.shape[0]
+            if max_rows is not None and got >= max_rows:
+                break
+        if not parts:
+            raise InputError("The activation store is empty; harvest activations first.")
+        acts = torch.cat(parts)[:max_rows]
+        if max_norm_ratio:
+            if max_norm_ratio <= 1:
+                raise InputError(f"max_norm_ratio={max_norm_ratio}: give a multiple of the median norm above 1.")
+            norms = acts.norm(dim=1)
+            acts = acts[norms <= max_norm_ratio * norms.median()]
+        return cls(acts)
+
     def __len__(self) -> int:
         return self.acts.shape[0]
 

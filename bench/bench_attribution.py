@@ -19,7 +19,7 @@ import lmscope
 from lmscope.attribution import integrated_gradients, occlusion
 from lmscope.models.mixing import embed_parts
 
-from common import best_time, interleaved_best, record
+from common import interleaved_best, record
 
 PROMPT = "When Mary and John went to the store after a long day at work, John gave a drink to"
 TARGET, FOIL = " Mary", " John"

@@ -113,6 +113,26 @@ def test_eap_ig_one_step_is_eap_at_the_corrupted_input(tiny_llama):
     assert not torch.allclose(five.scores, ig.scores)
 
 
+def test_clean_corrupted_averages_the_endpoint_gradients(tiny_llama):
+    """The clean-corrupted variant: (corrupt − clean writes) · the mean of the receiver gradients
+    of the clean and of the corrupted prompts, each taken by hand from its own backward pass."""
+    cc = eap(tiny_llama, PAIRS, method="clean-corrupted")
+    clean, corrupt, up_c, up_r = _batches(tiny_llama)
+    t, f = PAIRS.token_ids(tiny_llama)
+    metric = Metric("logit_diff", t, f)
+    grads = []
+    for batch in (clean, corrupt):
+        run = edge_forward(tiny_llama, batch, grad=True)
+        grads.append(run.receiver_grads(metric(run.logits)))
+    mean = (grads[0] + grads[1]) / 2
+    want = ((up_r - up_c).flatten(1) @ mean.flatten(1).T) * cc.graph.valid
+    torch.testing.assert_close(cc.scores, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(cc.scores, eap(tiny_llama, PAIRS).scores, atol=1e-3)
+    with torch.no_grad():
+        assert cc.meta["clean_metric"] == pytest.approx(float(metric(tiny_llama.run(clean, logits="last").logits)), abs=1e-4)
+        assert cc.meta["corrupt_metric"] == pytest.approx(float(metric(tiny_llama.run(corrupt, logits="last").logits)), abs=1e-4)
+
+
 def test_extraction_faithfulness_and_json(tiny_llama, tmp_path):
     scores = eap(tiny_llama, PAIRS)
     n_all = scores.graph.n_edges

@@ -7,6 +7,8 @@ to its corrupted value:
     EAP:     s(u → v) = (z_u(x_corrupt) − z_u(x_clean)) · ∂M/∂in_v |_{x_clean}
     EAP-IG:  the gradient is averaged over m inputs whose embeddings interpolate from corrupted
              (k = 0) towards clean, excluding the clean end: e_r + (k/m)(e_c − e_r), k = 0..m−1.
+    clean-corrupted: the gradient is the mean of the gradients at the two endpoints, the clean
+             and the corrupted prompts (a variant in Hanna et al.'s code; two backward passes).
 
 ``in_v`` is the receiver's own copy of the residual stream, so one backward pass gives ∂M/∂in_v for
 all receivers at once (m backward passes for EAP-IG). Scores are sums over positions and means over
@@ -28,12 +30,13 @@ from lmscope.localization.tasks import PromptPairs
 from lmscope.models import Model
 from lmscope.models.edges import edge_forward, edge_graph, upstream_values
 
-METHODS = ("eap", "eap-ig")
+METHODS = ("eap", "eap-ig", "clean-corrupted")
 
 
 def eap(model: Model, pairs: PromptPairs, *, method: str = "eap", ig_steps: int = 5, metric: str = "logit_diff",
         batch_size: int = 8) -> EdgeScores:
-    """Edge scores by EAP (``method="eap"``) or EAP-IG with ``ig_steps`` interpolation steps."""
+    """Edge scores by EAP (``method="eap"``), EAP-IG with ``ig_steps`` interpolation steps
+    (``"eap-ig"``) or the mean of the clean and corrupted gradients (``"clean-corrupted"``)."""
     if method not in METHODS:
         raise InputError(f"method={method!r}: use one of {METHODS}.")
     if method == "eap-ig" and ig_steps < 1:
@@ -49,28 +52,36 @@ def eap(model: Model, pairs: PromptPairs, *, method: str = "eap", ig_steps: int 
         w = len(sub) / total
         m = _metric(model, sub, metric)
         up_clean, up_corrupt = upstream_values(model, clean), upstream_values(model, corrupt)
+        # (batch, interventions) of each run whose receiver gradients are averaged
         if method == "eap":
-            steps = [()]
+            steps = [(clean, ())]
+        elif method == "clean-corrupted":
+            steps = [(clean, ()), (corrupt, ())]
         else:
             e_c, e_r = up_clean[0], up_corrupt[0]
-            steps = [(Patch("embed", value=e_r + (k / ig_steps) * (e_c - e_r)),) for k in range(ig_steps)]
+            steps = [(clean, (Patch("embed", value=e_r + (k / ig_steps) * (e_c - e_r)),)) for k in range(ig_steps)]
         grads = None
-        for ivs in steps:
-            run = edge_forward(model, clean, grad=True, interventions=ivs)
+        got_clean = got_corrupt = False
+        for batch, ivs in steps:
+            run = edge_forward(model, batch, grad=True, interventions=ivs)
             value = m(run.logits)
             g = run.receiver_grads(value)
             grads = g if grads is None else grads + g
-            if not ivs:
+            if not ivs and batch is clean:
                 clean_m += float(value.detach()) * w
+                got_clean = True
+            elif not ivs and batch is corrupt:
+                corrupt_m += float(value.detach()) * w
+                got_corrupt = True
             del run
         grads = grads / len(steps)
         delta = (up_corrupt - up_clean).flatten(1)  # (U, B*T*D)
         scores += (delta @ grads.flatten(1).T) * w
-        if method == "eap-ig":
-            with torch.no_grad():
-                clean_m += float(m(model.run(clean, logits="last").logits)) * w
         with torch.no_grad():
-            corrupt_m += float(m(model.run(corrupt, logits="last").logits)) * w
+            if not got_clean:
+                clean_m += float(m(model.run(clean, logits="last").logits)) * w
+            if not got_corrupt:
+                corrupt_m += float(m(model.run(corrupt, logits="last").logits)) * w
     scores = scores * graph.valid
     params = {"method": method, "metric": metric, "n_prompts": total}
     if method == "eap-ig":

@@ -287,6 +287,10 @@ def test_cli_atp_and_circuit(smollm, tmp_path):
     doc = json.loads(path.read_text())
     assert doc["method"] == "eap" and 0 < len(doc["meta"]["edges"]) <= 200  # dangling edges pruned
     assert "faithfulness" in doc["meta"]
+    result = runner.invoke(app, ["circuit", "--task", "ioi", "--method", "clean-corrupted", "--n", "2", "--edges",
+                                 "100", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(path.read_text())["method"] == "clean-corrupted"
     bad = runner.invoke(app, ["circuit", "--task", "ioi", "--method", "acdc", "--n", "2"])
     assert bad.exit_code == 2 and "EAP" in bad.output
     bad = runner.invoke(app, ["flow", "--prompt", "hello there", "--threshold", "1.5"])

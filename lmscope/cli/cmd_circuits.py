@@ -64,7 +64,7 @@ def atp(clean: str = typer.Option(None, help="Clean prompt (the behaviour is pre
 
 
 def circuit(task: str = typer.Option("ioi", help="ioi | induction"),
-            method: str = typer.Option("eap", help="eap | eap-ig | acdc"),
+            method: str = typer.Option("eap", help="eap | eap-ig | clean-corrupted | acdc"),
             n: int = typer.Option(20, help="Prompts of the task."),
             edges: int = typer.Option(None, help="Circuit size in edges (default: --fraction of all edges)."),
             fraction: float = typer.Option(0.05, help="Circuit size as a fraction of the graph's edges."),
@@ -75,13 +75,13 @@ def circuit(task: str = typer.Option("ioi", help="ioi | induction"),
             curve: bool = typer.Option(False, "--curve", help="Also print the faithfulness curve."),
             seed: int = typer.Option(0, help="Seed of the task generator."),
             model: str = ModelOpt, json: Path = JsonOpt):
-    """Find a circuit (EAP, EAP-IG or ACDC) and check its faithfulness by patching everything else."""
+    """Find a circuit (EAP, EAP-IG, clean-corrupted EAP or ACDC) and check its faithfulness by patching everything else."""
     from lmscope.localization.acdc import acdc
     from lmscope.localization.circuits import evaluate_masks, extract, faithfulness_curve
     from lmscope.localization.eap import eap
 
-    if method not in ("eap", "eap-ig", "acdc"):
-        raise InputError(f"--method {method!r}: choose eap, eap-ig or acdc.")
+    if method not in ("eap", "eap-ig", "clean-corrupted", "acdc"):
+        raise InputError(f"--method {method!r}: choose eap, eap-ig, clean-corrupted or acdc.")
     if not 0 < fraction <= 1:
         raise InputError(f"--fraction {fraction}: give a fraction in (0, 1].")
     if select not in ("top", "pruned", "greedy"):

@@ -24,6 +24,18 @@ from torch import nn
 from lmscope.errors import InputError
 
 
+def typical_mask(x: torch.Tensor, max_norm_ratio: float | None) -> torch.Tensor:
+    """Mask (...,) of the vectors of ``x`` whose norm is at most ``max_norm_ratio`` × their median norm (all when
+    None): leaves out the "massive activations" of attention-sink tokens, which in SmolLM2's residual stream reach
+    ~100× the median norm and would set the input scale and every reconstruction metric."""
+    norms = x.norm(dim=-1)
+    if not max_norm_ratio:
+        return torch.ones_like(norms, dtype=torch.bool)
+    if max_norm_ratio <= 1:
+        raise InputError(f"max_norm_ratio={max_norm_ratio}: give a multiple of the median norm above 1 (e.g. 10).")
+    return norms <= max_norm_ratio * norms.flatten().median()
+
+
 @dataclass(frozen=True)
 class SAEConfig:
     """Fields every architecture shares. ``site``/``model`` say where the SAE reads (lmscope site name)."""

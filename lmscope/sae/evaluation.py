@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from lmscope.errors import InputError
 from lmscope.interventions import Ablate, Patch
 from lmscope.results import Axis, Result
-from lmscope.sae.base import SAE
+from lmscope.sae.base import SAE, typical_mask
 from lmscope.sae.io import check_fits
 
 METRICS = ("l0", "fve", "mse", "gamma", "gamma_centred", "ce_clean", "ce_sae", "ce_zero", "ce_recovered", "delta_ce",
@@ -119,23 +119,13 @@ def evaluate_activations(sae: SAE, batches, *, max_tokens: int | None = None, de
     acc = _Acc(sae.cfg.d_sae)
     for x in batches:
         x = x.float()
-        x = x[_typical(x, max_norm_ratio)]
+        x = x[typical_mask(x, max_norm_ratio)]
         f = sae.encode(x)
         acc.add(x, f, sae.decode(f))
         if max_tokens and acc.n >= max_tokens:
             break
     return _result(sae, acc.metrics(dense), acc, sae.cfg.model, {"source": "activations",
                                                                   "max_norm_ratio": max_norm_ratio})
-
-
-def _typical(x: torch.Tensor, max_norm_ratio: float | None) -> torch.Tensor:
-    """Mask (...,) of the vectors whose norm is at most ``max_norm_ratio`` × the median norm (all when None)."""
-    norms = x.norm(dim=-1)
-    if not max_norm_ratio:
-        return torch.ones_like(norms, dtype=torch.bool)
-    if max_norm_ratio <= 1:
-        raise InputError(f"max_norm_ratio={max_norm_ratio}: give a multiple of the median norm above 1 (e.g. 10).")
-    return norms <= max_norm_ratio * norms.flatten().median()
 
 
 @torch.no_grad()
@@ -162,7 +152,7 @@ def evaluate(sae: SAE, model, contexts: torch.Tensor, *, batch_size: int = 4, de
         x = act.reshape(*act.shape[:2], -1).float()
         f = sae.encode(x[:, 1:])
         x_hat = sae.decode(f)
-        keep = _typical(x[:, 1:], max_norm_ratio)
+        keep = typical_mask(x[:, 1:], max_norm_ratio)
         acc.add(x[:, 1:][keep], f[keep], x_hat[keep])
         x_hat = torch.where(keep[..., None], x_hat, x[:, 1:])
         patched = torch.cat([x[:, :1], x_hat], dim=1).reshape(act.shape).to(act.dtype)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from lmscope.errors import InputError, LmscopeError
 from lmscope.results import atomic_write_bytes
-from lmscope.sae.base import SAE
+from lmscope.sae.base import SAE, typical_mask
 from lmscope.sae.io import save_sae
 
 CHECKPOINT = "checkpoint.pt"
@@ -91,10 +91,9 @@ class TensorSource:
     def from_store(cls, store, *, max_rows: int | None = None, max_norm_ratio: float | None = None) -> TensorSource:
         """Load an activation store's rows (in stored order) into memory.
 
-        ``max_norm_ratio`` leaves out rows whose norm exceeds that multiple of the median row norm: the
-        "massive activations" of attention-sink tokens (in SmolLM2's layer-15 residual, about one context in
-        fifty has a second-position token at ~100× the median norm; a handful of such rows carry most of the
-        variance and would set the input scale and every reconstruction metric).
+        ``max_norm_ratio`` leaves out rows whose norm exceeds that multiple of the median row norm
+        (:func:`~lmscope.sae.base.typical_mask`; in SmolLM2's layer-15 residual about one context in fifty has
+        a second-position token at ~100× the median norm).
         """
         parts, got = [], 0
         for x in store.batches(32768, shuffle=False):
@@ -105,12 +104,7 @@ class TensorSource:
         if not parts:
             raise InputError("The activation store is empty; harvest activations first.")
         acts = torch.cat(parts)[:max_rows]
-        if max_norm_ratio:
-            if max_norm_ratio <= 1:
-                raise InputError(f"max_norm_ratio={max_norm_ratio}: give a multiple of the median norm above 1.")
-            norms = acts.norm(dim=1)
-            acts = acts[norms <= max_norm_ratio * norms.median()]
-        return cls(acts)
+        return cls(acts[typical_mask(acts, max_norm_ratio)])
 
     def __len__(self) -> int:
         return self.acts.shape[0]

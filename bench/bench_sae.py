@@ -3,8 +3,8 @@
 576 -> 4608 SAEs on SmolLM2 layer-15 resid_post activations (an activation store; harvested first when
 ``LMSCOPE_SAE_STORE`` does not point at one). TopK (k = 32) and ReLU, batch 4096, tokens per second over the same
 number of steps (data loading included in all). The plain loop is what one writes without a library: dense
-encode, top-k, dense decode, MSE, Adam. SAELens (pip ``sae-lens``, the ``bench`` extra; it installs next to the
-CPU torch, best in a ``--system-site-packages`` venv since it pulls transformer-lens, datasets and wandb) is timed
+encode, top-k, dense decode, MSE, Adam. SAELens (pip ``sae-lens``, installed by the ``dev`` extra next to the
+CPU torch; it pulls transformer-lens, datasets and wandb) is timed
 with its own ``SAETrainer`` on the same batches when it imports: ``TopKTrainingSAE`` (k = 32) and
 ``StandardTrainingSAE`` (L1 5.0), no wandb, no checkpoints. Also records harvest throughput when it harvests.
 """

@@ -218,6 +218,44 @@ def test_pruning_drops_only_edges_that_change_nothing(tiny_llama):
         select(scores, 10, "best")
 
 
+
+def test_support_ranking(tiny_llama):
+    """absolute=False ranks edges by how much their clean value supports the clean behaviour:
+    −score when the clean metric is the larger, +score otherwise; the selections keep that order."""
+    import dataclasses
+
+    scores = eap(tiny_llama, PAIRS)
+    graph = scores.graph
+    up = scores.meta["clean_metric"] >= scores.meta["corrupt_metric"]
+    torch.testing.assert_close(scores.support(), -scores.scores if up else scores.scores)
+    flipped = dataclasses.replace(scores, meta={**scores.meta, "clean_metric": scores.meta["corrupt_metric"],
+                                                "corrupt_metric": scores.meta["clean_metric"]})
+    if scores.meta["clean_metric"] != scores.meta["corrupt_metric"]:
+        torch.testing.assert_close(flipped.support(), -scores.support())
+    sup = scores.support()
+    for n in (5, 30):
+        m = scores.top_mask(n, absolute=False)
+        assert int(m.sum()) == n
+        assert sup[m].min() >= sup[graph.valid & ~m].max()
+    # the support ranking is not the |score| ranking: both signs appear among the top |score| edges
+    top_abs = scores.top_mask(30)
+    assert (scores.scores[top_abs] > 0).any() and (scores.scores[top_abs] < 0).any()
+    assert not torch.equal(scores.top_mask(30, absolute=False), top_abs)
+    for how in ("pruned", "greedy"):
+        m = select(scores, 30, how, absolute=False)
+        assert 0 < int(m.sum()) <= 30 and torch.equal(prune(graph, m), m)
+    # greedy growth from the logits takes the most supporting edge into the logits first
+    from lmscope.localization.circuits import _greedy_order
+
+    rank = _greedy_order(scores, absolute=False)
+    first = (rank == 0).nonzero()[0].tolist()
+    col = graph.receivers.index("logits")
+    assert first[1] == col and sup[first[0], col] == sup[graph.valid[:, col], col].max()
+    assert extract(scores, 10, "top", absolute=False).params["rank"] == "support"
+    bare = dataclasses.replace(scores, meta={})
+    with pytest.raises(InputError, match="absolute=True"):
+        select(bare, 10, "top", absolute=False)
+
 def _two_layer_llama():
     import transformers as tr
 
@@ -288,9 +326,14 @@ def test_cli_atp_and_circuit(smollm, tmp_path):
     assert doc["method"] == "eap" and 0 < len(doc["meta"]["edges"]) <= 200  # dangling edges pruned
     assert "faithfulness" in doc["meta"]
     result = runner.invoke(app, ["circuit", "--task", "ioi", "--method", "clean-corrupted", "--n", "2", "--edges",
-                                 "100", "--json", str(path)])
+                                 "100", "--rank", "support", "--json", str(path)])
     assert result.exit_code == 0, result.output
-    assert json.loads(path.read_text())["method"] == "clean-corrupted"
+    doc = json.loads(path.read_text())
+    assert doc["method"] == "clean-corrupted" and doc["params"]["rank"] == "support"
+    # every edge of a support-ranked circuit pushes the logit difference towards clean (score < 0)
+    assert doc["meta"]["edges"] and all(e["score"] < 0 for e in doc["meta"]["edges"])
+    bad = runner.invoke(app, ["circuit", "--task", "ioi", "--n", "2", "--rank", "signed"])
+    assert bad.exit_code == 2 and "abs or support" in bad.output
     bad = runner.invoke(app, ["circuit", "--task", "ioi", "--method", "acdc", "--n", "2"])
     assert bad.exit_code == 2 and "EAP" in bad.output
     bad = runner.invoke(app, ["flow", "--prompt", "hello there", "--threshold", "1.5"])

@@ -70,6 +70,9 @@ def circuit(task: str = typer.Option("ioi", help="ioi | induction"),
             fraction: float = typer.Option(0.05, help="Circuit size as a fraction of the graph's edges."),
             select: str = typer.Option("pruned", help="top (largest |score|) | pruned (top, dangling edges "
                                                       "removed) | greedy (grown from the logits, pruned)."),
+            rank: str = typer.Option("abs", help="abs (rank edges by |score|: edges that matter either way, aims at "
+                                                 "F = 1) | support (edges pushing the metric towards clean; "
+                                                 "recovers more, F may exceed 1)."),
             ig_steps: int = typer.Option(5, help="EAP-IG interpolation steps."),
             threshold: float = typer.Option(0.1, help="ACDC's τ (KL increase allowed per removed edge)."),
             curve: bool = typer.Option(False, "--curve", help="Also print the faithfulness curve."),
@@ -86,6 +89,11 @@ def circuit(task: str = typer.Option("ioi", help="ioi | induction"),
         raise InputError(f"--fraction {fraction}: give a fraction in (0, 1].")
     if select not in ("top", "pruned", "greedy"):
         raise InputError(f"--select {select!r}: choose top, pruned or greedy.")
+    if rank not in ("abs", "support"):
+        raise InputError(f"--rank {rank!r}: choose abs or support.")
+    if rank == "support" and method in ("eap", "clean-corrupted"):
+        console.print(f"[yellow]note:[/] --rank support trusts the sign of each score; {method} can get it wrong "
+                      "for strongly nonlinear edges (input → m0 on SmolLM2). --method eap-ig is safer.")
     m = load_model(model)
     pairs = _task_pairs(m, task, n, seed)
     if method == "acdc":
@@ -96,7 +104,7 @@ def circuit(task: str = typer.Option("ioi", help="ioi | induction"),
         with console.status(f"{method.upper()} edge scores…"):
             scores = eap(m, pairs, method=method, ig_steps=ig_steps)
         size = edges if edges is not None else max(1, round(fraction * scores.graph.n_edges))
-        circ = extract(scores, size, select)
+        circ = extract(scores, size, select, absolute=rank == "abs")
     ev = evaluate_masks(m, pairs, [circ.mask])
     gap = ev["clean"] - ev["corrupt"]
     faith = (float(ev["circuit"][0]) - ev["corrupt"]) / gap if abs(gap) > 1e-6 else float("nan")
@@ -110,7 +118,7 @@ def circuit(task: str = typer.Option("ioi", help="ioi | induction"),
         table.add_row(e["source"], e["target"], f"{e['score']:+.4f}")
     out.print(table)
     if curve and scores is not None:
-        fc = faithfulness_curve(m, pairs, scores, how=select)
+        fc = faithfulness_curve(m, pairs, scores, how=select, absolute=rank == "abs")
         ct = Table(title="Faithfulness against circuit size (complement patched)")
         ct.add_column("edges")
         ct.add_column("fraction")

@@ -7,6 +7,13 @@ score per edge (EAP, EAP-IG); :func:`extract` picks a circuit of at most n edges
 the top n by |score|, or the top edges with dangling ones pruned — an edge counts only if it lies on
 a path from the input to the logits inside the circuit, otherwise patching the complement makes it
 a no-op — or Hanna et al.'s greedy growth from the logits); a :class:`Circuit` is a set of edges.
+
+Edges are ranked by |score| (``absolute=True``, the default) or by *support* (``absolute=False``):
+how much the edge's clean value pushes the metric towards its clean value, ``−score`` when the
+clean metric is the larger. |score| finds the edges that matter either way, negative components
+(negative name movers, copy suppression) included, and aims at F ≈ 1; support leaves those out
+and aims at recovering as much of the metric as possible, so F can exceed 1 (the two criteria of
+the MIB circuit benchmark, Mueller et al. 2025: circuit–model distance and circuit performance).
 Faithfulness of a circuit (METHODS.md §5.6):
 
     F = (M(circuit) − M(corrupt)) / (M(clean) − M(corrupt))
@@ -65,12 +72,27 @@ class EdgeScores:
         return [(self.graph.upstream[int(idx[i, 0])], self.graph.receivers[int(idx[i, 1])], float(vals[i]))
                 for i in order.tolist()]
 
-    def top_mask(self, n: int) -> torch.Tensor:
-        """(U, R) bool: the n edges of largest |score|."""
+    def support(self) -> torch.Tensor:
+        """(U, R) how much each edge's clean value supports the clean behaviour: the scores estimate
+        M(edge corrupted) − M(clean), so support is −score when M(clean) ≥ M(corrupt) (as for a logit
+        difference) and +score otherwise. Taken from ``meta``'s clean and corrupted metrics."""
+        clean, corrupt = self.meta.get("clean_metric"), self.meta.get("corrupt_metric")
+        if clean is None or corrupt is None:
+            raise InputError("Ranking by support needs the clean and corrupted metrics (meta 'clean_metric' and "
+                             "'corrupt_metric', set by eap()); rank by |score| (absolute=True) instead.")
+        return -self.scores if clean >= corrupt else self.scores.clone()
+
+    def rank_key(self, absolute: bool = True) -> torch.Tensor:
+        """(U, R) the key edges are ranked by (|score| or :meth:`support`), −inf where no edge exists."""
+        key = self.scores.abs() if absolute else self.support()
+        return torch.where(self.graph.valid, key, torch.tensor(float("-inf")))
+
+    def top_mask(self, n: int, absolute: bool = True) -> torch.Tensor:
+        """(U, R) bool: the n edges of largest |score| (or largest :meth:`support`)."""
         n_edges = self.graph.n_edges
         if not 0 <= n <= n_edges:
             raise InputError(f"A circuit of {n} edges is impossible: the graph has {n_edges} edges.")
-        flat = torch.where(self.graph.valid, self.scores.abs(), torch.tensor(-1.0)).flatten()
+        flat = self.rank_key(absolute).flatten()
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[flat.argsort(descending=True, stable=True)[:n]] = True
         return mask.view_as(self.graph.valid) & self.graph.valid
@@ -186,13 +208,14 @@ def prune(graph: EdgeGraph, mask: torch.Tensor) -> torch.Tensor:
     return mask & alive[:, None] & target_ok[None, :]
 
 
-def select(scores: EdgeScores, n_edges: int, how: str = "pruned") -> torch.Tensor:
+def select(scores: EdgeScores, n_edges: int, how: str = "pruned", absolute: bool = True) -> torch.Tensor:
     """(U, R) bool mask of a circuit of at most ``n_edges`` edges chosen from ``scores``.
 
     ``how``: "top", the ``n_edges`` edges of largest |score|; "pruned", the top-k edges with
     dangling ones removed (:func:`prune`), k the largest for which at most ``n_edges`` remain;
     "greedy", grown from the logits by |score| (Hanna et al. 2024), then pruned the same way, the
-    largest such circuit with at most ``n_edges`` edges.
+    largest such circuit with at most ``n_edges`` edges. ``absolute=False`` ranks by
+    :meth:`EdgeScores.support` instead of |score| (module docstring).
     """
     if how not in SELECTIONS:
         raise InputError(f"how={how!r}: use one of {SELECTIONS}.")
@@ -200,13 +223,14 @@ def select(scores: EdgeScores, n_edges: int, how: str = "pruned") -> torch.Tenso
     if not 0 <= n_edges <= graph.n_edges:
         raise InputError(f"A circuit of {n_edges} edges is impossible: the graph has {graph.n_edges} edges.")
     if how == "top":
-        return scores.top_mask(n_edges)
+        return scores.top_mask(n_edges, absolute)
     if how == "pruned":
-        build = scores.top_mask
+        def build(k: int) -> torch.Tensor:
+            return scores.top_mask(k, absolute)
     else:
         if n_edges == 0:
             return torch.zeros_like(graph.valid)
-        rank = _greedy_order(scores)
+        rank = _greedy_order(scores, absolute)
 
         def build(k: int) -> torch.Tensor:
             return rank < k
@@ -223,7 +247,7 @@ def select(scores: EdgeScores, n_edges: int, how: str = "pruned") -> torch.Tenso
     return best
 
 
-def _greedy_order(scores: EdgeScores) -> torch.Tensor:
+def _greedy_order(scores: EdgeScores, absolute: bool = True) -> torch.Tensor:
     """(U, R) long: the step at which greedy growth adds each edge (edges never added: a large value)."""
     import heapq
 
@@ -232,7 +256,7 @@ def _greedy_order(scores: EdgeScores) -> torch.Tensor:
     by_node: dict[int, list[int]] = {}
     for r, u in enumerate(rnode.tolist()):
         by_node.setdefault(u, []).append(r)
-    a = torch.where(graph.valid, scores.scores.abs(), torch.tensor(-1.0))
+    a = scores.rank_key(absolute)
     rank = torch.full(graph.valid.shape, graph.valid.numel(), dtype=torch.long)
     heap: list = []
     seen: set[int] = set()
@@ -241,7 +265,7 @@ def _greedy_order(scores: EdgeScores) -> torch.Tensor:
         seen.add(u)
         for r in by_node.get(u, ()):
             col = a[:, r]
-            idx = (col >= 0).nonzero().flatten()
+            idx = torch.isfinite(col).nonzero().flatten()
             for w, v in zip(idx.tolist(), col[idx].tolist()):
                 heapq.heappush(heap, (-v, w, r))
 
@@ -256,12 +280,13 @@ def _greedy_order(scores: EdgeScores) -> torch.Tensor:
     return rank
 
 
-def extract(scores: EdgeScores, n_edges: int, how: str = "top") -> Circuit:
+def extract(scores: EdgeScores, n_edges: int, how: str = "top", absolute: bool = True) -> Circuit:
     """The circuit of at most ``n_edges`` edges chosen by ``how`` (:func:`select`; "top": the
-    ``n_edges`` edges with the largest |score|)."""
-    mask = select(scores, n_edges, how)
+    ``n_edges`` edges with the largest |score|, or the largest support if ``absolute=False``)."""
+    mask = select(scores, n_edges, how, absolute)
     return Circuit(scores.graph, mask, scores.scores, scores.method, scores.model,
-                   {**scores.params, "n_edges": n_edges, "selection": how}, dict(scores.meta))
+                   {**scores.params, "n_edges": n_edges, "selection": how,
+                    "rank": "abs" if absolute else "support"}, dict(scores.meta))
 
 
 def _batches(model: Model, pairs: PromptPairs, batch_size: int):
@@ -302,9 +327,10 @@ def evaluate_masks(model: Model, pairs: PromptPairs, masks: Sequence[torch.Tenso
 
 
 def faithfulness_curve(model: Model, pairs: PromptPairs, scores: EdgeScores, sizes: Sequence[int] | None = None,
-                       *, how: str = "top", metric: str = "logit_diff", batch_size: int = 16) -> Result:
-    """Faithfulness of the circuits of at most n edges chosen by ``how`` (:func:`select`) for each n
-    in ``sizes`` (default: a log-spaced grid from 0.1% to 100% of the edges), each checked by
+                       *, how: str = "top", absolute: bool = True, metric: str = "logit_diff",
+                       batch_size: int = 16) -> Result:
+    """Faithfulness of the circuits of at most n edges chosen by ``how`` and ``absolute``
+    (:func:`select`) for each n in ``sizes`` (default: a log-spaced grid from 0.1% to 100% of the edges), each checked by
     patching every other edge to its corrupted value. Values: normalised F; extras ``metric`` (raw
     M(circuit)), ``fraction`` (n over all edges) and ``kept`` (edges actually in each circuit, ≤ n
     when dangling edges were pruned)."""
@@ -313,7 +339,7 @@ def faithfulness_curve(model: Model, pairs: PromptPairs, scores: EdgeScores, siz
         fracs = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
         sizes = sorted({max(1, round(f * n_all)) for f in fracs})
     sizes = [int(n) for n in sizes]
-    masks = [select(scores, n, how) for n in sizes]
+    masks = [select(scores, n, how, absolute) for n in sizes]
     ev = evaluate_masks(model, pairs, masks, metric=metric, batch_size=batch_size)
     gap = ev["clean"] - ev["corrupt"]
     if abs(gap) < 1e-6:
@@ -321,7 +347,7 @@ def faithfulness_curve(model: Model, pairs: PromptPairs, scores: EdgeScores, siz
     faith = (ev["circuit"] - ev["corrupt"]) / gap
     return Result(faith, (Axis("n_edges", tuple(sizes)),), "faithfulness", model.name,
                   params={"scores": scores.method, "metric": metric, "n_prompts": len(pairs), "selection": how,
-                          **scores.params},
+                          "rank": "abs" if absolute else "support", **scores.params},
                   extras={"metric": ev["circuit"], "fraction": torch.tensor(sizes, dtype=torch.float32) / n_all,
                           "kept": torch.tensor([int(m.sum()) for m in masks], dtype=torch.float32)},
                   meta={"clean_metric": ev["clean"], "corrupt_metric": ev["corrupt"], "graph_edges": n_all})

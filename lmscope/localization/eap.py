@@ -15,6 +15,11 @@ all receivers at once (m backward passes for EAP-IG). Scores are sums over posit
 prompts. Grouped-query attention is ungrouped: each query head has its own key and value input.
 Use EAP to rank ~10⁵ edges in seconds, EAP-IG when faithfulness matters (it gives more faithful
 circuits at equal size); check any circuit with :func:`lmscope.localization.circuits.faithfulness_curve`.
+The endpoint gradients (EAP, clean-corrupted) can get the *sign* of a strongly nonlinear edge wrong:
+on SmolLM2-135M and IOI, patching the single edge input → m0 to its corrupted value lowers the logit
+difference by 5.26 (to the corrupted level), which EAP-IG estimates as −5.59, EAP as +0.64 and
+clean-corrupted as +1.15. Circuits ranked by sign (``absolute=False`` in
+:func:`~lmscope.localization.circuits.select`) therefore need EAP-IG scores.
 
 Returns :class:`~lmscope.localization.circuits.EdgeScores` (U upstream × R receivers).
 """

@@ -51,6 +51,7 @@ def main() -> None:
     import lmscope
     from lmscope.data import ActivationStore, harvest, token_contexts
     from lmscope.sae import TensorSource, TrainConfig, compare, evaluate, evaluate_activations, make_sae, train
+    from lmscope.results import Result
     from lmscope.sae.evaluation import METRICS, pareto_png
 
     ap = argparse.ArgumentParser()
@@ -99,8 +100,8 @@ def main() -> None:
             for m in ("ce_clean", "ce_sae", "ce_zero", "ce_recovered", "delta_ce"):
                 rec[m] = ce[m]
             label = f"{arch} " + ",".join(f"{k}={v:g}" for k, v in knob.items())
-            results.append(r.__class__(torch.tensor([rec[m] for m in METRICS]), r.axes, method=r.method,
-                                       model=r.model, params=r.params))
+            results.append(Result(torch.tensor([rec[m] for m in METRICS]), r.axes, method=r.method,
+                                  model=r.model, params=r.params))
             labels.append(label)
             rows.append((label, arch, rec, secs))
             print(f"{label:32} L0 {rec['l0']:6.1f}  FVE {rec['fve']:.3f}  gamma {rec['gamma']:.3f}  "

@@ -129,8 +129,10 @@ def test_clean_corrupted_averages_the_endpoint_gradients(tiny_llama):
     torch.testing.assert_close(cc.scores, want, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(cc.scores, eap(tiny_llama, PAIRS).scores, atol=1e-3)
     with torch.no_grad():
-        assert cc.meta["clean_metric"] == pytest.approx(float(metric(tiny_llama.run(clean, logits="last").logits)), abs=1e-4)
-        assert cc.meta["corrupt_metric"] == pytest.approx(float(metric(tiny_llama.run(corrupt, logits="last").logits)), abs=1e-4)
+        want_clean = float(metric(tiny_llama.run(clean, logits="last").logits))
+        want_corrupt = float(metric(tiny_llama.run(corrupt, logits="last").logits))
+    assert cc.meta["clean_metric"] == pytest.approx(want_clean, abs=1e-4)
+    assert cc.meta["corrupt_metric"] == pytest.approx(want_corrupt, abs=1e-4)
 
 
 def test_extraction_faithfulness_and_json(tiny_llama, tmp_path):
@@ -218,7 +220,6 @@ def test_pruning_drops_only_edges_that_change_nothing(tiny_llama):
         select(scores, 10, "best")
 
 
-
 def test_support_ranking(tiny_llama):
     """absolute=False ranks edges by how much their clean value supports the clean behaviour:
     −score when the clean metric is the larger, +score otherwise; the selections keep that order."""
@@ -230,8 +231,8 @@ def test_support_ranking(tiny_llama):
     torch.testing.assert_close(scores.support(), -scores.scores if up else scores.scores)
     flipped = dataclasses.replace(scores, meta={**scores.meta, "clean_metric": scores.meta["corrupt_metric"],
                                                 "corrupt_metric": scores.meta["clean_metric"]})
-    if scores.meta["clean_metric"] != scores.meta["corrupt_metric"]:
-        torch.testing.assert_close(flipped.support(), -scores.support())
+    assert scores.meta["clean_metric"] != scores.meta["corrupt_metric"]
+    torch.testing.assert_close(flipped.support(), -scores.support())
     sup = scores.support()
     for n in (5, 30):
         m = scores.top_mask(n, absolute=False)

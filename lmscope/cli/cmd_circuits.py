@@ -78,7 +78,8 @@ def circuit(task: str = typer.Option("ioi", help="ioi | induction"),
             curve: bool = typer.Option(False, "--curve", help="Also print the faithfulness curve."),
             seed: int = typer.Option(0, help="Seed of the task generator."),
             model: str = ModelOpt, json: Path = JsonOpt):
-    """Find a circuit (EAP, EAP-IG, clean-corrupted EAP or ACDC) and check its faithfulness by patching everything else."""
+    """Find a circuit (EAP, EAP-IG, clean-corrupted EAP or ACDC) and check its faithfulness by patching
+    everything else."""
     from lmscope.localization.acdc import acdc
     from lmscope.localization.circuits import evaluate_masks, extract, faithfulness_curve
     from lmscope.localization.eap import eap

@@ -330,10 +330,10 @@ def faithfulness_curve(model: Model, pairs: PromptPairs, scores: EdgeScores, siz
                        *, how: str = "top", absolute: bool = True, metric: str = "logit_diff",
                        batch_size: int = 16) -> Result:
     """Faithfulness of the circuits of at most n edges chosen by ``how`` and ``absolute``
-    (:func:`select`) for each n in ``sizes`` (default: a log-spaced grid from 0.1% to 100% of the edges), each checked by
-    patching every other edge to its corrupted value. Values: normalised F; extras ``metric`` (raw
-    M(circuit)), ``fraction`` (n over all edges) and ``kept`` (edges actually in each circuit, ≤ n
-    when dangling edges were pruned)."""
+    (:func:`select`) for each n in ``sizes`` (default: a log-spaced grid from 0.1% to 100% of the
+    edges), each checked by patching every other edge to its corrupted value. Values: normalised F;
+    extras ``metric`` (raw M(circuit)), ``fraction`` (n over all edges) and ``kept`` (edges actually
+    in each circuit, ≤ n when dangling edges were pruned)."""
     n_all = scores.graph.n_edges
     if sizes is None:
         fracs = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)

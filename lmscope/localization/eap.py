@@ -57,36 +57,34 @@ def eap(model: Model, pairs: PromptPairs, *, method: str = "eap", ig_steps: int 
         w = len(sub) / total
         m = _metric(model, sub, metric)
         up_clean, up_corrupt = upstream_values(model, clean), upstream_values(model, corrupt)
-        # (batch, interventions) of each run whose receiver gradients are averaged
+        # (endpoint name or None, batch, interventions) of each run whose receiver gradients are averaged
         if method == "eap":
-            steps = [(clean, ())]
+            steps = [("clean", clean, ())]
         elif method == "clean-corrupted":
-            steps = [(clean, ()), (corrupt, ())]
+            steps = [("clean", clean, ()), ("corrupt", corrupt, ())]
         else:
             e_c, e_r = up_clean[0], up_corrupt[0]
-            steps = [(clean, (Patch("embed", value=e_r + (k / ig_steps) * (e_c - e_r)),)) for k in range(ig_steps)]
+            steps = [(None, clean, (Patch("embed", value=e_r + (k / ig_steps) * (e_c - e_r)),))
+                     for k in range(ig_steps)]
         grads = None
-        got_clean = got_corrupt = False
-        for batch, ivs in steps:
+        ends: dict[str, float] = {}  # metric of the unpatched clean/corrupted runs among the steps
+        for end, batch, ivs in steps:
             run = edge_forward(model, batch, grad=True, interventions=ivs)
             value = m(run.logits)
             g = run.receiver_grads(value)
             grads = g if grads is None else grads + g
-            if not ivs and batch is clean:
-                clean_m += float(value.detach()) * w
-                got_clean = True
-            elif not ivs and batch is corrupt:
-                corrupt_m += float(value.detach()) * w
-                got_corrupt = True
+            if end:
+                ends[end] = float(value.detach())
             del run
         grads = grads / len(steps)
         delta = (up_corrupt - up_clean).flatten(1)  # (U, B*T*D)
         scores += (delta @ grads.flatten(1).T) * w
         with torch.no_grad():
-            if not got_clean:
-                clean_m += float(m(model.run(clean, logits="last").logits)) * w
-            if not got_corrupt:
-                corrupt_m += float(m(model.run(corrupt, logits="last").logits)) * w
+            for end, batch in (("clean", clean), ("corrupt", corrupt)):
+                if end not in ends:
+                    ends[end] = float(m(model.run(batch, logits="last").logits))
+        clean_m += ends["clean"] * w
+        corrupt_m += ends["corrupt"] * w
     scores = scores * graph.valid
     params = {"method": method, "metric": metric, "n_prompts": total}
     if method == "eap-ig":

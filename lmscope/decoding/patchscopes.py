@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from lmscope.decoding.probes import resolve_layers
-from lmscope.decoding.steering import greedy
 from lmscope.errors import InputError
 from lmscope.interventions import Patch
 from lmscope.models import Model
@@ -120,7 +119,7 @@ def patchscope(model: Model, source: str, layer: int, *, position: int = -1,
         calls.append(1)
         return [patch] if len(calls) == 1 else []
 
-    tokens, logps = greedy(model, batch, max(1, max_new_tokens), first_only)
+    tokens, logps = model.generate(batch, max(1, max_new_tokens), first_only)
     probs = logps[0, 0].exp()
     top = probs.topk(k)
     src_tokens = model.encode(source).str_tokens[0]

@@ -22,7 +22,7 @@ Shapes: directions (D,) at a residual-width site, or (P, D) for ActAdd; generati
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +30,7 @@ import torch
 from lmscope.decoding.probes import Position, collect, resolve_layers
 from lmscope.errors import InputError
 from lmscope.interventions import Add, Erase  # noqa: F401  (Erase is re-exported here)
-from lmscope.models import Batch, Model
+from lmscope.models import Model, StepInterventions
 
 
 # ----------------------------------------------------------------------------------- directions
@@ -132,42 +132,6 @@ class Generation:
     texts: list[str]
 
 
-StepInterventions = Callable[[torch.Tensor, torch.Tensor], list]
-
-
-def greedy(model: Model, batch: Batch, max_new_tokens: int, interventions: StepInterventions | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy decoding with a KV cache; ``interventions(positions, mask)`` gives each forward's list.
-
-    ``positions`` (B, t) are the absolute positions of the tokens fed in this forward (the prompt on
-    the first forward, one new token afterwards) and ``mask`` (B, t) marks real (non-pad) tokens.
-    Returns new token ids (B, n) and log-probabilities (B, n, V).
-    """
-    if max_new_tokens < 1:
-        raise InputError("max_new_tokens must be ≥ 1.")
-    if batch.padding_side != "left":
-        raise InputError("Generation needs a left-padded batch.")
-    dev = model.device
-    ids, full_mask = batch.input_ids.to(dev), batch.attention_mask.to(dev)
-    pos, step_mask = batch.position_ids.to(dev), batch.attention_mask.to(dev).bool()
-    past, new, logps = None, [], []
-    for _ in range(max_new_tokens):
-        ivs = interventions(pos.cpu(), step_mask.cpu()) if interventions else []
-        with model.hooks(interventions=ivs), torch.no_grad():
-            out = model.hf(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=past,
-                           use_cache=True)
-        past = out.past_key_values
-        lp = out.logits[:, -1].float().log_softmax(-1)
-        nxt = lp.argmax(-1)
-        new.append(nxt.cpu())
-        logps.append(lp.cpu())
-        ids = nxt[:, None]
-        pos = pos[:, -1:] + 1
-        step_mask = torch.ones_like(ids, dtype=torch.bool)
-        full_mask = torch.cat([full_mask, torch.ones_like(ids, dtype=full_mask.dtype)], dim=1)
-    return torch.stack(new, 1), torch.stack(logps, 1)
-
-
 def _selector(positions: Sequence[int] | None, from_position: int | None, prompt_len: torch.Tensor):
     """(abs positions (B, t), row) -> bool (B, t): which positions receive the vector."""
     def select(abs_pos: torch.Tensor) -> torch.Tensor:
@@ -204,7 +168,7 @@ def generate(model: Model, prompts: str | Sequence[str], vector: torch.Tensor | 
     if vector is not None:
         layers = resolve_layers(model, [layers] if isinstance(layers, int) else list(layers))
         step_ivs = _adder(model, vector, layers, scale, site, positions, from_position, batch.lengths)
-    tokens, logps = greedy(model, batch, max_new_tokens, step_ivs)
+    tokens, logps = model.generate(batch, max_new_tokens, step_ivs)
     return Generation(prompts, tokens, logps, [model.decode(row.tolist()) for row in tokens])
 
 

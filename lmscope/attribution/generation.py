@@ -1,7 +1,8 @@
 """Attributing whole generations (the Inseq protocol, Sarti et al., 2023).
 
-1. Generate a continuation ``y_1..y_G`` of the prompt ``x_1..x_P`` (greedy by default, or the
-   user's ``generate_kwargs`` for ``model.hf.generate``).
+1. Generate a continuation ``y_1..y_G`` of the prompt ``x_1..x_P``: greedy by default
+   (:meth:`Model.generate`, stopping after the first end-of-sequence token), or with the user's
+   ``generate_kwargs`` for the model's native ``generate`` (:meth:`Model.sample`: sampling, beams).
 2. For each step s, force-decode the prefix ``(x, y_<s)`` and attribute the step's target (default
    the probability of ``y_s``) to every prefix token with the chosen method.
 3. Stack the steps: a matrix (P + G − 1 prefix positions) × (G generated tokens), NaN where a
@@ -34,14 +35,13 @@ def generate(model: Model, prompt: str, max_new_tokens: int, generate_kwargs: di
         raise InputError(f"The prompt has {p} tokens; generating {max_new_tokens} more would pass {model.name}'s "
                          f"context limit of {model.spec.n_ctx} tokens. Ask for at most {model.spec.n_ctx - p} "
                          "new tokens or shorten the prompt.")
-    kwargs = {"do_sample": False, **(generate_kwargs or {})}
-    kwargs.setdefault("pad_token_id", model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None
-                      else model.tokenizer.eos_token_id)
-    with torch.no_grad():
-        out = model.hf.generate(input_ids=batch.input_ids.to(model.device),
-                                attention_mask=batch.attention_mask.to(model.device),
-                                max_new_tokens=max_new_tokens, **kwargs)
-    return out[0].cpu()
+    if generate_kwargs:
+        return model.sample(batch, max_new_tokens, **generate_kwargs)[0]
+    new = model.generate(batch, max_new_tokens)[0][0].tolist()
+    stops = [i for i, tok in enumerate(new) if tok in model.eos_token_ids]
+    if stops:  # the native generate stops after the first end-of-sequence token; so does this
+        new = new[:stops[0] + 1]
+    return torch.cat([batch.input_ids[0], torch.tensor(new, dtype=batch.input_ids.dtype)])
 
 
 def attribute_generation(model: Model, prompt: str, method: str = "saliency", *, max_new_tokens: int = 10,

@@ -39,8 +39,7 @@ import torch
 
 from lmscope.errors import InputError
 from lmscope.interventions import Patch
-from lmscope.models import Batch, Model
-from lmscope.models.mixing import embed_parts
+from lmscope.models import Batch, Model, embed_parts
 from lmscope.attribution.targets import Target, resolve_position, resolve_target, token_result
 
 QUADRATURES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")

@@ -17,7 +17,6 @@ import torch
 
 from lmscope.errors import InputError
 from lmscope.models import Model
-from lmscope.models.adapters import norm_gain
 from lmscope.results import Axis, Result
 
 METRICS = ("logit", "probability", "log_probability")
@@ -99,12 +98,7 @@ def logit_vector(model: Model, target: Target, scale: torch.Tensor) -> torch.Ten
     if target.metric != "logit":
         raise InputError(f"This method decomposes logits linearly; metric={target.metric!r} is not linear in "
                          "the residual stream. Use metric='logit'.")
-    w_u = model.W_U.detach().float().cpu()
-    u = w_u[:, target.target_id] - (w_u[:, target.foil_id] if target.foil_id is not None else 0.0)
-    v = scale.float().cpu().reshape(()) * norm_gain(model.final_norm, model.spec.norm).detach().float().cpu() * u
-    if model.spec.norm == "layer":
-        v = v - v.mean()
-    return v
+    return model.logit_direction(target.target_id, target.foil_id, scale=scale.reshape(())).vector
 
 
 def token_result(model: Model, tokens: list[str], values: torch.Tensor, method: str, target: Target | None,

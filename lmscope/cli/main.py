@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 @friendly
 def models():
     """List the built-in models and whether each is installed and prepared."""
-    from lmscope.models.loading import list_models
+    from lmscope.models import list_models
 
     table = Table(title="lmscope built-in models")
     for col in ("name", "description", "installed", "prepared", "install with"):

@@ -44,10 +44,6 @@ class StoreError(LmscopeError):
     """An activation store that is corrupted, incomplete, or does not match the requested harvest."""
 
 
-class _StopForward(Exception):
-    """Raised by a hook to end the forward once the harvested site has been recorded."""
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -198,14 +194,6 @@ def _keep_positions(mask: torch.Tensor, keep_first: bool) -> torch.Tensor:
     return keep
 
 
-def _stop_layer(model, site) -> int | None:
-    if site.kind == "embed":
-        return 0
-    if site.layer is None:  # logits, final.scale: the whole forward is needed
-        return None
-    return site.layer
-
-
 def _site_width(model, site) -> int:
     s = model.spec
     widths = {"resid_pre": s.d_model, "resid_mid": s.d_model, "resid_post": s.d_model, "attn_out": s.d_model,
@@ -217,30 +205,11 @@ def _site_width(model, site) -> int:
 
 def site_activations(model, site: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One site's activations for a batch of contexts, flattened to (B, T, width); the forward stops early."""
-    from lmscope.models.model import Batch
+    from lmscope.models import Batch
 
-    site_ = parse_site(site, model.spec.n_layers)
     pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
     batch = Batch(ids, mask, pos, [[] for _ in range(len(ids))], "right")
-    stop = _stop_layer(model, site_)
-    handle = None
-
-    def halt(module, *args):
-        raise _StopForward
-
-    with torch.no_grad(), model.hooks(cache=[site_]) as session:
-        if stop is not None:  # registered after the session's hooks, so those run first
-            block = model.block(stop)
-            early = site_.kind in ("embed", "resid_pre")  # known before the block runs
-            handle = block.register_forward_pre_hook(halt) if early else block.register_forward_hook(halt)
-        try:
-            model.forward(batch)
-        except _StopForward:
-            pass
-        finally:
-            if handle is not None:
-                handle.remove()
-    x = session.cache[site_.name]
+    x = model.run_until(batch, parse_site(site, model.spec.n_layers))
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 

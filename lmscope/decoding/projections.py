@@ -29,7 +29,6 @@ import torch
 
 from lmscope.errors import InputError
 from lmscope.models import Model
-from lmscope.models.adapters import apply_frozen_norm, get_module
 from lmscope.results import Axis, Result
 
 
@@ -51,17 +50,13 @@ def _token_ids(model: Model, tokens: Sequence[str | int]) -> list[int]:
 
 def normed_embeddings(model: Model, layer: int, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Token embeddings (n, D) (all tokens when ``ids`` is None) through block ``layer``'s attention norm."""
-    norm = get_module(model.block(layer), model.adapter.attn_norm)
     W_E = model.W_E if ids is None else model.W_E[ids]
-    with torch.no_grad():
-        return norm(W_E.to(norm.weight.dtype)).float()
+    return model.norm(f"blocks.{layer}.ln1", W_E)
 
 
 def unembed_direct(model: Model, vectors: torch.Tensor) -> torch.Tensor:
     """Direct logit contributions (..., V) of residual writes (..., D): final-norm gain (scale 1), W_U."""
-    with torch.no_grad():
-        x = apply_frozen_norm(vectors.float(), torch.ones(()), model.final_norm, model.adapter.norm_kind)
-        return x @ model.W_U.float()
+    return model.unembed(vectors, scale=1.0)
 
 
 def ov_outputs(model: Model, layer: int, head: int, ids: Sequence[int]) -> torch.Tensor:
@@ -74,9 +69,8 @@ def ov_outputs(model: Model, layer: int, head: int, ids: Sequence[int]) -> torch
         if b is not None:
             v = v + b[head].float()
         out = v @ model.W_O(layer)[head].float()
-        if model.adapter.post_norms:
-            post = get_module(model.block(layer), model.adapter.attn_write)
-            out = post(out.to(post.weight.dtype)).float()
+        if model.spec.post_norms:
+            out = model.norm(f"blocks.{layer}.ln1_post", out)
     return out
 
 
@@ -165,9 +159,8 @@ def neuron_tokens(model: Model, layer: int, neuron: int, *, k: int = 10) -> Resu
                          f"layer (0..{model.spec.d_mlp - 1}).")
     with torch.no_grad():
         w = model.W_out(layer)[neuron].float()
-        if model.adapter.post_norms:
-            post = get_module(model.block(layer), model.adapter.mlp_write)
-            w = post(w.to(post.weight.dtype)).float()
+        if model.spec.post_norms:
+            w = model.norm(f"blocks.{layer}.ln2_post", w)
     return vector_tokens(model, w, k=k, method="neuron_tokens", target={"layer": layer, "neuron": neuron})
 
 

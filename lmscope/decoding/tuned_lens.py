@@ -33,11 +33,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from lmscope.errors import InputError
-from lmscope.models.adapters import get_module
 from lmscope.results import Axis, Result
 
 WEIGHTS = "tuned_lens.safetensors"
@@ -86,9 +84,7 @@ def model_fingerprint(model) -> str:
     h = hashlib.sha256()
     h.update(str((model.spec.d_model, model.spec.d_vocab, model.spec.n_layers)).encode())
     h.update(model.W_U[:, :64].detach().float().cpu().contiguous().numpy().tobytes())
-    w = getattr(model.final_norm, "weight", None)
-    if w is not None:
-        h.update(w.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(model.norm_weight("ln_final").detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -97,12 +93,7 @@ def decode(model, x: torch.Tensor) -> torch.Tensor:
 
     Gradients flow to ``x`` only; the model's parameters are used detached (nothing accumulates in them).
     """
-    norm = model.final_norm
-    unembed = get_module(model.hf, model.adapter.unembed)
-    frozen = {k: v.detach() for k, v in norm.named_parameters()}
-    x = functional_call(norm, frozen, (x.to(next(norm.parameters()).dtype),))
-    logits = functional_call(unembed, {k: v.detach() for k, v in unembed.named_parameters()}, (x,)).float()
-    return model.softcap(logits)
+    return model.unembed(x, grad=True)
 
 
 class TunedLens(nn.Module):

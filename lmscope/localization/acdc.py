@@ -24,8 +24,7 @@ import torch
 from lmscope.errors import InputError
 from lmscope.localization.circuits import Circuit, _batches, _metric
 from lmscope.localization.tasks import PromptPairs
-from lmscope.models import Model
-from lmscope.models.edges import edge_forward, edge_graph, upstream_values
+from lmscope.models import Model, edge_forward, edge_graph, upstream_values
 
 
 def receiver_order(graph) -> list[int]:

@@ -71,7 +71,7 @@ class AtPConfig:
 
 def encode_pairs(model: Model, pairs: PromptPairs) -> tuple:
     """Clean and corrupted prompts tokenised together (same padding): (clean Batch, corrupt Batch)."""
-    from lmscope.models.model import Batch
+    from lmscope.models import Batch
 
     both = model.encode(list(pairs.clean) + list(pairs.corrupt), padding_side="left")
     b = len(pairs)

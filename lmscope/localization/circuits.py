@@ -34,8 +34,7 @@ import torch
 from lmscope.errors import InputError
 from lmscope.localization.metrics import Metric
 from lmscope.localization.tasks import PromptPairs
-from lmscope.models import Model
-from lmscope.models.edges import EdgeGraph, edge_forward, edge_graph, upstream_values
+from lmscope.models import EdgeGraph, Model, edge_forward, edge_graph, upstream_values
 from lmscope.results import Axis, Result
 
 

@@ -28,48 +28,11 @@ from __future__ import annotations
 import torch
 
 from lmscope.errors import InputError
-from lmscope.models import Model
-from lmscope.models.adapters import norm_bias, norm_gain
-from lmscope.models.decompose import decompose_cache, readout_values
+from lmscope.models import Model, decompose_cache, readout_values
 from lmscope.sites import site_names
 from lmscope.results import Axis, Result
 
 BY = ("layer", "head", "neuron")
-
-
-def logit_direction(model: Model, target: str | int, foil: str | int | None = None) -> tuple[torch.Tensor, dict]:
-    """(D,) unembedding direction of ``target`` (minus ``foil``) and a description of it."""
-    t = model.token_id(target)
-    info = {"target": model.decode([t]), "target_id": t}
-    u = model.W_U[:, t].float()
-    if foil is not None:
-        f = model.token_id(foil)
-        if f == t:
-            raise InputError(f"The foil {foil!r} is the target itself; choose a different token to contrast.")
-        info.update(foil=model.decode([f]), foil_id=f)
-        u = u - model.W_U[:, f].float()
-    return u.detach().cpu(), info
-
-
-def effective_directions(model: Model, u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(B, D): for each row, v such that a component c contributes ``c · v`` (frozen final norm)."""
-    v = scale.float().cpu() * norm_gain(model.final_norm, model.spec.norm).detach().cpu() * u
-    if model.spec.norm == "layer":
-        v = v - v.mean(dim=-1, keepdim=True)
-    return v
-
-
-def constant_term(model: Model, u: torch.Tensor, info: dict) -> float:
-    """The bias bucket: final-norm bias and unembedding bias along the direction."""
-    const = 0.0
-    beta = norm_bias(model.final_norm)
-    if beta is not None:
-        const += float(beta.detach().cpu() @ u)
-    if model.b_U is not None:
-        const += float(model.b_U[info["target_id"]])
-        if "foil_id" in info:
-            const -= float(model.b_U[info["foil_id"]])
-    return const
 
 
 def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = None, *,
@@ -77,16 +40,17 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
     """Direct logit attribution of ``target`` (or ``target − foil``) at ``position`` (default last)."""
     if by not in BY:
         raise InputError(f"by={by!r}: use one of {BY}.")
-    u, info = logit_direction(model, target, foil)
     n = model.spec.n_layers
     neurons = by == "neuron"
     sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post", *site_names("attn.head_out", n),
              *site_names("mlp.post" if neurons else "mlp_out", n)]
     run = model.run(prompt, cache=sites, logits="all")
     pos = int(run.batch.last_index[0]) if position is None else position % run.batch.input_ids.shape[1]
-    scale = run["final.scale"][0, pos].float().cpu()
-    v = effective_directions(model, u, scale)  # (D,)
-    const = constant_term(model, u, info)
+    direction = model.logit_direction(target, foil, scale=run["final.scale"][0, pos])
+    v, const = direction.vector, direction.constant  # (D,): a component c contributes c · v
+    info = {"target": model.decode([direction.target_id]), "target_id": direction.target_id}
+    if direction.foil_id is not None:
+        info.update(foil=model.decode([direction.foil_id]), foil_id=direction.foil_id)
     meta = {"constant": const, "position": pos, "tokens": run.batch.str_tokens[0],
             **readout_values(model, run.logits[0, pos], run[f"blocks.{n - 1}.resid_post"][0, pos],
                              info["target_id"], info.get("foil_id"))}

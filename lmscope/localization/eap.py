@@ -32,8 +32,7 @@ from lmscope.errors import InputError
 from lmscope.interventions import Patch
 from lmscope.localization.circuits import EdgeScores, _batches, _metric
 from lmscope.localization.tasks import PromptPairs
-from lmscope.models import Model
-from lmscope.models.edges import edge_forward, edge_graph, upstream_values
+from lmscope.models import Model, edge_forward, edge_graph, upstream_values
 
 METHODS = ("eap", "eap-ig", "clean-corrupted")
 

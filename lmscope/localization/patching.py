@@ -43,8 +43,7 @@ from lmscope.errors import InputError, SiteError
 from lmscope.interventions import Ablate, Intervention, Patch
 from lmscope.localization.metrics import Metric, normalise as _normalise
 from lmscope.localization.tasks import PromptPairs
-from lmscope.models import Model
-from lmscope.models.model import Batch
+from lmscope.models import Batch, Model
 from lmscope.results import Axis, Result
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "head_out")

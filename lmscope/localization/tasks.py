@@ -48,7 +48,7 @@ import torch
 from lmscope.errors import InputError, TokenError
 
 if TYPE_CHECKING:
-    from lmscope.models.model import Model
+    from lmscope.models import Model
 
 NAMES = (
     "Mary John Alice Bob James Michael David Sarah Emma Anna Tom Paul Mark Peter Lisa Laura Kate Jack "

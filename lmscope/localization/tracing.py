@@ -54,10 +54,8 @@ def subject_positions(model: Model, prompt: str, subject: str) -> list[int]:
 def embedding_std(model: Model, sample: int = 8192) -> float:
     """Standard deviation over all entries of the token embeddings as the model uses them
     (including any embedding scale, e.g. Gemma's √d), over up to ``sample`` token ids."""
-    emb = model.hf.get_input_embeddings()
     ids = torch.linspace(0, model.spec.d_vocab - 1, min(sample, model.spec.d_vocab)).long()
-    with torch.no_grad():
-        return float(emb(ids.to(model.device)).float().std())
+    return float(model.embed_tokens(ids).float().std())
 
 
 def causal_trace(model: Model, prompt: str, subject: str, target: str | int | None = None, *,

@@ -1,9 +1,11 @@
-"""Model-layer helpers for input attribution and context mixing.
+"""Model-layer helpers for input attribution, context mixing and harvesting: forwards stopped early.
 
 * :func:`embed_parts` returns the ``embed`` site (the vector the first block sees) and its token
   part, the output of the token-embedding module. They differ by the absolute position embedding
   in GPT-2 (the ``embed`` site is token + position there); Gemma's √d scaling happens inside its
   embedding module, so both are already scaled.
+* :func:`run_until` caches one site in a forward that stops at the block producing it (activation
+  stores harvest sites this way).
 * :func:`block_outputs` evaluates many intervention sets on copies of one batch up to the output
   of one block and stops there (the blocks below run once, the blocks above not at all). Value
   zeroing uses it to recompute a single layer once per zeroed token, in batched forwards.
@@ -17,8 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmscope.interventions import Intervention
-from lmscope.models.adapters import get_module
 from lmscope.models.hooks import HookSession
+from lmscope.sites import Site, parse_site
 
 if TYPE_CHECKING:
     from lmscope.models.model import Batch, Model
@@ -44,9 +46,32 @@ def embed_parts(model: Model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]
         pass
     finally:
         handle.remove()
-    with torch.no_grad():
-        token = get_module(model.hf, model.adapter.embed)(batch.input_ids.to(model.device))
-    return captured["x"], token.detach()
+    return captured["x"], model.embed_tokens(batch.input_ids).detach()
+
+
+def run_until(model: Model, batch: Batch, site: str | Site) -> torch.Tensor:
+    """``site``'s activations for ``batch`` (its cached shape), from a forward that stops at the block
+    producing the site (before it for ``embed``/``resid_pre``; logits and ``final.scale`` need it all)."""
+    site = parse_site(site, model.spec.n_layers)
+    stop = 0 if site.kind == "embed" else site.layer
+    handle = None
+
+    def halt(module, *args):
+        raise _Stop
+
+    with torch.no_grad(), model.hooks(cache=[site]) as session:
+        if stop is not None:  # registered after the session's hooks, so those run first
+            block = model.block(stop)
+            early = site.kind in ("embed", "resid_pre")  # known before the block runs
+            handle = block.register_forward_pre_hook(halt) if early else block.register_forward_hook(halt)
+        try:
+            model.forward(batch)
+        except _Stop:
+            pass
+        finally:
+            if handle is not None:
+                handle.remove()
+    return session.cache[site.name]
 
 
 def block_outputs(model: Model, batch: Batch, layer: int, sets: Sequence[Sequence[Intervention]], *,

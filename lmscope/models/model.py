@@ -11,16 +11,16 @@ Shapes: B prompts, T tokens, H heads of width dh, D residual width, F neurons, V
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from lmscope.errors import InputError, TokenError
+from lmscope.errors import InputError, SiteError, TokenError
 from lmscope.interventions import Intervention
 from lmscope.models import attention as _attention  # noqa: F401  (registers the attention function)
+from lmscope.models import generation as _generation, readout as _readout
 from lmscope.models.adapters import Adapter, adapter_for, get_module, linear_weight, norm_eps
 from lmscope.models.hooks import HookSession
 from lmscope.models.reuse import Expansion, first_position, plan_chunks, shift
@@ -126,6 +126,23 @@ class Model:
     def final_norm(self):
         return get_module(self.hf, self.adapter.final_norm)
 
+    def _attn_module(self, layer: int):
+        return get_module(self.block(layer), self.adapter.attn)
+
+    def _unembed_module(self):
+        return get_module(self.hf, self.adapter.unembed)
+
+    def _norm_module(self, kind: str, layer: int | None):
+        """The native norm module of a :func:`~lmscope.models.readout.parse_norm` name."""
+        a = self.adapter
+        if kind == "ln_final":
+            return self.final_norm
+        path = {"ln1": a.attn_norm, "ln1_post": a.attn_write if a.post_norms else None,
+                "ln2_post": a.mlp_write if a.post_norms else None}[kind]
+        if path is None:
+            raise SiteError(f"{self.name} has no {kind} norm: only models with post-norms (Gemma 2/3) do.")
+        return get_module(self.block(layer), path)
+
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
@@ -156,13 +173,15 @@ class Model:
         """The final soft-cap c (the model's logits are ``c·tanh(z / c)`` of the unembedding's output z), or None."""
         return self._config_value(self.adapter.logit_softcap)
 
+    def attn_scaling(self, layer: int) -> float:
+        """The factor that multiplies q·k in ``layer`` (1/sqrt(dh) unless the model sets its own)."""
+        scaling = getattr(self._attn_module(layer), "scaling", None)  # every HF attention module with one has it here
+        return float(scaling) if scaling is not None else self.spec.d_head ** -0.5
+
     def attention_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Pre-softmax scores (B, H, Tq, Tk) of ``attn.q`` (B, Tq, H, dh) and ``attn.k`` (B, Tk, H, dh) in
         ``layer``: q·k times the layer's scaling, soft-capped where the model caps them (Gemma 2); float32, no mask."""
-        attn = get_module(self.block(layer), self.adapter.attn)
-        scaling = getattr(attn, "scaling", None)  # every HF attention module with a scaling stores it here
-        scaling = float(scaling) if scaling is not None else self.spec.d_head ** -0.5
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scaling
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * self.attn_scaling(layer)
         cap = self._config_value(self.adapter.attn_softcap)
         return scores if cap is None else torch.tanh(scores / cap) * cap
 
@@ -171,13 +190,35 @@ class Model:
         c = self.logit_softcap
         return logits if c is None else torch.tanh(logits / c) * c
 
-    def unembed(self, resid: torch.Tensor, *, softcap: bool = True) -> torch.Tensor:
-        """Logits (..., V) of final-residual vectors (..., D): the final norm (its scale computed from
-        ``resid``), the unembedding and, unless ``softcap=False``, the soft-cap. float32, on the CPU."""
+    # ------------------------------------------------------------------ read-outs (lmscope.models.readout)
+    def unembed(self, resid: torch.Tensor, *, scale=None, softcap: bool | None = None,
+                grad: bool = False) -> torch.Tensor:
+        """Logits (..., V) of final-residual vectors (..., D): the live final norm, the unembedding and,
+        unless ``softcap=False``, the soft-cap; with ``scale`` (1/s) the linear read-out under the final
+        norm's scale frozen (no biases, pre-soft-cap). float32 on the CPU (``grad=True``: differentiable
+        in ``resid``, on the model's device). See :func:`lmscope.models.readout.unembed`."""
+        return _readout.unembed(self, resid, scale, softcap, grad)
+
+    def logit_direction(self, target: str | int, foil: str | int | None = None, *, scale=1.0
+                        ) -> _readout.LogitDirection:
+        """``logit(target) [− logit(foil)] = x · vector + constant`` under the final norm's scale frozen at
+        ``scale``; see :class:`lmscope.models.readout.LogitDirection`."""
+        return _readout.logit_direction(self, target, foil, scale)
+
+    def norm(self, name: str, x: torch.Tensor, *, scale=None) -> torch.Tensor:
+        """The norm ``name`` (``ln_final``, ``blocks.{l}.ln1``/``ln1_post``/``ln2_post``) applied to x (..., D):
+        live, or with its scale frozen at ``scale`` (linear, no bias). float32."""
+        return _readout.norm(self, name, x, scale)
+
+    def norm_weight(self, name: str) -> torch.Tensor:
+        """The stored weight (D,) of the norm ``name`` (Gemma's gain is 1 + this weight)."""
+        return self._norm_module(*_readout.parse_norm(name, self.spec.n_layers)).weight
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (..., D) of ``ids`` as the model's embedding module outputs them (Gemma's √D
+        scaling included, absolute positions not); on the model's device, no gradient."""
         with torch.no_grad():
-            x = resid.to(self.device).to(self.final_norm.weight.dtype)
-            logits = get_module(self.hf, self.adapter.unembed)(self.final_norm(x)).float()
-        return (self.softcap(logits) if softcap else logits).cpu()
+            return get_module(self.hf, self.adapter.embed)(ids.to(self.device))
 
     def W_O(self, layer: int) -> torch.Tensor:
         """(H, dh, D) per-head output projection."""
@@ -402,44 +443,26 @@ class Model:
 
     def generate(self, inputs, max_new_tokens: int, interventions: StepInterventions | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy decoding with a KV cache: new ids (B, n) and the log-probabilities (B, n, V) of each step.
+        """Greedy decoding with a KV cache and per-step ``interventions``: new ids (B, n) and each step's
+        log-probabilities (B, n, V). See :func:`lmscope.models.generation.generate`."""
+        return _generation.generate(self, inputs, max_new_tokens, interventions)
 
-        ``interventions(positions, mask)`` gives each forward's list: ``positions`` (B, t) are the
-        absolute positions of the tokens fed in (the prompt on the first forward, one new token
-        afterwards) and ``mask`` (B, t) marks real (non-pad) tokens. Needs left padding.
-        """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens={max_new_tokens!r}: ask for at least 1 new token.")
-        batch = self.encode(inputs, "left")
-        if batch.padding_side != "left":
-            raise InputError("Generation needs a left-padded batch: encode the prompts with padding_side='left'.")
-        if batch.input_ids.shape[1] + max_new_tokens > self.spec.n_ctx:
-            raise InputError(f"The prompt has {batch.input_ids.shape[1]} tokens; {max_new_tokens} more would pass "
-                             f"{self.name}'s context limit of {self.spec.n_ctx}. Ask for fewer new tokens.")
-        dev = self.device
-        ids, full_mask = batch.input_ids.to(dev), batch.attention_mask.to(dev)
-        pos, step_mask = batch.position_ids.to(dev), batch.attention_mask.to(dev).bool()
-        past, new, logps = None, [], []
-        for _ in range(max_new_tokens):
-            ivs = interventions(pos.cpu(), step_mask.cpu()) if interventions else []
-            with self.hooks(interventions=ivs), torch.no_grad():
-                out = self.hf(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
-                              **{self._cache_kwarg: past})
-            past = out[self._cache_kwarg]
-            lp = out.logits[:, -1].float().log_softmax(-1)
-            nxt = lp.argmax(-1)
-            new.append(nxt.cpu())
-            logps.append(lp.cpu())
-            ids = nxt[:, None]
-            pos = pos[:, -1:] + 1
-            step_mask = torch.ones_like(ids, dtype=torch.bool)
-            full_mask = torch.cat([full_mask, torch.ones_like(ids, dtype=full_mask.dtype)], dim=1)
-        return torch.stack(new, 1), torch.stack(logps, 1)
+    def sample(self, inputs, max_new_tokens: int, **generate_kwargs) -> torch.Tensor:
+        """Prompt and continuation ids (B, P + G) from the native ``generate`` with ``generate_kwargs``
+        (sampling, beams; greedy by default; stops at EOS); no interventions (:meth:`generate` has those)."""
+        return _generation.sample(self, inputs, max_new_tokens, generate_kwargs)
 
     @property
-    def _cache_kwarg(self) -> str:
-        """The forward's KV-cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-        return "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The ids that end a generation (the model's generation config), possibly none."""
+        return _generation.eos_token_ids(self)
+
+    def run_until(self, inputs, site: str | Site, padding_side: str = "left") -> torch.Tensor:
+        """One site's activations; the forward stops as soon as the site is known (the blocks above it
+        do not run). See :func:`lmscope.models.mixing.run_until`."""
+        from lmscope.models.mixing import run_until
+
+        return run_until(self, self.encode(inputs, padding_side), site)
 
     def _lowest_layer(self, iv: Intervention) -> int:
         site = parse_site(iv.site, self.spec.n_layers)

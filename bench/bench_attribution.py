@@ -17,7 +17,7 @@ import torch
 
 import lmscope
 from lmscope.attribution import integrated_gradients, occlusion
-from lmscope.models.mixing import embed_parts
+from lmscope.models import embed_parts
 
 from common import interleaved_best, record
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from lmscope.errors import InputError
 from lmscope.models import Model, decompose
-from lmscope.models.adapters import norm_gain
+from lmscope.models.norms import norm_gain
 from lmscope.results import Axis, Result
 from lmscope.attribution.targets import resolve_position, resolve_target
 

@@ -39,7 +39,7 @@ import torch
 from lmscope.errors import InputError, UnsupportedArchitectureError
 from lmscope.interventions import Ablate, Scale
 from lmscope.models import Batch, Model
-from lmscope.models.adapters import norm_bias
+from lmscope.models.norms import norm_bias
 from lmscope.models.mixing import block_outputs
 from lmscope.results import Axis, Result
 from lmscope.sites import site_names

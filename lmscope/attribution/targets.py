@@ -17,7 +17,7 @@ import torch
 
 from lmscope.errors import InputError
 from lmscope.models import Model
-from lmscope.models.adapters import norm_gain
+from lmscope.models.norms import norm_gain
 from lmscope.results import Axis, Result
 
 METRICS = ("logit", "probability", "log_probability")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lmscope.models import Model
-from lmscope.models.adapters import get_module
+from lmscope.models.parts import get_module
 from lmscope.results import Axis, Result
 from lmscope.sites import site_names
 

@@ -29,7 +29,8 @@ import torch
 
 from lmscope.errors import InputError
 from lmscope.models import Model
-from lmscope.models.adapters import apply_frozen_norm, get_module
+from lmscope.models.norms import apply_frozen_norm
+from lmscope.models.parts import get_module
 from lmscope.results import Axis, Result
 
 

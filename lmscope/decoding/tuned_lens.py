@@ -37,7 +37,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from lmscope.errors import InputError
-from lmscope.models.adapters import get_module
+from lmscope.models.parts import get_module
 from lmscope.results import Axis, Result
 
 WEIGHTS = "tuned_lens.safetensors"

@@ -42,7 +42,7 @@ from lmscope.errors import InputError, ModelCheckError
 from lmscope.localization.metrics import Metric
 from lmscope.localization.tasks import PromptPairs
 from lmscope.models import Model
-from lmscope.models.adapters import get_module
+from lmscope.models.parts import get_module
 from lmscope.results import Axis, Result
 
 NODES = ("head", "mlp", "neuron", "resid")

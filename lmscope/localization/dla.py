@@ -21,7 +21,7 @@ import torch
 
 from lmscope.errors import InputError
 from lmscope.models import Model
-from lmscope.models.adapters import norm_bias, norm_gain
+from lmscope.models.norms import norm_bias, norm_gain
 from lmscope.models.decompose import decompose_cache
 from lmscope.sites import site_names
 from lmscope.results import Axis, Result

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmscope.interventions import Intervention
-from lmscope.models.adapters import get_module
+from lmscope.models.parts import get_module
 from lmscope.models.hooks import HookSession
 
 if TYPE_CHECKING:

@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from lmscope.errors import InputError, TokenError
+from lmscope.errors import InputError, SiteError, TokenError, UnsupportedArchitectureError
 from lmscope.interventions import Intervention
 from lmscope.models import attention as _attention  # noqa: F401  (registers the attention function)
-from lmscope.models.adapters import Adapter, adapter_for, get_module, linear_weight, norm_eps
+from lmscope.models.families import adapter_for
 from lmscope.models.hooks import HookSession
+from lmscope.models.norms import norm_eps
+from lmscope.models.parts import Adapter, config_field, get_module, linear_weight
 from lmscope.models.reuse import Expansion, first_position, plan_chunks, shift
-from lmscope.sites import Site, parse_site
+from lmscope.sites import KINDS, Site, parse_site
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,14 @@ class ModelSpec:
     n_kv_heads: int
     d_model: int
     d_head: int
-    d_mlp: int
+    d_mlp: int  # 0 for a model without MLPs
     d_vocab: int
     n_ctx: int
     norm: str
     post_norms: bool
     parallel: bool
+    softcap: float | None = None  # final-logit soft-cap: logits = c·tanh(logits / c)
+    sliding_window: int | None = None
 
 
 @dataclass
@@ -94,26 +98,68 @@ class Model:
         self.adapter: Adapter = adapter_for(hf.config)
         self.hf.set_attn_implementation(_attention.ATTN_IMPL)
         self.spec = self._make_spec()
+        self.load_check = "skipped"  # "checked", or "cached" when a pass with this fingerprint is recorded
         if check:
-            from lmscope.models.checks import check_model
+            from lmscope.models.checks import check_at_load
 
-            check_model(self)
+            self.load_check = check_at_load(self)
 
     def _make_spec(self) -> ModelSpec:
         c, a = self.hf.config, self.adapter
-        n_heads = c.num_attention_heads
-        o_proj = get_module(self._blocks()[0], a.o_proj)
-        d_head = linear_weight(o_proj, a.linear).shape[0] // n_heads
-        down = get_module(self._blocks()[0], a.mlp_down)
+        f = a.config
+
+        def read(name: str | None, default=None):
+            return default if name is None else config_field(c, name, a)
+
+        n_heads = read(f.n_heads)
+        d_head = linear_weight(get_module(self.block(0), a.block.mixer.o_proj), a.linear).shape[0] // n_heads
+        d_mlp = 0 if a.block.mlp is None else linear_weight(get_module(self.block(0), a.block.mlp.down),
+                                                            a.linear).shape[0]
         return ModelSpec(
-            family=a.family, n_layers=len(self._blocks()), n_heads=n_heads,
-            n_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
-            d_model=c.hidden_size, d_head=d_head, d_mlp=linear_weight(down, a.linear).shape[0],
-            d_vocab=self.W_U.shape[1],
-            n_ctx=getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", 2048),
-            norm=a.norm_kind, post_norms=a.post_norms,
-            parallel=bool(getattr(c, a.parallel_flag, False)) if a.parallel_flag else False,
+            family=a.family, n_layers=len(self._blocks()), n_heads=n_heads, n_kv_heads=read(f.n_kv_heads) or n_heads,
+            d_model=read(f.d_model), d_head=d_head, d_mlp=d_mlp, d_vocab=self.W_U.shape[1], n_ctx=read(f.n_ctx),
+            norm=a.block.norms.kind, post_norms=a.block.post_norms, parallel=bool(read(f.parallel, False)),
+            softcap=read(f.softcap) or None, sliding_window=read(f.sliding_window),
         )
+
+    # ------------------------------------------------------------------ parts and site kinds
+    @property
+    def parts(self) -> frozenset[str]:
+        """The adapter parts this model has ("embedding", "block", "attention", "mlp", ...)."""
+        return self.adapter.parts
+
+    @property
+    def site_kinds(self) -> tuple[str, ...]:
+        """The site kinds this model has, in :data:`lmscope.sites.KINDS` order."""
+        parts = self.parts
+        return tuple(k.name for k in KINDS.values()
+                     if k.part in parts and not (k.name == "resid_mid" and self.spec.parallel))
+
+    def require(self, kinds: Iterable[str | Site], method: str | None = None) -> None:
+        """Raise unless the model has every site kind in ``kinds`` (kinds or site names).
+
+        ``method`` names the caller in the message ("neuron DLA needs mlp.post, which needs the mlp
+        part; tiny has no mlp ..."). A missing part raises :class:`UnsupportedArchitectureError`;
+        ``resid_mid`` on a parallel-block model raises :class:`SiteError`.
+        """
+        who = method or "This run"
+        for item in kinds:
+            kind = item.kind if isinstance(item, Site) else (item if item in KINDS else parse_site(item).kind)
+            if kind == "resid_mid" and self.spec.parallel:
+                raise SiteError(
+                    f"{who} needs resid_mid, but {self.name} runs attention and MLP in parallel, so it has no "
+                    "resid_mid; use resid_pre, attn_out or mlp_out.")
+            part = KINDS[kind].part
+            if part not in self.parts:
+                have = ", ".join(k for k in self.site_kinds)
+                raise UnsupportedArchitectureError(
+                    f"{who} needs {kind}, which needs the {part} part; {self.name} ({self.spec.family}) has no "
+                    f"{part}: its blocks are {self._block_description()}. Use a method or site that reads only "
+                    f"what it has: {have}.")
+
+    def _block_description(self) -> str:
+        b = self.adapter.block
+        return f"{b.mixer.part}" + (" + mlp" if b.mlp is not None else " only")
 
     # ------------------------------------------------------------------ modules and weights
     def _blocks(self):
@@ -157,12 +203,13 @@ class Model:
 
     def _qkv(self, layer: int, which: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(D, heads*dh) weight and bias of q (0), k (1) or v (2), before GQA expansion."""
-        a, s, block = self.adapter, self.spec, self.block(layer)
+        a, s, block = self.adapter.block.mixer, self.spec, self.block(layer)
+        linear = self.adapter.linear
         if a.qkv is None:
             mod = get_module(block, (a.q_proj, a.k_proj, a.v_proj)[which])
-            return linear_weight(mod, a.linear), mod.bias
+            return linear_weight(mod, linear), mod.bias
         mod = get_module(block, a.qkv)
-        w, b = linear_weight(mod, a.linear), mod.bias
+        w, b = linear_weight(mod, linear), mod.bias
         d = s.n_heads * s.d_head
         if a.qkv_layout == "blocks":
             cols = slice(which * d, (which + 1) * d)
@@ -206,9 +253,11 @@ class Model:
 
     def W_out(self, layer: int) -> torch.Tensor:
         """(F, D) neuron output directions (rows of the down projection)."""
+        self.require(["mlp.post"], "W_out (neuron output directions)")
         return linear_weight(get_module(self.block(layer), self.adapter.mlp_down), self.adapter.linear)
 
     def b_out(self, layer: int) -> torch.Tensor | None:
+        self.require(["mlp.post"], "b_out (the MLP output bias)")
         return getattr(get_module(self.block(layer), self.adapter.mlp_down), "bias", None)
 
     def head_writes(self, layer: int, z: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:

@@ -182,7 +182,8 @@ def alti_logit(model: Model, prompt, target, foil=None, *, position: int | None 
     pos = resolve_position(position, t)
     tgt = resolve_target(model, target, foil, "logit", pos)
     n = model.spec.n_layers
-    run = _mixing_run(model, batch, ("embed", "final.scale", *site_names("mlp_out", n)))
+    has_mlp = "mlp" in model.parts  # an attention-only model has no MLP term
+    run = _mixing_run(model, batch, ("embed", "final.scale", *(site_names("mlp_out", n) if has_mlp else ())))
     v = logit_vector(model, tgt, run["final.scale"][0, pos])
     r_prev = torch.eye(t)
     per_layer, bias_term, mlp_term = [], 0.0, 0.0
@@ -191,7 +192,8 @@ def alti_logit(model: Model, prompt, target, foil=None, *, position: int | None 
         delta = terms["heads"][:, pos].sum(dim=0) @ v  # (T,) per source j
         per_layer.append(delta @ r_prev)
         bias_term += float(terms["bias"][pos] @ v)
-        mlp_term += float(run[f"blocks.{layer}.mlp_out"][0, pos].float().cpu() @ v)
+        if has_mlp:
+            mlp_term += float(run[f"blocks.{layer}.mlp_out"][0, pos].float().cpu() @ v)
         r_prev = alti_contributions(terms) @ r_prev
     per_layer = torch.stack(per_layer)
     const = 0.0

@@ -46,6 +46,7 @@ from lmscope.models.parts import get_module
 from lmscope.results import Axis, Result
 
 NODES = ("head", "mlp", "neuron", "resid")
+SITE_OF_NODE = {"head": "attn.z", "mlp": "mlp_out", "neuron": "mlp.post", "resid": "resid_pre"}
 DIRECTIONS = ("noise", "denoise")
 
 
@@ -176,6 +177,8 @@ def atp(model: Model, pairs: PromptPairs, *, nodes: Sequence[str] = NODES, direc
     ``metric``: "logit_diff" (target − foil, default), "prob" or "logprob" of the target.
     """
     cfg = AtPConfig(tuple(nodes), direction, qk_fix, graddrop, batch_size)
+    for node in cfg.nodes:
+        model.require([SITE_OF_NODE[node]], f"AtP on {node} nodes")
     if metric not in ("logit_diff", "prob", "logprob"):
         raise InputError(f"metric={metric!r}: AtP supports 'logit_diff', 'prob' and 'logprob'.")
     pairs.check(model)

@@ -11,7 +11,8 @@ plus the constant equal the model's own logit (difference) exactly.
 
 Granularity: ``by="layer"`` (embedding, each attention block, each MLP), ``by="head"`` (layer ×
 head, with the MLPs, embedding and biases in ``extras``), ``by="neuron"`` (layer × neuron, with the
-heads and the rest in ``extras``). Reference: nostalgebraist (2020); Elhage et al. (2021); the
+heads and the rest in ``extras``; needs a model with MLPs). An attention-only model has no MLP
+entries. Reference: nostalgebraist (2020); Elhage et al. (2021); the
 Primer §3.2.1.
 """
 
@@ -69,11 +70,14 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
     """Direct logit attribution of ``target`` (or ``target − foil``) at ``position`` (default last)."""
     if by not in BY:
         raise InputError(f"by={by!r}: use one of {BY}.")
+    neurons = by == "neuron"
+    if neurons:
+        model.require(["mlp.post"], "DLA by neuron")
+    has_mlp = "mlp" in model.parts  # an attention-only model has no MLP components
     u, info = logit_direction(model, target, foil)
     n = model.spec.n_layers
-    neurons = by == "neuron"
     sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post", *site_names("attn.head_out", n),
-             *site_names("mlp.post" if neurons else "mlp_out", n)]
+             *(site_names("mlp.post" if neurons else "mlp_out", n) if has_mlp else [])]
     run = model.run(prompt, cache=sites, logits="all")
     pos = int(run.batch.last_index[0]) if position is None else position % run.batch.input_ids.shape[1]
     scale = run["final.scale"][0, pos].float().cpu()
@@ -94,9 +98,11 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
         for layer in range(n):
             idx = [i for i, (k, ly) in enumerate(zip(dec.kinds, dec.layers)) if ly == layer]
             attn = sum(contrib[i] for i in idx if dec.kinds[i] in ("head", "attn_bias"))
-            mlp = sum(contrib[i] for i in idx if dec.kinds[i] == "mlp")
-            labels += [f"L{layer}.attn", f"L{layer}.mlp"]
-            values += [attn, mlp]
+            labels.append(f"L{layer}.attn")
+            values.append(attn)
+            if has_mlp:
+                labels.append(f"L{layer}.mlp")
+                values.append(sum(contrib[i] for i in idx if dec.kinds[i] == "mlp"))
         meta["total"] = float(torch.stack(values).sum() + const)
         return Result(torch.stack(values), (Axis("component", tuple(labels)),), "dla", model.name,
                       target_doc, params, meta=meta)
@@ -107,8 +113,10 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
                               for l in range(n)])
     extras = {"embed": embed.reshape(1), "attn_bias": attn_bias}
     if by == "head":
-        mlp = torch.stack([run[f"blocks.{l}.mlp_out"][0, pos].float().cpu() @ v for l in range(n)])
-        extras["mlp"] = mlp
+        mlp = torch.stack([run[f"blocks.{l}.mlp_out"][0, pos].float().cpu() @ v for l in range(n)]) if has_mlp \
+            else torch.zeros(0)
+        if has_mlp:
+            extras["mlp"] = mlp
         meta["total"] = float(heads.sum() + mlp.sum() + embed + attn_bias.sum() + const)
         return Result(heads, (layers, Axis("head", tuple(str(h) for h in range(model.spec.n_heads)))),
                       "dla", model.name, target_doc, params, extras, meta)

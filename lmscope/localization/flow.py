@@ -60,6 +60,7 @@ def _proximity(whole: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
 
 def flow_contributions(model: Model, prompt: str) -> FlowContributions:
     """Importances of every edge of the contribution graph for ``prompt`` (one forward pass)."""
+    model.require(["attn_out", "mlp_out"], "Information flow routes")
     s = model.spec
     n, h_n = s.n_layers, s.n_heads
     sites = [f"blocks.{l}.{k}" for l in range(n) for k in

@@ -112,9 +112,12 @@ class AttnOnlyBlock(nn.Module):
         self.self_attn = AttnOnlyAttention(config, layer_idx)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_embeddings=None, cache=None,
-                **kwargs) -> torch.Tensor:
-        write, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings=position_embeddings,
-                                  attention_mask=attention_mask, cache=cache)
+                attentions: list | None = None) -> torch.Tensor:
+        """``attentions``: a list that receives this block's attention probabilities (when asked for)."""
+        write, weights = self.self_attn(self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                                        position_embeddings=position_embeddings, cache=cache)
+        if attentions is not None:
+            attentions.append(weights)
         return hidden_states + write
 
 
@@ -139,6 +142,8 @@ class KVCache:
 class AttnOnlyOutput(ModelOutput):
     logits: torch.Tensor | None = None
     cache: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # each block's input, then the final norm's output
+    attentions: tuple[torch.Tensor | None, ...] | None = None  # probabilities (eager attention only)
 
 
 class AttnOnlyPreTrainedModel(PreTrainedModel):
@@ -166,34 +171,42 @@ class AttnOnlyModel(AttnOnlyPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([AttnOnlyBlock(config, i) for i in range(config.num_hidden_layers)])
         self.norm = _norm(config)
-        dh = config.hidden_size // config.num_attention_heads
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.post_init()
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (B, T, dh), for (B, T) positions."""
-        angles = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)
+        """(cos, sin), each (B, T, dh), for (B, T) positions (computed here, not stored: nothing to load)."""
+        dh = self.config.hidden_size // self.config.num_attention_heads
+        inv_freq = self.config.rope_theta ** (-torch.arange(0, dh, 2, dtype=torch.float32, device=position_ids.device)
+                                              / dh)
+        angles = position_ids.float()[..., None] * inv_freq
         emb = torch.cat((angles, angles), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, KVCache | None]:
-        b, t = input_ids.shape
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None, use_cache: bool = False,
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                inputs_embeds: torch.Tensor | None = None) -> AttnOnlyOutput:
+        """The final norm's output as ``logits`` (the causal LM head unembeds it)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of input_ids and inputs_embeds.")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = x.shape[:2]
         if use_cache and cache is None:
             cache = KVCache()
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
-            attention_mask = torch.ones(b, past + t, dtype=torch.long, device=input_ids.device)
+            attention_mask = torch.ones(b, past + t, dtype=torch.long, device=x.device)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
-        x = self.embed_tokens(input_ids)
         mask = causal_mask(attention_mask, t)
         pe = self.rope(position_ids, x.dtype)
+        hidden, weights = [], [] if output_attentions else None
         for layer in self.layers:
-            x = layer(x, attention_mask=mask, position_embeddings=pe, cache=cache)
-        return self.norm(x), cache
+            hidden.append(x)
+            x = layer(x, attention_mask=mask, position_embeddings=pe, cache=cache, attentions=weights)
+        x = self.norm(x)
+        return AttnOnlyOutput(logits=x, cache=cache, hidden_states=(*hidden, x) if output_hidden_states else None,
+                              attentions=tuple(weights) if output_attentions else None)
 
 
 def causal_mask(attention_mask: torch.Tensor, t: int) -> torch.Tensor:
@@ -222,13 +235,15 @@ class AttnOnlyForCausalLM(AttnOnlyPreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                use_cache: bool = False, logits_to_keep: int = 0, **kwargs) -> AttnOnlyOutput:
-        x, cache = self.model(input_ids, attention_mask, position_ids, cache, use_cache)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return AttnOnlyOutput(logits=self.lm_head(x), cache=cache)
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None, use_cache: bool = False,
+                logits_to_keep: int = 0, output_hidden_states: bool = False, output_attentions: bool = False,
+                inputs_embeds: torch.Tensor | None = None) -> AttnOnlyOutput:
+        out = self.model(input_ids, attention_mask, position_ids, cache, use_cache, output_hidden_states,
+                         output_attentions, inputs_embeds)
+        x = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
+        out.logits = self.lm_head(x)
+        return out
 
 
 AutoConfig.register(MODEL_TYPE, AttnOnlyConfig, exist_ok=True)

@@ -47,8 +47,10 @@ def dla(prompt: str = typer.Option(..., help="The prompt."),
 
     m = load_model(model)
     result = run_dla(m, prompt, target, foil, by=by, position=position)
-    out.print(top_table(result, 10, f"DLA of {result.meta['metric']} (model: {result.meta['model_value']:.3f}, "
-                                    f"constant {result.meta['constant']:.3f})"))
+    meta = result.meta
+    capped = f", {meta['model_value']:.3f} after the soft-cap" if meta["softcap"] is not None else ""
+    out.print(top_table(result, 10, f"DLA of {meta['metric']} (model: {meta['metric_value']:.3f}{capped}, "
+                                    f"constant {meta['constant']:.3f})"))
     write_result(result, json, html, png)
 
 

@@ -44,6 +44,7 @@ class ModelSpec:
     post_norms: bool
     parallel: bool
     softcap: float | None = None  # final-logit soft-cap: logits = c·tanh(logits / c)
+    attn_softcap: float | None = None  # attention-score soft-cap (Gemma 2)
     sliding_window: int | None = None
 
 
@@ -119,7 +120,8 @@ class Model:
             family=a.family, n_layers=len(self._blocks()), n_heads=n_heads, n_kv_heads=read(f.n_kv_heads) or n_heads,
             d_model=read(f.d_model), d_head=d_head, d_mlp=d_mlp, d_vocab=self.W_U.shape[1], n_ctx=read(f.n_ctx),
             norm=a.block.norms.kind, post_norms=a.block.post_norms, parallel=bool(read(f.parallel, False)),
-            softcap=read(f.softcap) or None, sliding_window=read(f.sliding_window),
+            softcap=_cap(read(f.softcap)), attn_softcap=_cap(read(f.attn_softcap)),
+            sliding_window=read(f.sliding_window),
         )
 
     # ------------------------------------------------------------------ parts and site kinds
@@ -192,6 +194,34 @@ class Model:
     @property
     def b_U(self) -> torch.Tensor | None:
         return getattr(get_module(self.hf, self.adapter.unembed), "bias", None)
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """The final soft-cap c (the model's logits are ``c·tanh(z / c)`` of the unembedding's output z), or None."""
+        return self.spec.softcap
+
+    def attention_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax scores (B, H, Tq, Tk) of ``attn.q`` (B, Tq, H, dh) and ``attn.k`` (B, Tk, H, dh) in
+        ``layer``: q·k times the layer's scaling, soft-capped where the model caps them (Gemma 2); float32, no mask."""
+        attn = get_module(self.block(layer), self.adapter.attn)
+        scaling = getattr(attn, "scaling", None)  # every HF attention module with a scaling stores it here
+        scaling = float(scaling) if scaling is not None else self.spec.d_head ** -0.5
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scaling
+        cap = self.spec.attn_softcap
+        return scores if cap is None else torch.tanh(scores / cap) * cap
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply the model's final soft-cap to pre-soft-cap logits (..., V); the identity where there is none."""
+        c = self.logit_softcap
+        return logits if c is None else torch.tanh(logits / c) * c
+
+    def unembed(self, resid: torch.Tensor, *, softcap: bool = True) -> torch.Tensor:
+        """Logits (..., V) of final-residual vectors (..., D): the final norm (its scale computed from
+        ``resid``), the unembedding and, unless ``softcap=False``, the soft-cap. float32, on the CPU."""
+        with torch.no_grad():
+            x = resid.to(self.device).to(self.final_norm.weight.dtype)
+            logits = get_module(self.hf, self.adapter.unembed)(self.final_norm(x)).float()
+        return (self.softcap(logits) if softcap else logits).cpu()
 
     def W_O(self, layer: int) -> torch.Tensor:
         """(H, dh, D) per-head output projection."""
@@ -463,6 +493,11 @@ class Model:
         if site.kind == "embed":
             return 0
         return self.spec.n_layers if site.layer is None else site.layer
+
+
+def _cap(value) -> float | None:
+    """A soft-cap from the config: None or 0 mean none."""
+    return float(value) if value else None
 
 
 def _select_logits(logits: torch.Tensor, batch: Batch, which: str) -> torch.Tensor | None:

@@ -39,7 +39,9 @@ class ConfigFields:
     n_kv_heads: str | None = "num_key_value_heads"
     n_ctx: str = "max_position_embeddings"
     parallel: str | None = None  # attention and MLP read the same residual (GPT-NeoX, GPT-J)
-    softcap: str | None = None  # final-logit soft-capping
+    softcap: str | None = None  # final-logit soft-cap c: logits = c·tanh(z / c)
+    attn_softcap: str | None = None  # attention-score soft-cap (the forward gets it from transformers;
+    # read-outs that recompute scores from q and k need it)
     sliding_window: str | None = None
     norm_kind: str | None = None
 

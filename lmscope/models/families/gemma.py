@@ -15,6 +15,7 @@ ADAPTER = Adapter(
                 norms=Norms(kind="rms_offset", pre_mixer="input_layernorm", pre_mlp="pre_feedforward_layernorm",
                             post_mixer="post_attention_layernorm", post_mlp="post_feedforward_layernorm")),
     final=Final(norm="model.norm", unembed="lm_head"),
-    config=ConfigFields(softcap="final_logit_softcapping", sliding_window="sliding_window"),
+    config=ConfigFields(softcap="final_logit_softcapping", attn_softcap="attn_logit_softcapping",
+                        sliding_window="sliding_window"),
     source="lmscope/models/families/gemma.py",
 )

@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from lmscope.errors import InputError, SiteError, TokenError, UnsupportedArchitectureError
+from lmscope.errors import InputError, TokenError
 from lmscope.interventions import Intervention
 from lmscope.models import attention as _attention  # noqa: F401  (registers the attention function)
 from lmscope.models.families import adapter_for
 from lmscope.models.hooks import HookSession
 from lmscope.models.norms import norm_eps
-from lmscope.models.parts import Adapter, config_field, get_module, linear_weight
+from lmscope.models.parts import Adapter, config_field, get_module, linear_weight, require_kinds, site_kinds
 from lmscope.models.reuse import Expansion, first_position, plan_chunks, shift
-from lmscope.sites import KINDS, Site, parse_site
+from lmscope.sites import Site, parse_site
 
 
 @dataclass(frozen=True)
@@ -133,35 +133,16 @@ class Model:
     @property
     def site_kinds(self) -> tuple[str, ...]:
         """The site kinds this model has, in :data:`lmscope.sites.KINDS` order."""
-        parts = self.parts
-        return tuple(k.name for k in KINDS.values()
-                     if k.part in parts and not (k.name == "resid_mid" and self.spec.parallel))
+        return site_kinds(self.adapter, self.spec.parallel)
 
     def require(self, kinds: Iterable[str | Site], method: str | None = None) -> None:
         """Raise unless the model has every site kind in ``kinds`` (kinds or site names).
 
-        ``method`` names the caller in the message ("neuron DLA needs mlp.post, which needs the mlp
+        ``method`` names the caller in the message ("DLA by neuron needs mlp.post, which needs the mlp
         part; tiny has no mlp ..."). A missing part raises :class:`UnsupportedArchitectureError`;
         ``resid_mid`` on a parallel-block model raises :class:`SiteError`.
         """
-        who = method or "This run"
-        for item in kinds:
-            kind = item.kind if isinstance(item, Site) else (item if item in KINDS else parse_site(item).kind)
-            if kind == "resid_mid" and self.spec.parallel:
-                raise SiteError(
-                    f"{who} needs resid_mid, but {self.name} runs attention and MLP in parallel, so it has no "
-                    "resid_mid; use resid_pre, attn_out or mlp_out.")
-            part = KINDS[kind].part
-            if part not in self.parts:
-                have = ", ".join(k for k in self.site_kinds)
-                raise UnsupportedArchitectureError(
-                    f"{who} needs {kind}, which needs the {part} part; {self.name} ({self.spec.family}) has no "
-                    f"{part}: its blocks are {self._block_description()}. Use a method or site that reads only "
-                    f"what it has: {have}.")
-
-    def _block_description(self) -> str:
-        b = self.adapter.block
-        return f"{b.mixer.part}" + (" + mlp" if b.mlp is not None else " only")
+        require_kinds(self.adapter, self.spec.parallel, self.name, kinds, method)
 
     # ------------------------------------------------------------------ modules and weights
     def _blocks(self):

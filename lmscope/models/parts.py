@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lmscope.errors import UnsupportedArchitectureError
+from lmscope.errors import SiteError, UnsupportedArchitectureError
 from lmscope.models.norms import NORM_KINDS
+from lmscope.sites import KINDS, Site, parse_site
 
 PARTS = ("embedding", "block", "attention", "mlp", "final_norm", "unembedding")
 
@@ -210,6 +211,31 @@ class Adapter:
     @property
     def mlp_down(self) -> str | None:
         return None if self.block.mlp is None else self.block.mlp.down
+
+
+def site_kinds(adapter: Adapter, parallel: bool) -> tuple[str, ...]:
+    """The site kinds a model built from ``adapter`` has (no resid_mid when blocks run in parallel)."""
+    parts = adapter.parts
+    return tuple(k.name for k in KINDS.values() if k.part in parts and not (k.name == "resid_mid" and parallel))
+
+
+def require_kinds(adapter: Adapter, parallel: bool, name: str, kinds, method: str | None = None) -> None:
+    """Raise unless a model ``name`` built from ``adapter`` has every site kind in ``kinds`` (see
+    :meth:`lmscope.models.Model.require`)."""
+    who = method or "This run"
+    for item in kinds:
+        kind = item.kind if isinstance(item, Site) else (item if item in KINDS else parse_site(item).kind)
+        if kind == "resid_mid" and parallel:
+            raise SiteError(f"{who} needs resid_mid, but {name} runs attention and MLP in parallel, so it has no "
+                            "resid_mid; use resid_pre, attn_out or mlp_out.")
+        part = KINDS[kind].part
+        if part not in adapter.parts:
+            block = adapter.block
+            what = f"{block.mixer.part}" + (" + mlp" if block.mlp is not None else " only")
+            raise UnsupportedArchitectureError(
+                f"{who} needs {kind}, which needs the {part} part; {name} ({adapter.family}) has no {part}: its "
+                f"blocks are {what}. Use a method or site that reads only what it has: "
+                f"{', '.join(site_kinds(adapter, parallel))}.")
 
 
 def config_field(config, name: str, adapter: Adapter):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmscope.decoding import logit_lens
+from lmscope.decoding import lens_top, logit_lens
 from lmscope.errors import InputError, TokenError
 from lmscope.localization import dla
 
@@ -51,7 +51,7 @@ def test_dla_bad_input(tiny_llama):
 
 
 def test_logit_lens_last_row_is_the_model(tiny):
-    res = logit_lens(tiny, PROMPT, "Mary", k=3)
+    res = lens_top(logit_lens(tiny, PROMPT, "Mary", k=3))
     probs = tiny.run(PROMPT).logits[0, -1].softmax(-1)
     top = probs.topk(3)
     torch.testing.assert_close(res.values[-1], top.values, atol=1e-5, rtol=1e-4)

@@ -12,7 +12,7 @@ Canonical names (shapes for a batch B of T tokens, H heads of width dh, residual
 ``blocks.{l}.attn_out|mlp_out``    B T D        block writes (after post-norms where present)
 ``blocks.{l}.mlp.post``            B T F        neuron activations (input of the down projection)
 ``final.scale``                    B T 1        the final norm's scale 1/s (frozen for DLA)
-``logits``                         B T V        the logits
+``logits``                         B T V        the model's logits (after any final soft-cap)
 =================================  ===========  ==============================================
 
 TransformerLens-style names (``blocks.3.hook_resid_pre``, ``blocks.3.attn.hook_z``, ``hook_embed``,

@@ -48,6 +48,11 @@ def tiny_config(family: str):
         return tr.Gemma3TextConfig(num_key_value_heads=2, head_dim=8, sliding_window=4,
                                    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                                    query_pre_attn_scalar=8, **common)
+    if family == "gemma2":  # soft-capped attention scores and logits, alternating sliding windows
+        return tr.Gemma2Config(num_key_value_heads=2, head_dim=8, sliding_window=4,
+                               layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                               query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
+                               final_logit_softcapping=3.0, **common)
     if family == "gpt2":
         return tr.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128,
                              bos_token_id=2, eos_token_id=1, pad_token_id=1)
@@ -59,7 +64,7 @@ def tiny_config(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "gpt2", "neox", "neox-seq"]
+FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt2", "neox", "neox-seq"]
 
 
 def make_tiny(family: str, seed: int = 0):
@@ -76,6 +81,40 @@ def make_tiny(family: str, seed: int = 0):
             elif "bias" in name:
                 p.normal_(0, 0.1)
     return Model(hf, tiny_tokenizer(), f"tiny-{family}")
+
+
+def unembedding_output(model, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, logits)``, each (T, V), for ``prompt`` from a plain forward of the HF model: z is the output of
+    its unembedding module (read with a plain torch hook, not lmscope's), logits what the model returns."""
+    captured = []
+    handle = model.hf.get_output_embeddings().register_forward_hook(lambda mod, args, out: captured.append(out))
+    try:
+        with torch.no_grad():
+            logits = model.forward(model.encode(prompt)).logits
+    finally:
+        handle.remove()
+    (z,) = captured
+    return z[0].float(), logits[0].float()
+
+
+def logit_references(model, prompt: str, target: str, foil: str | None = None, position: int = -1):
+    """``(metric, decomposed, output)`` for the logit (difference) of ``target`` (− ``foil``) at ``position``:
+    what a linear decomposition of the logits can sum to (the unembedding's output, before any soft-cap),
+    its name, and the model's output value. Without a soft-cap the two values are the same number."""
+    z, logits = unembedding_output(model, prompt)
+    z, logits = z[position], logits[position]
+    t, f = model.token_id(target), None if foil is None else model.token_id(foil)
+
+    def value(x):
+        return float(x[t] - (x[f] if f is not None else 0.0))
+
+    metric = "logit" if foil is None else "logit difference"
+    cap = getattr(model.hf.config, "final_logit_softcapping", None)
+    if cap is None:
+        torch.testing.assert_close(z, logits, atol=0, rtol=0)
+        return metric, value(logits), value(logits)
+    torch.testing.assert_close(torch.tanh(z / cap) * cap, logits)
+    return f"pre-soft-cap {metric}", value(z), value(logits)
 
 
 @pytest.fixture(params=FAMILIES, scope="session")

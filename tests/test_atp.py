@@ -38,8 +38,8 @@ def _directional_derivative(model, base_b, other_b, metric, site, select, eps=1e
     return float((vals[0] - vals[1]) / (2 * eps))
 
 
-@pytest.mark.parametrize("family_direction", [("llama", "noise"), ("llama", "denoise"), ("gemma3", "noise"),
-                                              ("neox", "noise")])
+@pytest.mark.parametrize("family_direction", [("llama", "noise"), ("llama", "denoise"), ("gemma2", "noise"),
+                                              ("gemma3", "noise"), ("neox", "noise")])
 def test_atp_is_the_first_order_taylor_term(family_direction):
     from conftest import make_tiny
 
@@ -69,8 +69,11 @@ def test_atp_is_the_first_order_taylor_term(family_direction):
     assert checks >= 3  # the comparison is not between zeros
 
 
-def test_qk_fix_matches_a_really_patched_pattern(tiny_llama):
-    model = tiny_llama
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # Gemma 2 soft-caps its attention scores
+def test_qk_fix_matches_a_really_patched_pattern(family):
+    from conftest import make_tiny
+
+    model = make_tiny(family)
     res = atp(model, PAIRS, nodes=("head",), qk_fix=True, direction="noise", normalise=False)
     (clean, corrupt), metric = _setup(model)
     layer, head = 1, 1

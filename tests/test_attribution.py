@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import logit_references, make_tiny
 from lmscope import Ablate
 from lmscope.attribution import (ConvergenceWarning, alti, alti_logit, attention_norm, attention_rollout, attribute,
                                  attribute_generation, component_lens, input_x_gradient, integrated_gradients,
@@ -199,8 +199,11 @@ def test_alti_rows_and_alti_logit_adds_up(tiny):
     assert torch.allclose(r.values.sum(dim=-1), torch.ones(len(r.values)), atol=1e-5)
     al = alti_logit(tiny, PROMPT, "Mary", "John")
     m = al.meta
+    metric, decomposed, own = logit_references(tiny, PROMPT, "Mary", "John")
+    assert m["metric"] == metric
+    assert m["model_value"] == pytest.approx(own, abs=1e-5) and m["metric_value"] == pytest.approx(decomposed, abs=1e-5)
     total = float(al.values.sum()) + m["embed_term"] + m["mlp_term"] + m["bias_term"] + m["constant"]
-    assert total == pytest.approx(m["model_value"], abs=1e-3)
+    assert total == pytest.approx(decomposed, abs=1e-3)
     assert torch.allclose(al.values, al.extras["per_layer"].sum(dim=0))
 
 
@@ -245,8 +248,10 @@ def test_generation_matrix(tiny_llama):
 
 def test_component_lens_adds_up_to_logits(tiny):
     r = component_lens(tiny, PROMPT, k=3, kinds=("embed", "head", "attn_bias", "mlp"), target="Mary", foil="John")
-    lg = tiny.run(PROMPT, logits="last").logits[0]
-    own = float(lg[tiny.token_id("Mary")] - lg[tiny.token_id("John")])
+    metric, decomposed, own = logit_references(tiny, PROMPT, "Mary", "John")
+    assert r.meta["metric"] == metric
+    assert r.meta["model_value"] == pytest.approx(own, abs=1e-5)
+    assert r.meta["metric_value"] == pytest.approx(decomposed, abs=1e-5)
     const = 0.0
     beta = getattr(tiny.final_norm, "bias", None)
     u = (tiny.W_U[:, tiny.token_id("Mary")] - tiny.W_U[:, tiny.token_id("John")]).detach()
@@ -254,7 +259,7 @@ def test_component_lens_adds_up_to_logits(tiny):
         const += float(beta.detach() @ u)
     if tiny.b_U is not None:
         const += float((tiny.b_U[tiny.token_id("Mary")] - tiny.b_U[tiny.token_id("John")]).detach())
-    assert float(r.extras["target"].sum()) + const == pytest.approx(own, abs=1e-3)
+    assert float(r.extras["target"].sum()) + const == pytest.approx(decomposed, abs=1e-3)
     assert (r.values[:, :-1] >= r.values[:, 1:]).all() and len(r.meta["top_tokens"][0]) == 3
     assert (r.extras["bottom"][:, 0] <= r.values[:, -1]).all()
 

@@ -69,7 +69,7 @@ def test_single_edges_against_node_interventions(tiny):
             assert (got - tiny.run(clean, logits="last").logits).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "neox"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "gemma3", "neox"])
 def test_eap_is_the_first_order_term_of_edge_patching(family):
     from conftest import make_tiny
 

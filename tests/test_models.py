@@ -56,6 +56,43 @@ def test_patterns_match_eager_attention(tiny):
     torch.testing.assert_close(run.logits, out.logits, atol=1e-4, rtol=1e-4)
 
 
+def test_logits_site_is_the_models_output(tiny):
+    """The ``logits`` site is what the model returns (after Gemma 2's soft-cap), when read and when patched."""
+    run = tiny.run(PROMPT, cache=["logits"])
+    with torch.no_grad():
+        plain = tiny.forward(run.batch).logits
+    torch.testing.assert_close(run["logits"], plain, atol=0, rtol=0)
+    value = torch.randn_like(plain)
+    patched = tiny.run(PROMPT, interventions=[Patch("logits", value=value)])
+    torch.testing.assert_close(patched.logits, value, atol=0, rtol=0)
+
+
+def test_readout_of_the_final_residual_is_the_models_logits(tiny):
+    """``unembed`` (final norm, unembedding, soft-cap) of the final residual gives the model's logits;
+    ``softcap=False`` gives the unembedding module's own output."""
+    from conftest import unembedding_output
+
+    n = tiny.spec.n_layers
+    run = tiny.run(PROMPT, cache=[f"blocks.{n - 1}.resid_post"])
+    z, logits = unembedding_output(tiny, PROMPT)
+    resid = run[f"blocks.{n - 1}.resid_post"][0]
+    torch.testing.assert_close(tiny.unembed(resid), logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tiny.unembed(resid, softcap=False), z, atol=1e-5, rtol=1e-5)
+    assert tiny.logit_softcap == getattr(tiny.hf.config, "final_logit_softcapping", None)
+
+
+def test_attention_scores_reproduce_the_patterns(tiny):
+    """Scores recomputed from the cached q and k (scaling, Gemma 2's soft-cap) give the model's own patterns."""
+    sites = [f"blocks.{l}.attn.{s}" for l in range(tiny.spec.n_layers) for s in ("q", "k", "pattern")]
+    run = tiny.run(PROMPT, cache=sites)
+    for layer in range(tiny.spec.n_layers):
+        pre = f"blocks.{layer}.attn."
+        pattern = run[pre + "pattern"]
+        scores = tiny.attention_scores(layer, run[pre + "q"], run[pre + "k"])
+        rec = scores.masked_fill(pattern <= 0, float("-inf")).softmax(-1)
+        torch.testing.assert_close(rec, pattern, atol=1e-6, rtol=1e-5)
+
+
 def test_heads_and_mlp_writes_add_up_to_block_writes(tiny):
     layer = 1
     run = tiny.run(PROMPT, cache=[f"blocks.{layer}.attn.head_out", f"blocks.{layer}.attn_out",
@@ -321,3 +358,16 @@ def test_load_check_catches_a_decomposition_that_does_not_add_up(monkeypatch):
     monkeypatch.setattr(Model, "head_writes", lambda self, *a, **k: 0.9 * original(self, *a, **k))
     with pytest.raises(ModelCheckError, match="add up"):
         make_tiny("llama")
+
+
+def test_load_check_catches_a_missing_soft_cap(monkeypatch):
+    """A model whose logits are soft-capped fails the load-time check if the soft-cap is not known to lmscope."""
+    from conftest import make_tiny
+
+    from lmscope.errors import ModelCheckError
+    from lmscope.models.model import Model
+
+    make_tiny("gemma2")  # passes as is
+    monkeypatch.setattr(Model, "logit_softcap", property(lambda self: None))
+    with pytest.raises(ModelCheckError, match="soft-cap"):
+        make_tiny("gemma2")

@@ -96,9 +96,15 @@ def test_gemma3_loads_checks_and_dla_adds_up():
     head sums to the model's own logit difference."""
     import lmscope
 
+    from conftest import logit_references
+
     model = lmscope.load("gemma3-270m", progress=False)
     assert model.spec.post_norms and model.spec.n_kv_heads == 1
+    # Gemma 3 has no final soft-cap (Gemma 2 had one): DLA decomposes the model's output logit difference itself
+    assert model.hf.config.final_logit_softcapping is None and model.logit_softcap is None
     res = dla(model, IOI, " Mary", " John", by="head")
+    metric, decomposed, own = logit_references(model, IOI, " Mary", " John")
+    assert res.meta["metric"] == metric == "logit difference" and res.meta["softcap"] is None
+    assert res.meta["model_value"] == pytest.approx(own, abs=1e-4) and own > 1.0
     total = res.values.sum().item() + sum(t.sum().item() for t in res.extras.values()) + res.meta["constant"]
-    assert res.meta["model_value"] > 1.0
-    assert total == pytest.approx(res.meta["model_value"], rel=1e-4, abs=1e-3)
+    assert total == pytest.approx(own, rel=1e-4, abs=1e-3)

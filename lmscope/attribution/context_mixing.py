@@ -40,6 +40,7 @@ from lmscope.errors import InputError, UnsupportedArchitectureError
 from lmscope.interventions import Ablate, Scale
 from lmscope.models import Batch, Model
 from lmscope.models.adapters import norm_bias
+from lmscope.models.decompose import readout_values
 from lmscope.models.mixing import block_outputs
 from lmscope.results import Axis, Result
 from lmscope.sites import site_names
@@ -175,14 +176,17 @@ def alti_logit(model: Model, prompt, target, foil=None, *, position: int | None 
 
     ``meta`` holds the terms that do not pass through attention (the target position's own
     embedding, the MLP writes at that position, the biases and the final-norm/unembedding constant):
-    the token scores plus those add up to the model's own logit (difference), in ``meta["model_value"]``.
+    the token scores plus those add up to the model's own logit (difference), in ``meta["metric_value"]``;
+    on a soft-capped model (Gemma 2) that is the pre-soft-cap logit (``meta["metric"]`` says so) and
+    ``meta["model_value"]`` holds the logit (difference) the model outputs.
     """
     batch = _batch(model, prompt)
     t = batch.input_ids.shape[1]
     pos = resolve_position(position, t)
     tgt = resolve_target(model, target, foil, "logit", pos)
     n = model.spec.n_layers
-    run = _mixing_run(model, batch, ("embed", "final.scale", *site_names("mlp_out", n)))
+    run = _mixing_run(model, batch, ("embed", "final.scale", f"blocks.{n - 1}.resid_post",
+                                     *site_names("mlp_out", n)))
     v = logit_vector(model, tgt, run["final.scale"][0, pos])
     r_prev = torch.eye(t)
     per_layer, bias_term, mlp_term = [], 0.0, 0.0
@@ -203,10 +207,10 @@ def alti_logit(model: Model, prompt, target, foil=None, *, position: int | None 
     if model.b_U is not None:
         b_u = model.b_U.detach().float().cpu()
         const += float(b_u[tgt.target_id] - (b_u[tgt.foil_id] if tgt.foil_id is not None else 0.0))
-    logits = run.logits[0, pos].float().cpu()
-    own = logits[tgt.target_id] - (logits[tgt.foil_id] if tgt.foil_id is not None else 0.0)
+    readout = readout_values(model, run.logits[0, pos], run[f"blocks.{n - 1}.resid_post"][0, pos],
+                             tgt.target_id, tgt.foil_id)
     meta = {"embed_term": float(run["embed"][0, pos].float().cpu() @ v), "mlp_term": mlp_term,
-            "bias_term": bias_term, "constant": const, "model_value": float(own), "position": pos}
+            "bias_term": bias_term, "constant": const, "position": pos, **readout}
     return token_result(model, batch.str_tokens[0], per_layer.sum(dim=0), "alti_logit", tgt,
                         {"metric": "logit"}, {"per_layer": per_layer}, meta)
 

@@ -47,7 +47,9 @@ def run_demo(prompt: str, out_dir: Path, model_spec: str | None, out: Console, c
     by_head = dla(model, prompt, top1, top2, by="head")
     by_layer = dla(model, prompt, top1, top2, by="layer")
     metric = f"logit({model.decode([top1])!r}) − logit({model.decode([top2])!r})"
-    out.print(top_table(by_head, 8, f"Top heads by DLA of {metric} = {by_head.meta['model_value']:.2f}"))
+    if by_head.meta["softcap"] is not None:
+        metric = f"pre-soft-cap {metric}"
+    out.print(top_table(by_head, 8, f"Top heads by DLA of {metric} = {by_head.meta['metric_value']:.2f}"))
     mlp = Result(by_head.extras["mlp"], (Axis("mlp_layer", by_head.axes[0].labels),), "dla", model.name,
                  by_head.target, {"by": "mlp"})
     out.print(top_table(mlp, 5, "Top MLP layers by DLA"))

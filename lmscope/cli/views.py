@@ -47,8 +47,10 @@ def _attribute(result, config):
 
 
 def _dla(result, config):
-    return [top_table(result, 10, f"DLA of {result.meta['metric']} (model: {result.meta['model_value']:.3f}, "
-                                  f"constant {result.meta['constant']:.3f})")], result
+    meta = result.meta
+    capped = f", {meta['model_value']:.3f} after the soft-cap" if meta["softcap"] is not None else ""
+    return [top_table(result, 10, f"DLA of {meta['metric']} (model: {meta['metric_value']:.3f}{capped}, "
+                                  f"constant {meta['constant']:.3f})")], result
 
 
 def _patch(result, config):

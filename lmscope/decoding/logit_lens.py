@@ -20,21 +20,13 @@ import torch
 from lmscope import specs
 from lmscope.errors import InputError
 from lmscope.models import Model
-from lmscope.models.adapters import get_module
 from lmscope.results import Axis, Result
 from lmscope.sites import site_names
 
 
 def residual_logits(model: Model, resid: torch.Tensor) -> torch.Tensor:
-    """Logits of residual vectors (..., D) through the final norm and unembedding."""
-    unembed = get_module(model.hf, model.adapter.unembed)
-    with torch.no_grad():
-        x = resid.to(model.device).to(model.final_norm.weight.dtype)
-        logits = unembed(model.final_norm(x)).float()
-        softcap = getattr(model.hf.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-    return logits.cpu()
+    """Logits of residual vectors (..., D) through the final norm, unembedding and any soft-cap."""
+    return model.unembed(resid)
 
 
 def lens_grid(model: Model, hidden_LTD: torch.Tensor, decode, tokens: list[str], target, k: int, method: str,

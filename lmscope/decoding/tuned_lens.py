@@ -102,10 +102,7 @@ def decode(model, x: torch.Tensor) -> torch.Tensor:
     frozen = {k: v.detach() for k, v in norm.named_parameters()}
     x = functional_call(norm, frozen, (x.to(next(norm.parameters()).dtype),))
     logits = functional_call(unembed, {k: v.detach() for k, v in unembed.named_parameters()}, (x,)).float()
-    softcap = getattr(model.hf.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    return model.softcap(logits)
 
 
 class TunedLens(nn.Module):

@@ -47,7 +47,6 @@ from lmscope.errors import InputError, ModelCheckError
 from lmscope.localization.metrics import Metric, metric_kind
 from lmscope.localization.tasks import PromptPairs
 from lmscope.models import Model
-from lmscope.models.adapters import get_module
 from lmscope.results import Axis, Result, ResultSet
 from lmscope.targets import default_metric
 
@@ -126,12 +125,6 @@ def _sites(model: Model, cfg: AtPConfig, base: bool) -> list[str]:
     return [f"blocks.{l}.{k}" for l in range(n) for k in dict.fromkeys(kinds)]
 
 
-def _attn_scaling(model: Model, layer: int) -> float:
-    attn = get_module(model.block(layer), model.adapter.attn)
-    scaling = getattr(attn, "scaling", None)
-    return float(scaling) if scaling is not None else model.spec.d_head ** -0.5
-
-
 def _estimates(model: Model, cfg: AtPConfig, base: dict, other: dict, grads: dict,
                real: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-node estimates for one batch from activations and gradients (all summed over prompts).
@@ -159,11 +152,10 @@ def _estimates(model: Model, cfg: AtPConfig, base: dict, other: dict, grads: dic
             out.setdefault("resid", []).append(((other[r] - base[r]) * g(r)).sum(dim=(0, 2)))
         if cfg.qk_fix:
             q, k, v, a = (pre + s for s in ("attn.q", "attn.k", "attn.v", "attn.pattern"))
-            scale = _attn_scaling(model, layer)
             allowed = (base[a] > 0) | (other[a] > 0)
 
             def pattern(qq, kk):
-                scores = torch.einsum("bqhd,bkhd->bhqk", qq, kk).float() * scale
+                scores = model.attention_scores(layer, qq, kk).float()
                 return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
             gA = g(a) * real[:, None, :, None].to(base[a].dtype)
@@ -179,13 +171,13 @@ def _check_patterns(model: Model, base: dict, real: torch.Tensor) -> None:
     layer = model.spec.n_layers - 1
     pre = f"blocks.{layer}."
     a = base[pre + "attn.pattern"].detach()
-    scores = torch.einsum("bqhd,bkhd->bhqk", base[pre + "attn.q"].detach(), base[pre + "attn.k"].detach())
-    rec = (scores.float() * _attn_scaling(model, layer)).masked_fill(a <= 0, float("-inf")).softmax(-1)
+    scores = model.attention_scores(layer, base[pre + "attn.q"].detach(), base[pre + "attn.k"].detach())
+    rec = scores.float().masked_fill(a <= 0, float("-inf")).softmax(-1)
     err = ((rec - a) * real[:, None, :, None]).abs().max().item()
     if err > 1e-3:
         raise ModelCheckError(
             f"AtP*'s QK fix cannot reproduce {model.name}'s attention patterns from its queries and keys "
-            f"(max error {err:.2g}; soft-capping or an unusual scaling?). Use qk_fix=False for this model.")
+            f"(max error {err:.2g}; a score transform the adapter does not name?). Use qk_fix=False for this model.")
 
 
 def atp(model: Model, pairs: PromptPairs, *, nodes: Sequence[str] = NODES, direction: str = "denoise",

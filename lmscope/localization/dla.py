@@ -7,7 +7,15 @@ run, the logit of token t is linear in those writes:
 so each component gets ``norm_frozen(c) · W_U[:, t]`` and the last two terms form a constant
 bucket. For a logit difference use ``W_U[:, t] − W_U[:, foil]``. LayerNorm models centre each
 component (equivalently, the direction); RMSNorm models do not. The components' attributions
-plus the constant equal the model's own logit (difference) exactly.
+plus the constant equal the model's own logit (difference) exactly (the pre-soft-cap logit where the
+model soft-caps its logits, below).
+
+Soft-capped models (Gemma 2: logits = c·tanh(z / c) of the unembedding's output z) are not linear
+in the writes after the cap, so DLA decomposes the pre-soft-cap logit z exactly and says so:
+``meta["metric"]`` is then "pre-soft-cap logit (difference)", ``meta["metric_value"]`` the model's
+own value of it, and ``meta["model_value"]`` the logit (difference) the model outputs, after the
+cap. The cap is monotonic, so a single logit keeps its sign and ranking; magnitudes shrink.
+Without a soft-cap both values are the model's logit (difference).
 
 Granularity: ``by="layer"`` (embedding, each attention block, each MLP), ``by="head"`` (layer ×
 head, with the MLPs, embedding and biases in ``extras``), ``by="neuron"`` (layer × neuron, with the
@@ -24,7 +32,7 @@ import torch
 from lmscope.errors import InputError
 from lmscope.models import Model
 from lmscope.models.adapters import norm_bias, norm_gain
-from lmscope.models.decompose import decompose_cache
+from lmscope.models.decompose import decompose_cache, readout_values
 from lmscope.sites import site_names
 from lmscope.results import Axis, Result
 
@@ -81,10 +89,9 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
     scale = run["final.scale"][0, pos].float().cpu()
     v = effective_directions(model, u, scale)  # (D,)
     const = constant_term(model, u, info)
-    logits = run.logits[0, pos].float().cpu()
-    own = logits[info["target_id"]] - (logits[info["foil_id"]] if "foil_id" in info else 0.0)
-    meta = {"constant": const, "model_value": float(own), "position": pos,
-            "tokens": run.batch.str_tokens[0], "metric": "logit difference" if foil is not None else "logit"}
+    meta = {"constant": const, "position": pos, "tokens": run.batch.str_tokens[0],
+            **readout_values(model, run.logits[0, pos], run[f"blocks.{n - 1}.resid_post"][0, pos],
+                             info["target_id"], info.get("foil_id"))}
     target_doc = {**info, "position": pos}
     params = {"by": by, "position": position}
     layers = Axis("layer", tuple(str(i) for i in range(n)))

@@ -47,6 +47,11 @@ class Adapter:
     parallel_flag: str | None = None  # config attribute that says attention and MLP run in parallel
     post_norms: bool = False  # attention and MLP writes pass through their own norms (Gemma 2/3)
     attn_norm: str = "input_layernorm"  # block module: the norm applied to the attention's input
+    # config attributes holding the soft-caps c (x -> c·tanh(x / c)) of the final logits and of the
+    # attention scores; None: no soft-cap. (The forward gets the attention soft-cap from transformers;
+    # the entry serves read-outs that recompute scores from q and k.)
+    logit_softcap: str | None = None
+    attn_softcap: str | None = None
 
 
 _LLAMA_LIKE = dict(
@@ -60,7 +65,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter(family="llama", model_types=("llama", "mistral", "qwen2", "smollm3"), norm_kind="rms",
             **_LLAMA_LIKE),
     Adapter(family="gemma3", model_types=("gemma3_text", "gemma2"), norm_kind="rms_offset",
-            post_norms=True,
+            post_norms=True, logit_softcap="final_logit_softcapping", attn_softcap="attn_logit_softcapping",
             **{**_LLAMA_LIKE, "attn_write": "post_attention_layernorm",
                "mlp_write": "post_feedforward_layernorm"}),
     Adapter(family="gpt2", model_types=("gpt2",), norm_kind="layer", linear="conv1d",

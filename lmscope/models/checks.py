@@ -1,5 +1,6 @@
 """Load-time checks: every site fires with the expected shape, the explicit attention path matches
-the native kernel, and the residual decomposition adds up to the model's own final residual."""
+the native kernel, the residual decomposition adds up to the model's own final residual, and the
+read-out (final norm, unembedding, soft-cap) of that residual gives the model's own logits."""
 
 from __future__ import annotations
 
@@ -79,3 +80,10 @@ def check_model(model: Model) -> None:
         frozen = frozen + bias.cpu()
     if (native - frozen).abs().max().item() > 1e-3 * max(1.0, native.abs().max().item()):
         raise ModelCheckError(f"{model.name}: the final norm does not match its frozen-scale form.")
+    own = plain.cpu()[torch.arange(b), dec.positions]
+    err = (model.unembed(dec.resid) - own).abs().max().item()
+    if err > 1e-3 * max(1.0, own.abs().max().item()):
+        raise ModelCheckError(
+            f"{model.name}: the final norm, unembedding and soft-cap ({model.logit_softcap}) of the final residual "
+            f"miss the model's logits by {err:.2e}; the adapter names the wrong modules or soft-cap field."
+        )

@@ -11,6 +11,11 @@ run: ``head_write_h = (z_h W_O^h) · g / s`` where ``s`` is the RMS of the summe
 and ``g`` the norm's gain. With the scale frozen the norm is linear, so the heads' writes still sum
 exactly to the block's write; what is approximated is only how a head's write would change if
 other heads changed (the scale would move).
+
+Through the final norm (scale frozen) and the unembedding the writes give the logits additively,
+but only up to the unembedding's output z: a soft-capped model (Gemma 2) outputs c·tanh(z / c),
+which no sum of per-component terms reproduces. :func:`readout_values` names what a decomposition
+of the logits sums to (the logit, or the pre-soft-cap logit) and gives it beside the model's output.
 """
 
 from __future__ import annotations
@@ -96,3 +101,25 @@ def decompose_cache(model: Model, batch: Batch, cache: dict, position: int | Non
     resid = at(cache[f"blocks.{s.n_layers - 1}.resid_post"])
     return Decomposition(labels, kinds, layers, heads, torch.stack(vecs, dim=1), resid,
                          at(cache["final.scale"]), batch, pos)
+
+
+def readout_values(model: Model, logits: torch.Tensor, resid: torch.Tensor, target_id: int,
+                   foil_id: int | None = None) -> dict:
+    """What a decomposition of the logit (difference) at one position sums to, beside the model's output.
+
+    ``logits`` (V,) are the model's output logits at the position and ``resid`` (D,) the final
+    residual there. Returns ``metric`` ("logit" or "logit difference", "pre-soft-cap ..." where the
+    model soft-caps its logits), ``metric_value`` (the model's own value of that metric),
+    ``model_value`` (the logit (difference) the model outputs) and ``softcap`` (c or None).
+    """
+
+    def value(x: torch.Tensor) -> float:
+        x = x.float().cpu()
+        return float(x[target_id] - (x[foil_id] if foil_id is not None else 0.0))
+
+    metric = "logit" if foil_id is None else "logit difference"
+    own = value(logits)
+    if model.logit_softcap is None:
+        return {"metric": metric, "metric_value": own, "model_value": own, "softcap": None}
+    return {"metric": f"pre-soft-cap {metric}", "metric_value": value(model.unembed(resid, softcap=False)),
+            "model_value": own, "softcap": model.logit_softcap}

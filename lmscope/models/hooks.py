@@ -178,8 +178,8 @@ class HookSession:
                 self._hook_fwd(block, self._site_output(Site("resid_post", layer)))
         if Site("final.scale") in wanted:
             self._hook_pre(m.final_norm, self._final_scale)
-        if Site("logits") in wanted:
-            self._hook_fwd(get_module(m.hf, a.unembed), self._site_output(Site("logits")))
+        if Site("logits") in wanted:  # the model's output, so after any final soft-cap (Gemma 2)
+            self._hook_fwd(m.hf, self._site_output(Site("logits")))
 
     def _hook_pre(self, module, fn) -> None:
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))

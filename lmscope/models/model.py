@@ -147,6 +147,38 @@ class Model:
     def b_U(self) -> torch.Tensor | None:
         return getattr(get_module(self.hf, self.adapter.unembed), "bias", None)
 
+    def _config_value(self, field: str | None) -> float | None:
+        value = getattr(self.hf.config, field, None) if field is not None else None
+        return float(value) if value else None
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """The final soft-cap c (the model's logits are ``c·tanh(z / c)`` of the unembedding's output z), or None."""
+        return self._config_value(self.adapter.logit_softcap)
+
+    def attention_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax scores (B, H, Tq, Tk) of ``attn.q`` (B, Tq, H, dh) and ``attn.k`` (B, Tk, H, dh) in
+        ``layer``: q·k times the layer's scaling, soft-capped where the model caps them (Gemma 2); float32, no mask."""
+        attn = get_module(self.block(layer), self.adapter.attn)
+        scaling = getattr(attn, "scaling", None)  # every HF attention module with a scaling stores it here
+        scaling = float(scaling) if scaling is not None else self.spec.d_head ** -0.5
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scaling
+        cap = self._config_value(self.adapter.attn_softcap)
+        return scores if cap is None else torch.tanh(scores / cap) * cap
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply the model's final soft-cap to pre-soft-cap logits (..., V); the identity where there is none."""
+        c = self.logit_softcap
+        return logits if c is None else torch.tanh(logits / c) * c
+
+    def unembed(self, resid: torch.Tensor, *, softcap: bool = True) -> torch.Tensor:
+        """Logits (..., V) of final-residual vectors (..., D): the final norm (its scale computed from
+        ``resid``), the unembedding and, unless ``softcap=False``, the soft-cap. float32, on the CPU."""
+        with torch.no_grad():
+            x = resid.to(self.device).to(self.final_norm.weight.dtype)
+            logits = get_module(self.hf, self.adapter.unembed)(self.final_norm(x)).float()
+        return (self.softcap(logits) if softcap else logits).cpu()
+
     def W_O(self, layer: int) -> torch.Tensor:
         """(H, dh, D) per-head output projection."""
         w = linear_weight(get_module(self.block(layer), self.adapter.o_proj), self.adapter.linear)

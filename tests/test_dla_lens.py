@@ -91,10 +91,10 @@ def test_cli_dla_names_the_pre_soft_cap_logit(tmp_path, monkeypatch):
 
     from typer.testing import CliRunner
 
-    from lmscope.cli import main
+    from lmscope.cli import common, main
 
     model = make_tiny("gemma2")
-    monkeypatch.setattr(main, "load_model", lambda spec: model)
+    monkeypatch.setattr(common, "load_model", lambda spec: model)
     path = tmp_path / "dla.json"
     result = CliRunner().invoke(main.app, ["dla", "--prompt", PROMPT, "--target", "Mary", "--foil", "John",
                                            "--json", str(path)])

@@ -22,9 +22,10 @@ def test_every_family_has_a_python_example():
 
 
 @pytest.mark.real
-def test_readme_python_examples_run(smollm, monkeypatch):
+def test_readme_python_examples_run(smollm, monkeypatch, tmp_path):
     import lmscope
 
+    monkeypatch.chdir(tmp_path)  # the quick tour writes dla.html, dla.png, dla.json/.safetensors
     monkeypatch.setattr(lmscope, "load", lambda spec=None, **kw: smollm)  # the fixture's prepared model
     namespace: dict = {}
     blocks = python_blocks()

@@ -26,6 +26,8 @@ Primer §3.2.1.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from lmscope import specs
 import torch
 
 from lmscope.errors import InputError
@@ -151,3 +153,24 @@ def _bias_term(bias, run, factor_key: str, pos: int, v: torch.Tensor) -> float:
     if factor_key in run.cache:
         b = b * run.cache[factor_key][0, pos].float().cpu()
     return float(b @ v)
+
+
+# ------------------------------------------------------------------------------------------------ spec
+@dataclass(frozen=True)
+class DLAConfig:
+    """Direct logit attribution by layer, head or neuron (final-norm scale frozen)."""
+
+    by: str = specs.option("layer", "layer | head | neuron", choices=BY)
+    position: int | None = specs.option(None, "Token position (default: last).")
+
+    def __post_init__(self):
+        specs.check_config(self)
+
+
+def run_dla(model: Model, prompt: specs.Prompt, config: DLAConfig) -> Result:
+    """Direct logit attribution by layer, head or neuron (final-norm scale frozen)."""
+    return dla(model, prompt.text, prompt.target, prompt.foil, by=config.by, position=config.position)
+
+
+specs.register(specs.MethodSpec("dla", "localization", "prompt", DLAConfig, run_dla,
+                                sites=("embed", "attn.head_out", "mlp_out", "mlp.post", "final.scale")))

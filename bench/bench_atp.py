@@ -46,10 +46,11 @@ def timing(model, n_prompts: int = 4) -> None:
         torch.autograd.grad(metric(run.logits), [run.cache["embed"]])
 
     def run_atp():
-        return atp(model, pairs, nodes=("head",), batch_size=n_prompts)
+        return atp(model, pairs, nodes=("head",), batch_size=n_prompts, direction="noise")
 
     def run_atp_nodes():
-        return atp(model, pairs, nodes=("head", "mlp", "neuron", "resid"), batch_size=n_prompts)
+        return atp(model, pairs, nodes=("head", "mlp", "neuron", "resid"), batch_size=n_prompts,
+                   direction="noise")
 
     # interleaved rounds (the machine is shared): best of each, and the ratio within each round
     t_fb, t_fba, t_atp, ratios, ratios_a = [], [], [], [], []
@@ -60,7 +61,7 @@ def timing(model, n_prompts: int = 4) -> None:
         ratios.append(t_atp[-1] / t_fb[-1])
         ratios_a.append(t_atp[-1] / t_fba[-1])
     t_all = best_time(run_atp_nodes, repeats=2)
-    t_star = best_time(lambda: atp_star(model, pairs, nodes=("head",), batch_size=n_prompts), repeats=1, warmup=0)
+    t_star = best_time(lambda: atp_star(model, pairs, nodes=("head",), batch_size=n_prompts, direction="noise"), repeats=1, warmup=0)
     tokens = int(clean.input_ids.shape[1])
     fb, fba, at = min(t_fb), min(t_fba), min(t_atp)
     record("atp", prompts=n_prompts, tokens=tokens, forward_backward_s=round(fb, 3), atp_heads_s=round(at, 3),
@@ -79,12 +80,12 @@ def timing(model, n_prompts: int = 4) -> None:
 def ranking(model, n_prompts: int = 50) -> None:
     pairs = ioi(model, n_prompts, seed=0)
     t0 = time.perf_counter()
-    exact = exact_head_effects(model, pairs, batch_size=10)
+    exact = exact_head_effects(model, pairs, batch_size=10, direction="noise")
     t_exact = time.perf_counter() - t0
     t0 = time.perf_counter()
-    est = atp(model, pairs, nodes=("head",), batch_size=10)["head"]
+    est = atp(model, pairs, nodes=("head",), batch_size=10, direction="noise", normalise=False)["head"]
     t_atp = time.perf_counter() - t0
-    star = atp_star(model, pairs, nodes=("head",), batch_size=10)
+    star = atp_star(model, pairs, nodes=("head",), batch_size=10, direction="noise", normalise=False)
     rho = spearman(est.values, exact.values)
     rho_abs = spearman(est.values.abs(), exact.values.abs())
     # AtP*: the QK-fixed query/key/value estimates, and GradDrop magnitudes, against |exact|

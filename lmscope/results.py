@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +29,7 @@ from lmscope.errors import InputError, ResultFormatError
 
 FORMAT = "lmscope.result"
 FORMAT_VERSION = 1
+SET_FORMAT = "lmscope.resultset"
 
 
 @dataclass(frozen=True)
@@ -310,18 +312,23 @@ class Result:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise _corrupt(json_path, f'not an lmscope result (no "format": "{FORMAT}" key)')
         try:
-            if "values" in doc:  # one file from save_json
-                values = _tensor_from_lists(doc)
-                extras = {name: _tensor_from_lists(spec) for name, spec in doc["extras"].items()}
-            else:
-                values, extras = _read_tensors(st_path)
-            prov = doc["provenance"]
-            axes = tuple(Axis(a["name"], tuple(a["labels"])) for a in doc["axes"])
-            return cls(values, axes, doc["method"], doc["model"], doc["target"], doc["params"],
-                       extras, doc["meta"], prov["created"], prov["lmscope_version"])
+            return cls.from_dict(doc, st_path)
         except (AttributeError, KeyError, TypeError, ValueError, InputError) as err:
             problem = f"does not describe a valid result ({type(err).__name__}: {err})"
             raise _corrupt(json_path, problem) from err
+
+    @classmethod
+    def from_dict(cls, doc: dict, st_path: Path | None = None) -> Result:
+        """Inverse of `to_dict` (tensors inline), or of `save`'s JSON with its safetensors at `st_path`."""
+        if "values" in doc:  # one file from save_json
+            values = _tensor_from_lists(doc)
+            extras = {name: _tensor_from_lists(spec) for name, spec in doc["extras"].items()}
+        else:
+            values, extras = _read_tensors(st_path)
+        prov = doc["provenance"]
+        axes = tuple(Axis(a["name"], tuple(a["labels"])) for a in doc["axes"])
+        return cls(values, axes, doc["method"], doc["model"], doc["target"], doc["params"],
+                   extras, doc["meta"], prov["created"], prov["lmscope_version"])
 
     def to_pandas(self):
         """Long-form DataFrame: per axis a label column `<axis>` and an index column `<axis>_idx`,
@@ -395,3 +402,58 @@ def _read_tensors(st_path: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
         raise _corrupt(st_path, "no 'values' tensor")
     extras = {k.removeprefix("extras."): v for k, v in tensors.items() if k.startswith("extras.")}
     return tensors["values"], extras
+
+
+class ResultSet(Mapping):
+    """Several named Results of one method run (AtP's node kinds, a head's OV and QK circuits), as one
+    serialisable value: ``rs["head"]`` is a Result; ``save_json``/``to_dict`` write them all in one
+    document (``{"format": "lmscope.resultset", "results": {name: Result.to_dict()}}``), ``load`` and
+    ``from_dict`` read it back."""
+
+    def __init__(self, results: Mapping[str, Result], method: str, model: str, meta: dict | None = None) -> None:
+        if not results or not all(isinstance(k, str) and k and isinstance(v, Result) for k, v in results.items()):
+            raise InputError("ResultSet needs a non-empty mapping of names (str) to Result objects")
+        self.results, self.method, self.model = dict(results), method, model
+        self.meta = _plain_json(meta or {}, "meta")
+
+    def __getitem__(self, name: str) -> Result:
+        if name not in self.results:
+            raise KeyError(f"{name!r} is not in this result set; it holds {sorted(self.results)}")
+        return self.results[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __repr__(self) -> str:
+        return f"ResultSet(method={self.method!r}, model={self.model!r}, results={list(self.results)})"
+
+    def to_dict(self, include_tensors: bool = True) -> dict:
+        return {"format": SET_FORMAT, "format_version": FORMAT_VERSION, "method": self.method, "model": self.model,
+                "meta": self.meta, "results": {k: r.to_dict(include_tensors) for k, r in self.results.items()}}
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> ResultSet:
+        if not isinstance(doc, dict) or doc.get("format") != SET_FORMAT:
+            raise ResultFormatError(f'not an lmscope result set (no "format": "{SET_FORMAT}" key)')
+        return cls({k: Result.from_dict(d) for k, d in doc["results"].items()}, doc["method"], doc["model"],
+                   doc.get("meta", {}))
+
+    def save_json(self, path: str | os.PathLike) -> Path:
+        text = json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False, indent=1)
+        return atomic_write_bytes(path, text.encode("utf-8"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ResultSet:
+        """Read a file written by `save_json`."""
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            return cls.from_dict(doc)
+        except FileNotFoundError as err:
+            raise ResultFormatError(f"{path} does not exist; write it with ResultSet.save_json(path)") from err
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError,
+                InputError) as err:
+            raise _corrupt(path, f"does not describe a valid result set ({type(err).__name__}: {err})") from err

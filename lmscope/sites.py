@@ -1,12 +1,14 @@
 """Site names: one grammar for every place in a model that can be read or intervened on.
 
-Canonical names (shapes for a batch B of T tokens, H heads of width dh, residual width D, F neurons):
+Canonical names (shapes for a batch B of T tokens, S key positions (S = T in an ordinary forward),
+H heads of width dh, residual width D, F neurons, V vocabulary):
 
 =================================  ===========  ==============================================
 ``embed``                          B T D        token embedding as the first block sees it
 ``blocks.{l}.resid_pre|mid|post``  B T D        the residual stream
-``blocks.{l}.attn.q|k|v``          B T H dh     per query head (GQA keys/values expanded), after RoPE
-``blocks.{l}.attn.pattern``        B H T T      attention probabilities (query, key)
+``blocks.{l}.attn.q``              B T H dh     per query head, after RoPE
+``blocks.{l}.attn.k|v``            B S H dh     per query head (GQA keys/values expanded)
+``blocks.{l}.attn.pattern``        B H T S      attention probabilities (query, key)
 ``blocks.{l}.attn.z``              B T H dh     per-head output before W_O
 ``blocks.{l}.attn.head_out``       B T H D      each head's write into the residual stream
 ``blocks.{l}.attn_out|mlp_out``    B T D        block writes (after post-norms where present)
@@ -17,38 +19,112 @@ Canonical names (shapes for a batch B of T tokens, H heads of width dh, residual
 
 TransformerLens-style names (``blocks.3.hook_resid_pre``, ``blocks.3.attn.hook_z``, ``hook_embed``,
 ``ln_final.hook_scale``, ...) are accepted as aliases.
+
+:data:`KINDS` is the one table of site kinds: name, TransformerLens alias, axes (from which the
+shape, the width of one token's vector, the position axis and the head axis follow) and the
+adapter part a model needs to have the site (see :mod:`lmscope.models.parts`). Every other module
+derives what it needs from it.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from lmscope.errors import SiteError
 
-LAYER_KINDS = (
-    "resid_pre", "resid_mid", "resid_post",
-    "attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z", "attn.head_out",
-    "attn_out", "mlp_out", "mlp.post",
-)
-GLOBAL_KINDS = ("embed", "final.scale", "logits")
-HEAD_KINDS = ("attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z", "attn.head_out")
-ATTN_INNER_KINDS = ("attn.q", "attn.k", "attn.v", "attn.pattern")
+# axis symbol -> ModelSpec field giving its size (B, T and S come from the batch)
+_SPEC_AXES = {"D": "d_model", "H": "n_heads", "dh": "d_head", "F": "d_mlp", "V": "d_vocab"}
+POSITION_AXES = ("T", "S")
 
-_ALIASES = {
-    "hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_resid_post": "resid_post",
-    "attn.hook_q": "attn.q", "attn.hook_k": "attn.k", "attn.hook_v": "attn.v",
-    "attn.hook_pattern": "attn.pattern", "attn.hook_z": "attn.z", "attn.hook_result": "attn.head_out",
-    "hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out", "mlp.hook_post": "mlp.post",
-    # short forms
-    "q": "attn.q", "k": "attn.k", "v": "attn.v", "pattern": "attn.pattern", "z": "attn.z",
-    "head_out": "attn.head_out", "result": "attn.head_out", "post": "mlp.post",
-}
-_GLOBAL_ALIASES = {
-    "hook_embed": "embed", "embed": "embed", "ln_final.hook_scale": "final.scale",
-    "final.scale": "final.scale", "logits": "logits",
-}
+
+@dataclass(frozen=True)
+class SiteKind:
+    """One kind of site.
+
+    ``axes``: axis symbols, B batch, T query/token positions, S key positions, H heads, dh head
+    width, D residual width, F neurons, V vocabulary, "1" a singleton.
+    ``part``: the adapter part the model needs for the site to exist ("embedding", "block",
+    "attention", "mlp", "final_norm", "unembedding"; see :data:`lmscope.models.parts.PARTS`).
+    """
+
+    name: str
+    tl: str  # TransformerLens hook name (relative to ``blocks.{l}.`` for layer kinds)
+    axes: tuple[str, ...]
+    part: str
+    layer: bool = True
+    short: tuple[str, ...] = ()  # further accepted spellings (layer kinds)
+    doc: str = ""
+
+    def shape(self, spec, b: int, t: int) -> tuple[int, ...]:
+        """The shape of the site for a batch of ``b`` prompts of ``t`` tokens on a model with ``spec``."""
+        sizes = {"B": b, "T": t, "S": t, "1": 1}
+        return tuple(sizes[a] if a in sizes else getattr(spec, _SPEC_AXES[a]) for a in self.axes)
+
+    def width(self, spec) -> int:
+        """Size of one token's vector (every axis but batch and position, flattened)."""
+        return math.prod(1 if a == "1" else getattr(spec, _SPEC_AXES[a])
+                         for a in self.axes if a not in ("B", *POSITION_AXES))
+
+    @property
+    def pos_axis(self) -> int:
+        """Index of the token (query) axis, or of the key axis for key-side sites."""
+        return self.axes.index("T") if "T" in self.axes else self.axes.index("S")
+
+    @property
+    def key_side(self) -> bool:
+        """The position axis is the key axis (full length in a forward that reuses a prefix)."""
+        return "T" not in self.axes
+
+    @property
+    def per_token(self) -> bool:
+        """One vector per token (exactly one position axis)."""
+        return sum(a in POSITION_AXES for a in self.axes) == 1
+
+    @property
+    def head_axis(self) -> int | None:
+        return self.axes.index("H") if "H" in self.axes else None
+
+
+def _k(name, tl, axes, part, **kw) -> SiteKind:
+    return SiteKind(name, tl, tuple(axes.split()), part, **kw)
+
+
+KINDS: dict[str, SiteKind] = {k.name: k for k in (
+    _k("embed", "hook_embed", "B T D", "embedding", layer=False, doc="token embedding as block 0 sees it"),
+    _k("resid_pre", "hook_resid_pre", "B T D", "block", doc="residual stream into the block"),
+    _k("resid_mid", "hook_resid_mid", "B T D", "attention", doc="residual stream after the mixer's write"),
+    _k("resid_post", "hook_resid_post", "B T D", "block", doc="residual stream out of the block"),
+    _k("attn.q", "attn.hook_q", "B T H dh", "attention", short=("q",), doc="queries after RoPE"),
+    _k("attn.k", "attn.hook_k", "B S H dh", "attention", short=("k",), doc="keys, KV heads expanded"),
+    _k("attn.v", "attn.hook_v", "B S H dh", "attention", short=("v",), doc="values, KV heads expanded"),
+    _k("attn.pattern", "attn.hook_pattern", "B H T S", "attention", short=("pattern",),
+       doc="attention probabilities"),
+    _k("attn.z", "attn.hook_z", "B T H dh", "attention", short=("z",), doc="per-head output before W_O"),
+    _k("attn.head_out", "attn.hook_result", "B T H D", "attention", short=("head_out", "result"),
+       doc="each head's write"),
+    _k("attn_out", "hook_attn_out", "B T D", "attention", doc="the attention block's write"),
+    _k("mlp_out", "hook_mlp_out", "B T D", "mlp", doc="the MLP's write"),
+    _k("mlp.post", "mlp.hook_post", "B T F", "mlp", short=("post",), doc="neuron activations"),
+    _k("final.scale", "ln_final.hook_scale", "B T 1", "final_norm", layer=False, doc="final norm's 1/s"),
+    _k("logits", "logits", "B T V", "unembedding", layer=False, doc="the logits"),
+)}
+
+LAYER_KINDS = tuple(k.name for k in KINDS.values() if k.layer)
+GLOBAL_KINDS = tuple(k.name for k in KINDS.values() if not k.layer)
+HEAD_KINDS = tuple(k.name for k in KINDS.values() if k.head_axis is not None)
+ATTN_INNER_KINDS = ("attn.q", "attn.k", "attn.v", "attn.pattern")  # need the explicit attention path
+
+_ALIASES = {alias: k.name for k in KINDS.values() if k.layer for alias in (k.tl, *k.short)}
+_GLOBAL_ALIASES = {alias: k.name for k in KINDS.values() if not k.layer for alias in (k.tl, k.name)}
 _LAYER_RE = re.compile(r"^blocks\.(-?\d+)\.(.+)$")
+
+
+def tl_name(site: Site) -> str:
+    """TransformerLens-style hook name of a parsed site (``blocks.3.attn.z`` -> ``blocks.3.attn.hook_z``)."""
+    tl = KINDS[site.kind].tl
+    return tl if site.layer is None else f"blocks.{site.layer}.{tl}"
 
 
 @dataclass(frozen=True, order=True)
@@ -65,6 +141,10 @@ class Site:
     @property
     def per_head(self) -> bool:
         return self.kind in HEAD_KINDS
+
+    @property
+    def spec(self) -> SiteKind:
+        return KINDS[self.kind]
 
     def __str__(self) -> str:
         return self.name

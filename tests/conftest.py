@@ -61,6 +61,12 @@ def tiny_config(family: str):
                                 intermediate_size=48, max_position_embeddings=128, rotary_pct=0.5,
                                 use_parallel_residual=family == "neox", pad_token_id=1, bos_token_id=2,
                                 eos_token_id=1, tie_word_embeddings=False)
+    if family in ("attn_only", "attn_only-rms"):  # lmscope's own attention-only model (no MLP)
+        from lmscope.models.families.attn_only import AttnOnlyConfig
+
+        return AttnOnlyConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                              max_position_embeddings=128, norm="rms" if family.endswith("rms") else "layer",
+                              attention_bias=family == "attn_only", pad_token_id=1, bos_token_id=2, eos_token_id=1)
     raise ValueError(family)
 
 

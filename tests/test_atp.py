@@ -45,7 +45,7 @@ def test_atp_is_the_first_order_taylor_term(family_direction):
 
     family, direction = family_direction
     model = make_tiny(family)
-    res = atp(model, PAIRS.subset([0]), direction=direction)
+    res = atp(model, PAIRS.subset([0]), direction=direction, normalise=False)
     (base_b, other_b), metric = _setup(model, PAIRS.subset([0]), direction)
     t = base_b.input_ids.shape[1]
     checks = 0
@@ -74,7 +74,7 @@ def test_qk_fix_matches_a_really_patched_pattern(family):
     from conftest import make_tiny
 
     model = make_tiny(family)
-    res = atp(model, PAIRS, nodes=("head",), qk_fix=True)
+    res = atp(model, PAIRS, nodes=("head",), qk_fix=True, direction="noise", normalise=False)
     (clean, corrupt), metric = _setup(model)
     layer, head = 1, 1
     pre = f"blocks.{layer}."
@@ -97,8 +97,8 @@ def test_qk_fix_matches_a_really_patched_pattern(family):
 def test_graddrop_by_hand(tiny_llama):
     model = tiny_llama
     n = model.spec.n_layers
-    plain = atp(model, PAIRS, nodes=("head", "mlp"))
-    star = atp(model, PAIRS, nodes=("head", "mlp"), graddrop=True)
+    plain = atp(model, PAIRS, nodes=("head", "mlp"), direction="noise", normalise=False)
+    star = atp(model, PAIRS, nodes=("head", "mlp"), graddrop=True, direction="noise", normalise=False)
     # the last layer's nodes: dropping any earlier layer leaves their gradient unchanged
     torch.testing.assert_close(star["head"].values[n - 1], plain["head"].values[n - 1].abs(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(star["mlp"].values[n - 1], plain["mlp"].values[n - 1].abs(), atol=1e-5, rtol=1e-4)
@@ -146,8 +146,8 @@ def test_atp_ranks_heads_like_exact_patching_on_ioi(smollm):
     from lmscope.localization.tasks import ioi
 
     pairs = ioi(smollm, 16, seed=1)
-    approx = atp(smollm, pairs, nodes=("head",))["head"].values
-    exact = exact_head_effects(smollm, pairs).values
+    approx = atp(smollm, pairs, nodes=("head",), direction="noise", normalise=False)["head"].values
+    exact = exact_head_effects(smollm, pairs, direction="noise").values
     assert approx.abs().max() > 0.05
     rho = spearman(approx, exact)
     assert rho >= 0.7, rho
@@ -164,7 +164,7 @@ def test_atp_star_runs_on_real_model(smollm):
 
 def test_exact_head_effects_match_single_runs(tiny_llama):
     model = tiny_llama
-    res = exact_head_effects(model, PAIRS)
+    res = exact_head_effects(model, PAIRS, direction="noise")
     (clean, corrupt), metric = _setup(model)
     base = metric(model.run(clean, logits="last").logits)
     for layer, head in [(0, 0), (1, 3), (2, 1)]:

@@ -14,7 +14,7 @@ from lmscope.attribution import (ConvergenceWarning, alti, alti_logit, attention
                                  occlusion, quadrature, raw_attention, rollout, saliency, value_zeroing)
 from lmscope.attribution.gradient import integrate_path
 from lmscope.errors import InputError, UnsupportedArchitectureError
-from lmscope.models.adapters import get_module
+from lmscope.models.parts import get_module
 
 PROMPT = "when Mary and John went to the store John gave a drink to"
 SHORT = "when Mary and John went to the store"

@@ -8,7 +8,7 @@ import torch
 
 from conftest import logit_references, make_tiny, unembedding_output
 
-from lmscope.decoding import logit_lens
+from lmscope.decoding import lens_top, logit_lens
 from lmscope.errors import InputError, TokenError
 from lmscope.localization import dla
 
@@ -75,7 +75,7 @@ def test_dla_bad_input(tiny_llama):
 
 
 def test_logit_lens_last_row_is_the_model(tiny):
-    res = logit_lens(tiny, PROMPT, "Mary", k=3)
+    res = lens_top(logit_lens(tiny, PROMPT, "Mary", k=3))
     probs = tiny.run(PROMPT).logits[0, -1].softmax(-1)
     top = probs.topk(3)
     torch.testing.assert_close(res.values[-1], top.values, atol=1e-5, rtol=1e-4)
@@ -91,10 +91,10 @@ def test_cli_dla_names_the_pre_soft_cap_logit(tmp_path, monkeypatch):
 
     from typer.testing import CliRunner
 
-    from lmscope.cli import main
+    from lmscope.cli import common, main
 
     model = make_tiny("gemma2")
-    monkeypatch.setattr(main, "load_model", lambda spec: model)
+    monkeypatch.setattr(common, "load_model", lambda spec: model)
     path = tmp_path / "dla.json"
     result = CliRunner().invoke(main.app, ["dla", "--prompt", PROMPT, "--target", "Mary", "--foil", "John",
                                            "--json", str(path)])

@@ -134,7 +134,7 @@ def test_the_public_face_exports_what_it_names():
 
 
 BAD_FAMILY = '''
-from lmscope.models.adapters import get_module
+from lmscope.models.parts import get_module
 from lmscope.models import Model, HookSession
 from lmscope.localization.dla import dla
 from lmscope.localization import patching
@@ -150,7 +150,7 @@ def f(model):
 
 def test_checker_catches_each_breach():
     found = violations("lmscope.decoding.bad", BAD_FAMILY, PUBLIC)
-    expected = ["bad:2 imports lmscope.models.adapters", "bad:3 imports 'HookSession'",
+    expected = ["bad:2 imports lmscope.models.parts", "bad:3 imports 'HookSession'",
                 "bad:4 (decoding) imports the localization family", "bad:5 (decoding) imports the localization",
                 "touches .hf", "touches .adapter", "touches .final_norm", "touches .block"]
     for part in expected:

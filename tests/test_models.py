@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from lmscope import Ablate, Add, Knockout, Patch, Scale
 from lmscope.errors import InputError, SiteError, TokenError
 from lmscope.models import decompose
-from lmscope.models.adapters import get_module
+from lmscope.models.parts import get_module
 from lmscope.models.checks import all_sites, expected_shape
 
 PROMPT = "when Mary and John went to the store John gave a drink to"
@@ -343,7 +343,7 @@ def test_unknown_architecture_names_the_fix():
 
     hf = OPTForCausalLM(OPTConfig(vocab_size=80, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                   num_attention_heads=2, word_embed_proj_dim=16))
-    with pytest.raises(UnsupportedArchitectureError, match="adapters.py"):
+    with pytest.raises(UnsupportedArchitectureError, match="lmscope/models/families"):
         Model(hf, None, "tiny-opt")
 
 

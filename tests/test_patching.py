@@ -192,10 +192,10 @@ def test_path_patching_to_logits_in_last_layer(tiny_llama):
 def test_cli_patch_writes_json(tiny_llama, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from lmscope.cli import cmd_patching
+    from lmscope.cli import common
     from lmscope.cli.main import app
 
-    monkeypatch.setattr(cmd_patching, "load_model", lambda spec: tiny_llama)
+    monkeypatch.setattr(common, "load_model", lambda spec: tiny_llama)
     out = tmp_path / "p.json"
     res = CliRunner().invoke(app, ["patch", "--clean", CLEAN[0], "--corrupt", CORRUPT[0], "--target", "Mary",
                                    "--foil", "John", "--site", "z", "--noise", "--json", str(out)])

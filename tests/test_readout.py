@@ -19,8 +19,11 @@ def _native_norms(model, layer):
     block = model.block(layer)
     norms = {f"blocks.{layer}.ln1": getattr(block, "input_layernorm", None) or getattr(block, "ln_1")}
     if model.spec.post_norms:
+        norms[f"blocks.{layer}.ln2"] = block.pre_feedforward_layernorm
         norms[f"blocks.{layer}.ln1_post"] = block.post_attention_layernorm
         norms[f"blocks.{layer}.ln2_post"] = block.post_feedforward_layernorm
+    elif model.spec.d_mlp:
+        norms[f"blocks.{layer}.ln2"] = getattr(block, "post_attention_layernorm", None) or getattr(block, "ln_2")
     base = model.hf.base_model
     norms["ln_final"] = getattr(base, "norm", None) or getattr(base, "ln_f", None) or base.final_layer_norm
     return norms
@@ -37,6 +40,23 @@ def _inverse_scale(module, x, layer_norm: bool):
 
 
 def test_norms_by_name_live_and_frozen(tiny):
+    _check_norms(tiny)
+
+
+def test_frozen_unembedding_plus_biases_is_the_models_logit(tiny):
+    """With the final norm's own scale frozen, the linear read-out plus the bias terms gives the
+    unembedding's output z (the pre-soft-cap logits); soft-capping it gives the model's logits."""
+    _check_frozen_unembedding(tiny)
+
+
+@pytest.mark.parametrize("family", ["attn_only", "attn_only-rms"])
+def test_read_outs_of_attention_only_models(family):
+    model = make_tiny(family)
+    _check_norms(model)
+    _check_frozen_unembedding(model)
+
+
+def _check_norms(tiny):
     x = torch.randn(5, tiny.spec.d_model)
     layer_norm = tiny.spec.norm == "layer"
     for name, module in _native_norms(tiny, 1).items():
@@ -50,9 +70,7 @@ def test_norms_by_name_live_and_frozen(tiny):
     torch.testing.assert_close(tiny.norm_weight("ln_final"), _native_norms(tiny, 0)["ln_final"].weight)
 
 
-def test_frozen_unembedding_plus_biases_is_the_models_logit(tiny):
-    """With the final norm's own scale frozen, the linear read-out plus the bias terms gives the
-    unembedding's output z (the pre-soft-cap logits); soft-capping it gives the model's logits."""
+def _check_frozen_unembedding(tiny):
     n = tiny.spec.n_layers
     run = tiny.run(PROMPT, cache=[f"blocks.{n - 1}.resid_post", "final.scale"])
     resid, scale = run[f"blocks.{n - 1}.resid_post"][0], run["final.scale"][0]
@@ -112,6 +130,9 @@ def test_norm_names_are_checked(tiny_llama):
         tiny_llama.norm("blocks.99.ln1", torch.zeros(tiny_llama.spec.d_model))
     with pytest.raises(SiteError, match="post-norms"):
         tiny_llama.norm("blocks.0.ln1_post", torch.zeros(tiny_llama.spec.d_model))
+    attn_only = make_tiny("attn_only")
+    with pytest.raises(SiteError, match="an MLP"):
+        attn_only.norm("blocks.0.ln2", torch.zeros(attn_only.spec.d_model))
 
 
 def test_run_until_stops_the_forward(tiny_llama):

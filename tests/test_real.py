@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from lmscope.cli.main import app
-from lmscope.decoding import logit_lens
+from lmscope.decoding import lens_top, logit_lens
 from lmscope.localization import dla
 from lmscope.models import decompose
 
@@ -45,7 +45,7 @@ def test_decomposition_adds_up_on_real_model(smollm):
 
 
 def test_logit_lens_final_layer_is_paris(smollm):
-    res = logit_lens(smollm, "The capital of France is", " Paris")
+    res = lens_top(logit_lens(smollm, "The capital of France is", " Paris"))
     assert res.meta["top_tokens"][-1][0] == " Paris"
     assert int(res.extras["target_rank"][-1]) == 1
     assert int(res.extras["target_rank"][0]) > 1  # the embedding alone does not predict it

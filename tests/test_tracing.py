@@ -70,10 +70,10 @@ def test_cli_trace(tiny_llama, tmp_path, monkeypatch):
 
     from typer.testing import CliRunner
 
-    from lmscope.cli import cmd_patching
+    from lmscope.cli import common
     from lmscope.cli.main import app
 
-    monkeypatch.setattr(cmd_patching, "load_model", lambda spec: tiny_llama)
+    monkeypatch.setattr(common, "load_model", lambda spec: tiny_llama)
     out = tmp_path / "t.json"
     res = CliRunner().invoke(app, ["trace", "--prompt", PROMPT, "--subject", "Mary", "--samples", "2",
                                    "--json", str(out)])

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from lmscope.cli.main import app
 from lmscope.data import Corpus, token_contexts
-from lmscope.decoding import logit_lens
+from lmscope.decoding import lens_top, logit_lens
 from lmscope.decoding.tuned_lens import (TunedLens, TunedLensConfig, _kl_backward, evaluate_lens, parse_layers,
                                          train_tuned_lens, tuned_lens)
 from lmscope.errors import InputError
@@ -36,7 +36,7 @@ def _corpus(n: int = 300, seed: int = 0) -> Corpus:
 
 def test_untrained_lens_is_exactly_the_logit_lens(tiny):
     lens = TunedLens.for_model(tiny)
-    a, b = tuned_lens(tiny, PROMPT, lens, "Mary", k=4), logit_lens(tiny, PROMPT, "Mary", k=4)
+    a, b = lens_top(tuned_lens(tiny, PROMPT, lens, "Mary", k=4)), lens_top(logit_lens(tiny, PROMPT, "Mary", k=4))
     assert torch.equal(a.values, b.values) and torch.equal(a.extras["target_prob"], b.extras["target_prob"])
     assert a.meta["top_tokens"] == b.meta["top_tokens"] and a.axes[0].labels == b.axes[0].labels
     ctx = token_contexts(tiny, _corpus(), context=12, split="heldout")[:3]

@@ -11,11 +11,11 @@ from lmscope.attribution.context_mixing import (alti, alti_logit, attention_norm
 from lmscope.attribution.generation import attribute_generation, generate
 from lmscope.attribution.gradient import (ConvergenceWarning, input_x_gradient, integrated_gradients, make_baseline,
                                           quadrature, saliency, target_gradients)
-from lmscope.attribution.methods import METHODS, attribute
+from lmscope.attribution.methods import METHODS, AttributeConfig, attribute
 from lmscope.attribution.perturbation import occlusion
 from lmscope.attribution.targets import METRICS, Target, resolve_target
 
-__all__ = ["METHODS", "METRICS", "ConvergenceWarning", "Target", "alti", "alti_logit", "attention_norm",
+__all__ = ["METHODS", "METRICS", "AttributeConfig", "ConvergenceWarning", "Target", "alti", "alti_logit", "attention_norm",
            "attention_rollout", "attribute", "attribute_generation", "component_lens", "generate",
            "input_x_gradient", "integrated_gradients", "make_baseline", "occlusion", "quadrature",
            "raw_attention", "resolve_target", "rollout", "saliency", "target_gradients", "token_scores",

@@ -182,8 +182,9 @@ def alti_logit(model: Model, prompt, target, foil=None, *, position: int | None 
     pos = resolve_position(position, t)
     tgt = resolve_target(model, target, foil, "logit", pos)
     n = model.spec.n_layers
+    has_mlp = "mlp" in model.parts  # an attention-only model has no MLP term
     run = _mixing_run(model, batch, ("embed", "final.scale", f"blocks.{n - 1}.resid_post",
-                                     *site_names("mlp_out", n)))
+                                     *(site_names("mlp_out", n) if has_mlp else ())))
     direction = model.logit_direction(tgt.target_id, tgt.foil_id, scale=run["final.scale"][0, pos].reshape(()))
     v, const = direction.vector, direction.constant  # logit (difference) = resid · v + const, scale frozen
     r_prev = torch.eye(t)
@@ -193,7 +194,8 @@ def alti_logit(model: Model, prompt, target, foil=None, *, position: int | None 
         delta = terms["heads"][:, pos].sum(dim=0) @ v  # (T,) per source j
         per_layer.append(delta @ r_prev)
         bias_term += float(terms["bias"][pos] @ v)
-        mlp_term += float(run[f"blocks.{layer}.mlp_out"][0, pos].float().cpu() @ v)
+        if has_mlp:
+            mlp_term += float(run[f"blocks.{layer}.mlp_out"][0, pos].float().cpu() @ v)
         r_prev = alti_contributions(terms) @ r_prev
     per_layer = torch.stack(per_layer)
     readout = readout_values(model, run.logits[0, pos], run[f"blocks.{n - 1}.resid_post"][0, pos],

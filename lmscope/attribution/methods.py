@@ -8,6 +8,9 @@ position here, with the full matrix in ``extras["matrix"]``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from lmscope import specs
 from lmscope.errors import InputError
 from lmscope.models import Model
 from lmscope.results import Result
@@ -53,3 +56,49 @@ def attribute(model: Model, prompt: str, target=None, foil=None, *, method: str 
         position = kwargs.pop("position", None)
         return token_scores(fn(model, prompt, **kwargs), position)
     return fn(model, prompt, target, foil, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ spec
+@dataclass(frozen=True)
+class AttributeConfig:
+    """Options of ``attribute`` as a method spec (one prompt, a target token and an optional foil)."""
+
+    method: str = specs.option("integrated-gradients", " | ".join(METHODS), choices=METHODS)
+    metric: str | None = specs.option(None, "logit | probability | log_prob (default logit; with --generate "
+                                            "probability); target-free methods take none.")
+    steps: int | None = specs.option(None, "Integrated-gradients steps (default 64).")
+    baseline: str | None = specs.option(None, "IG/occlusion baseline: scaled | zero | pad | unk | eos | a token.")
+    generate: int | None = specs.option(None, "Generate N tokens and attribute each of them.")
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", self.method.replace("_", "-"))
+        if self.method not in METHODS:
+            raise InputError(f"--method {self.method!r} is unknown; use one of {', '.join(METHODS)}.")
+        if self.steps is not None and self.method != "integrated-gradients":
+            raise InputError("--steps applies to integrated-gradients only; drop it or use that method.")
+        if self.baseline is not None and self.method not in ("integrated-gradients", "occlusion"):
+            raise InputError("--baseline applies to integrated-gradients and occlusion only.")
+        if self.metric is not None and (self.method in MIXING_METHODS or self.method == "alti-logit"):
+            raise InputError(f"--metric does not apply to {self.method} (alti-logit explains logits; the "
+                             "context-mixing methods have no target); drop it.")
+        if self.generate is not None and self.generate < 1:
+            raise InputError(f"--generate {self.generate}: give a positive number of tokens.")
+
+
+def run_attribute(model: Model, prompt: specs.Prompt, config: AttributeConfig) -> Result:
+    """Which input tokens drive a prediction: a token heat map and the JSON result."""
+    method, generate = config.method, config.generate
+    if prompt.target is None and method not in MIXING_METHODS and generate is None:
+        raise InputError(f"{method} explains a target token: add --target ' Mary' (mind the leading space).")
+    kwargs = {}
+    if config.steps is not None:
+        kwargs["steps"] = config.steps
+    if config.baseline is not None:
+        kwargs["baseline"] = config.baseline
+    if method not in MIXING_METHODS and method != "alti-logit":
+        kwargs["metric"] = config.metric or ("probability" if generate is not None else "logit")
+    return attribute(model, prompt.text, prompt.target, prompt.foil, method=method, generate=generate, **kwargs)
+
+
+specs.register(specs.MethodSpec("attribute", "attribution", "prompt", AttributeConfig, run_attribute,
+                                sites=("embed", "attn.pattern")))

@@ -18,10 +18,10 @@ import torch
 from lmscope.errors import InputError
 from lmscope.models import Model
 from lmscope.results import Axis, Result
+from lmscope.targets import canonical_metric, resolve_tokens
 
 METRICS = ("logit", "probability", "log_probability")
-_ALIASES = {"prob": "probability", "logprob": "log_probability", "log_prob": "log_probability",
-            "logit": "logit", "probability": "probability", "log_probability": "log_probability"}
+_SPELLING = {"logit": "logit", "probability": "probability", "log_prob": "log_probability"}  # shared -> ours
 
 
 @dataclass(frozen=True)
@@ -66,19 +66,10 @@ class Target:
 
 def resolve_target(model: Model, target: str | int, foil: str | int | None = None, metric: str = "logit",
                    position: int | None = None) -> Target:
-    """Check the tokens and metric; a foil equal to the target is an error that names the fix."""
-    if metric not in _ALIASES:
-        raise InputError(f"metric={metric!r} is unknown; use one of {METRICS}.")
-    metric = _ALIASES[metric]
-    if target is None:
-        raise InputError("This method explains a target token: pass target=' Mary' (mind the leading space).")
-    t = model.token_id(target)
-    f = None
-    if foil is not None:
-        f = model.token_id(foil)
-        if f == t:
-            raise InputError(f"The foil {foil!r} is the target itself; choose a different token to contrast "
-                             "with, or leave the foil out for a non-contrastive target.")
+    """Check the tokens and metric (any name of :mod:`lmscope.targets`); a foil equal to the target is an
+    error that names the fix."""
+    metric = _SPELLING[canonical_metric(metric, tuple(_SPELLING), "attribution")]
+    t, f = resolve_tokens(model, target, foil)
     return Target(t, f, metric, position, model.decode([t]), None if f is None else model.decode([f]))
 
 

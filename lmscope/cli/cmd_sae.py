@@ -1,4 +1,5 @@
-"""Sparse-autoencoder commands: ``lmscope sae train | eval | features | compare``.
+"""Sparse-autoencoder commands: ``lmscope sae eval | features | compare`` (``sae train`` is generated from the
+``sae-train`` spec, :mod:`lmscope.sae.train_site`).
 
 Training harvests the site's activations into ``OUT/activations`` (or reads ``--store``) and writes the SAE
 in SAELens's layout to OUT; a killed run resumes from OUT's checkpoint when started again with the same
@@ -7,7 +8,6 @@ arguments. Under ``torchrun --nproc_per_node N -m lmscope.cli.main sae train ...
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -17,14 +17,7 @@ from lmscope.cli.common import JsonOpt, ModelOpt, console, friendly, load_model,
 
 sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders: train, evaluate, inspect, compare.")
 
-_COEFF = {"relu": "l1", "gated": "l1", "jumprelu": "l0"}
 _SHOWN = ("l0", "fve", "gamma", "gamma_centred", "ce_recovered", "delta_ce", "dead_frac", "dense_frac", "tokens")
-
-
-def _site_name(site: str, layer: int | None) -> str:
-    if site.startswith("blocks.") or layer is None:
-        return site
-    return f"blocks.{layer}.{site}"
 
 
 def _metrics_table(rows: list[tuple[str, dict]], title: str) -> Table:
@@ -35,70 +28,6 @@ def _metrics_table(rows: list[tuple[str, dict]], title: str) -> Table:
     for label, vals in rows:
         table.add_row(label, *(f"{vals[m]:.4g}" for m in _SHOWN))
     return table
-
-
-@friendly
-def train_cmd(arch: str = typer.Option(..., "--arch", help="relu | gated | topk | jumprelu"),
-              site: str = typer.Option("resid_post", help="Site kind (resid_post, mlp_out, attn.z, ...) or full name."),
-              layer: int = typer.Option(None, help="Layer of the site."),
-              latents: int = typer.Option(4608, help="Number of latents (dictionary size)."),
-              k: int = typer.Option(None, help="TopK: active latents per token."),
-              l1: float = typer.Option(None, "--l1", help="Sparsity coefficient (L1 for relu/gated, L0 for jumprelu)."),
-              tokens: int = typer.Option(1_000_000, help="Training tokens."),
-              out_dir: Path = typer.Option(..., "--out", help="Output folder (SAE files, checkpoint, log)."),
-              store: Path = typer.Option(None, help="An existing activation store (default: harvest into OUT)."),
-              batch_size: int = typer.Option(4096, help="Tokens per step."),
-              lr: float = typer.Option(4e-4, help="Learning rate."),
-              context: int = typer.Option(128, help="Context length when harvesting."),
-              seed: int = typer.Option(0, help="Seed (initialisation and batch order)."),
-              max_norm_ratio: float = typer.Option(None, help="Leave out activations whose norm exceeds this "
-                                                   "multiple of the median (attention-sink tokens); loads the "
-                                                   "store into memory."),
-              model: str = ModelOpt):
-    """Train an SAE on one site of the model."""
-    import torch.distributed as dist
-
-    from lmscope.data import ActivationStore, harvest, token_contexts
-    from lmscope.sae import TrainConfig, make_sae, train
-    from lmscope.sae.io import check_fits
-    from lmscope.sites import parse_site
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    m = load_model(model)
-    name = parse_site(_site_name(site, layer), m.spec.n_layers).name
-    fields = {}
-    if arch == "topk":
-        fields["k"] = k if k is not None else 32
-    elif arch in _COEFF and l1 is not None:
-        fields[_COEFF[arch]] = l1
-    sp = m.spec
-    make_sae(arch, d_in=sp.d_model, d_sae=latents, **fields)  # fail on a bad k or coefficient before harvesting
-    if store is None:
-        store_dir = out_dir / "activations"
-        if rank == 0:
-            ctx = token_contexts(m, "default", context=context, split="train",
-                                 max_tokens=int(tokens * context / (context - 1)) + context)
-            harvest(m, name, ctx, store_dir, n_tokens=tokens)
-        if dist.is_initialized():
-            dist.barrier()
-        source = ActivationStore(store_dir)
-    else:
-        source = ActivationStore(store)
-    if max_norm_ratio:
-        from lmscope.sae import TensorSource
-
-        source = TensorSource.from_store(source, max_norm_ratio=max_norm_ratio)
-    d_head = sp.d_head if name.endswith("attn.z") else 0
-    sae = make_sae(arch, d_in=source.d, d_sae=latents, site=name, model=m.name, d_head=d_head, seed=seed, **fields)
-    check_fits(sae, m)
-    cfg = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, seed=seed)
-    state = train(sae, source, cfg, out_dir)
-    if rank == 0:
-        last = state.history[-1] if state.history else {}
-        console.print(f"trained {arch} SAE on {name}: L0 {last.get('l0', float('nan')):.1f}, "
-                      f"FVE {last.get('fve', float('nan')):.3f}; wrote {out_dir}")
 
 
 @friendly
@@ -190,7 +119,6 @@ def compare_cmd(sae_dirs: list[Path] = typer.Argument(..., help="SAE folders (ev
 
 def register(app: typer.Typer) -> None:
     """Add this family's commands to `app`."""
-    sae_app.command("train")(train_cmd)
     sae_app.command("eval")(eval_cmd)
     sae_app.command("features")(features_cmd)
     sae_app.command("compare")(compare_cmd)

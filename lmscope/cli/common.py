@@ -63,3 +63,18 @@ def top_table(result, k: int, title: str) -> Table:
     for labels, value in result.top(k) + result.top(min(3, k), largest=False):
         table.add_row(*labels, f"{value:+.3f}")
     return table
+
+
+def write_outputs(written, json_path: Path | None, html: Path | None = None, png: Path | None = None) -> None:
+    """Write a Result, or a mapping of named Results: the first to the paths given, each other one to
+    ``<json stem>_<name>.json``."""
+    if not isinstance(written, dict):
+        write_result(written, json_path, html, png)
+        return
+    for i, (name, result) in enumerate(written.items()):
+        if i == 0:
+            write_result(result, json_path, html, png)
+        elif json_path:
+            path = json_path.with_name(f"{json_path.stem}_{name}{json_path.suffix}")
+            result.save_json(path)
+            console.print(f"wrote {path}")

@@ -23,9 +23,9 @@ def next_tokens(model, prompt: str, k: int = 10) -> Result:
 
 def run_demo(prompt: str, out_dir: Path, model_spec: str | None, out: Console, console: Console) -> Path:
     import lmscope
-    from lmscope.cli.cmd_decoding import lens_table
+    from lmscope.cli.views import lens_table
     from lmscope.cli.common import top_table
-    from lmscope.decoding import logit_lens
+    from lmscope.decoding import lens_top, logit_lens
     from lmscope.localization import dla
     from lmscope.plot import report_html
 
@@ -41,7 +41,7 @@ def run_demo(prompt: str, out_dir: Path, model_spec: str | None, out: Console, c
     out.print(table)
 
     top1, top2 = nxt.meta["token_ids"][:2]
-    lens = logit_lens(model, prompt, top1)
+    lens = lens_top(logit_lens(model, prompt, top1))
     out.print(lens_table(lens))
 
     by_head = dla(model, prompt, top1, top2, by="head")

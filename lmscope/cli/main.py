@@ -1,6 +1,7 @@
 """``lmscope`` command line: one command per job; every method command writes ``--json PATH``.
 
-Each method family registers its commands from its own ``cmd_<family>.py`` module.
+The method commands are generated from the spec registry (:mod:`lmscope.cli.generated`); the commands
+here and in ``cmd_sae.py`` (listing models, the demo, managing SAE files) are not methods.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lmscope.cli import cmd_attribution, cmd_circuits, cmd_decoding, cmd_patching, cmd_representations, cmd_sae
-from lmscope.cli.common import (DEMO_PROMPT, HtmlOpt, JsonOpt, ModelOpt, PngOpt, console, friendly, load_model,
-                                out, top_table, write_result)
+from lmscope.cli import cmd_sae, generated
+from lmscope.cli.common import DEMO_PROMPT, ModelOpt, console, friendly, out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="lmscope: open up decoder language models (attribution, patching, lenses).")
@@ -36,26 +36,6 @@ def models():
 
 @app.command()
 @friendly
-def dla(prompt: str = typer.Option(..., help="The prompt."),
-        target: str = typer.Option(..., help="Target token, e.g. ' Mary' (mind the leading space)."),
-        foil: str = typer.Option(None, help="Foil token: attribute the logit difference target − foil."),
-        by: str = typer.Option("layer", help="layer | head | neuron"),
-        position: int = typer.Option(None, help="Token position (default: last)."),
-        model: str = ModelOpt, json: Path = JsonOpt, html: Path = HtmlOpt, png: Path = PngOpt):
-    """Direct logit attribution by layer, head or neuron (final-norm scale frozen)."""
-    from lmscope.localization import dla as run_dla
-
-    m = load_model(model)
-    result = run_dla(m, prompt, target, foil, by=by, position=position)
-    meta = result.meta
-    capped = f", {meta['model_value']:.3f} after the soft-cap" if meta["softcap"] is not None else ""
-    out.print(top_table(result, 10, f"DLA of {meta['metric']} (model: {meta['metric_value']:.3f}{capped}, "
-                                    f"constant {meta['constant']:.3f})"))
-    write_result(result, json, html, png)
-
-
-@app.command()
-@friendly
 def demo(prompt: str = typer.Option(DEMO_PROMPT, help="The prompt to explain."),
          out_dir: Path = typer.Option(Path("lmscope-demo"), "--out", help="Folder for the HTML report."),
          model: str = ModelOpt):
@@ -65,8 +45,8 @@ def demo(prompt: str = typer.Option(DEMO_PROMPT, help="The prompt to explain."),
     run_demo(prompt, out_dir, model, out, console)
 
 
-for _family in (cmd_attribution, cmd_patching, cmd_circuits, cmd_decoding, cmd_representations, cmd_sae):
-    _family.register(app)
+cmd_sae.register(app)
+generated.register(app, {"sae": cmd_sae.sae_app})  # one command per registered method spec
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -33,11 +33,11 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from lmscope.errors import InputError, LmscopeError
-from lmscope.sites import parse_site
+from lmscope.sites import KINDS, parse_site
 
 FORMAT = "lmscope-activations/1"
 MANIFEST = "manifest.json"
-_NOT_TOKEN_SITES = ("attn.pattern",)
+_NOT_TOKEN_SITES = tuple(k.name for k in KINDS.values() if not k.per_token)  # attn.pattern
 
 
 class StoreError(LmscopeError):
@@ -195,12 +195,7 @@ def _keep_positions(mask: torch.Tensor, keep_first: bool) -> torch.Tensor:
 
 
 def _site_width(model, site) -> int:
-    s = model.spec
-    widths = {"resid_pre": s.d_model, "resid_mid": s.d_model, "resid_post": s.d_model, "attn_out": s.d_model,
-              "mlp_out": s.d_model, "embed": s.d_model, "attn.q": s.n_heads * s.d_head,
-              "attn.k": s.n_heads * s.d_head, "attn.v": s.n_heads * s.d_head, "attn.z": s.n_heads * s.d_head,
-              "attn.head_out": s.n_heads * s.d_model, "mlp.post": s.d_mlp, "final.scale": 1, "logits": s.d_vocab}
-    return widths[site.kind]
+    return KINDS[site.kind].width(model.spec)
 
 
 def site_activations(model, site: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -226,6 +221,7 @@ def harvest(model, site: str, contexts: torch.Tensor | Sequence[str], out_dir: s
     StoreError and touch nothing. Returns the finished :class:`ActivationStore`.
     """
     site_ = parse_site(site, model.spec.n_layers)
+    model.require([site_], f"Harvesting {site_.name}")
     if site_.kind in _NOT_TOKEN_SITES:
         raise InputError(f"Site {site_.name!r} is not one vector per token; harvest a token site (resid_post, "
                          "attn.z, mlp.post, ...).")

@@ -19,6 +19,7 @@ Shapes: source states (L, B, D); sweep values (source_layer, target_layer); iden
 
 from __future__ import annotations
 
+from lmscope import specs
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -197,3 +198,38 @@ def token_identity(model: Model, sources: Sequence[str], *, layers: Sequence[int
                                      "n": len(sources)},
                   {"correct": correct.int(), "expected_prob": expected_prob},
                   {"expected": [model.decode([i]) for i in eids.tolist()]})
+
+
+# ------------------------------------------------------------------------------------------------ spec
+@dataclass(frozen=True)
+class PatchscopeConfig:
+    """One Patchscope (or with ``sweep`` every source × target layer) of the source prompt's hidden state."""
+
+    layer: int | None = specs.option(None, "Source layer (input of this block; 0 = embeddings); needed unless --sweep.")
+    position: int = specs.option(-1, "Source token position (default: last).")
+    target_prompt: str = specs.option("identity", "'identity', 'entity' or a prompt holding a placeholder '?' or 'x'.")
+    target_layer: int | None = specs.option(None, "Target layer (default: the source layer).")
+    target_position: int | None = specs.option(None, "Target position (default: the placeholder).")
+    generate: int = specs.option(0, "Also generate this many tokens greedily.", flags=("--generate",))
+    sweep: bool = specs.option(False, "Sweep all source layers × target layers instead.", flags=("--sweep",))
+    k: int = specs.option(10, "Top tokens to keep.")
+
+    def __post_init__(self):
+        if not self.sweep and self.layer is None:
+            raise InputError("Give --layer L (the source layer), or --sweep for every layer.")
+        if self.k < 1 or self.generate < 0:
+            raise InputError("--k must be positive and --generate non-negative.")
+
+
+def run_patchscope(model: Model, source: specs.Prompt, config: PatchscopeConfig) -> Result:
+    """Patchscope: patch a hidden state into a target prompt and decode what it says."""
+    if config.sweep:
+        return patchscope_sweep(model, source.text, position=config.position, target=config.target_prompt,
+                                target_position=config.target_position)
+    return patchscope(model, source.text, config.layer, position=config.position, target=config.target_prompt,
+                      target_layer=config.target_layer, target_position=config.target_position, k=config.k,
+                      max_new_tokens=config.generate)
+
+
+specs.register(specs.MethodSpec("patchscope", "decoding", "prompt", PatchscopeConfig, run_patchscope,
+                                sites=("resid_pre",), cli_inputs=("source",)))

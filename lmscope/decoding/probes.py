@@ -21,6 +21,7 @@ original (unstandardised) activation space, so ``X @ weight.T + bias`` are its l
 
 from __future__ import annotations
 
+from lmscope import specs
 import math
 import re
 from collections.abc import Sequence
@@ -312,3 +313,55 @@ def probe_layers(model: Model, texts: Sequence[str], y: torch.Tensor | Sequence[
                   {"classes": list(classes) if classes is not None else [str(i) for i in range(len(counts))],
                    "class_counts": counts, "majority_baseline": max(counts) / len(y),
                    "n_control_types": len(set(types))})
+
+
+# ------------------------------------------------------------------------------------------------ spec
+def layer_list(text: str | None) -> list[int] | None:
+    """'0,5,10', '0-10' (inclusive), '0:30:5' (Python range) or None/'all' for all layers."""
+    if text is None or text.strip() in ("", "all"):
+        return None
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if ":" in part:
+                layers += list(range(*[int(x) for x in part.split(":")]))
+            elif re.fullmatch(r"\d+-\d+", part):
+                a, b = part.split("-")
+                layers += list(range(int(a), int(b) + 1))
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise InputError(f"Cannot read layers {text!r}: use '0,5,10', '0-10' or '0:30:5'.") from None
+    return layers
+
+
+@dataclass(frozen=True)
+class ProbeRunConfig:
+    """Linear probes per layer on a labelled set."""
+
+    site: str = specs.option("resid_post", "Site kind: resid_pre, resid_post, mlp_out, attn.z, ...")
+    layers: str | None = specs.option(None, "Layers: '0,5,10', '0-10' or '0:30:5' (default: all).")
+    position: str = specs.option("last", "last | mean | marked ([[...]] in the text) | an index.")
+    kind: str = specs.option("logistic", "logistic | ridge | mean_diff", choices=PROBE_KINDS)
+    folds: int = specs.option(5, "Cross-validation folds.")
+    l2: float = specs.option(1e-3, "L2 penalty.")
+    control: bool = specs.option(True, "Also run the control task (selectivity).", flags=("--control/--no-control",))
+
+    def __post_init__(self):
+        specs.check_config(self)
+        layer_list(self.layers)
+        ProbeConfig(kind=self.kind, l2=self.l2, folds=self.folds)
+
+
+def run_probe(model: Model, data, config: ProbeRunConfig) -> Result:
+    """Linear probes per layer with cross-validation, a control task and selectivity."""
+    pos: Position = int(config.position) if config.position.lstrip("-").isdigit() else config.position
+    result = probe_layers(model, data.texts, data.y, site=config.site, layers=layer_list(config.layers), position=pos,
+                          config=ProbeConfig(kind=config.kind, l2=config.l2, folds=config.folds),
+                          control=config.control, classes=data.classes)
+    result.meta.update(dataset=data.name, n_examples=len(data.texts))
+    return result
+
+
+specs.register(specs.MethodSpec("probe", "decoding", "labelled", ProbeRunConfig, run_probe, sites=("resid_post",)))

@@ -23,6 +23,9 @@ vector results (side: promoted/suppressed, rank).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from lmscope import specs
+from lmscope.results import ResultSet
 from collections.abc import Sequence
 
 import torch
@@ -177,3 +180,45 @@ def embedding_matches(model: Model, direction: torch.Tensor, *, k: int = 10) -> 
                                           Axis("rank", tuple(str(r + 1) for r in range(up.shape[1])))),
                   "embedding_matches", model.name, None, {"k": k}, {},
                   {"tokens": up_names + down_names, "ids": up_idx.tolist() + down_idx.tolist()})
+
+
+# ------------------------------------------------------------------------------------------------ spec
+def _layer_index(text: str, what: str) -> tuple[int, int]:
+    try:
+        a, b = text.split(".")
+        return int(a), int(b)
+    except ValueError:
+        raise InputError(f"--{what} {text!r}: write LAYER.INDEX, e.g. 3.5.") from None
+
+
+DEFAULT_WORDS = (" the", " Paris", " cat", " John", " 1", " and")
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """Weight projections of one head or one neuron."""
+
+    head: str | None = specs.option(None, "Head as LAYER.HEAD, e.g. 5.3.")
+    neuron: str | None = specs.option(None, "Neuron as LAYER.NEURON, e.g. 10.1234.")
+    tokens: str | None = specs.option(None, "Comma-separated input tokens for a head (mind leading spaces), e.g. "
+                                            "' Paris, London'. Default: a few common words.")
+    k: int = specs.option(10, "Tokens per row.")
+
+    def __post_init__(self):
+        if (self.head is None) == (self.neuron is None):
+            raise InputError("Give exactly one of --head LAYER.HEAD or --neuron LAYER.NEURON.")
+        _layer_index(self.head or self.neuron, "head" if self.head else "neuron")
+
+
+def run_project(model: Model, inputs: None, config: ProjectConfig) -> ResultSet:
+    """Weight projections: a head's OV/QK circuits or a neuron's output direction in vocabulary space."""
+    if config.neuron is not None:
+        layer, n = _layer_index(config.neuron, "neuron")
+        return ResultSet({"neuron": neuron_tokens(model, layer, n, k=config.k)}, "project", model.name)
+    layer, h = _layer_index(config.head, "head")
+    words = list(DEFAULT_WORDS) if config.tokens is None else [t for t in config.tokens.split(",") if t]
+    return ResultSet({"ov": ov_circuit(model, layer, h, words, k=config.k),
+                      "qk": qk_circuit(model, layer, h, words, k=config.k)}, "project", model.name)
+
+
+specs.register(specs.MethodSpec("project", "decoding", "none", ProjectConfig, run_project, "resultset"))

@@ -22,6 +22,8 @@ Shapes: directions (D,) at a residual-width site, or (P, D) for ActAdd; generati
 
 from __future__ import annotations
 
+from lmscope import specs
+from lmscope.results import Axis, Result
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -205,3 +207,53 @@ def steer(model: Model, prompt: str, positive: str, negative: str, layer: int, *
     plain = generate(model, prompt, max_new_tokens=max_new_tokens)
     steered = generate(model, prompt, vec, layer, scale=scale, site=site, max_new_tokens=max_new_tokens)
     return plain, steered, vec
+
+
+# ------------------------------------------------------------------------------------------------ spec
+@dataclass(frozen=True)
+class SteerConfig:
+    """Steering with a vector from one prompt pair."""
+
+    positive: str = specs.option(help="Positive prompt, e.g. ' Love'.")
+    negative: str = specs.option(help="Negative prompt, e.g. ' Hate'.")
+    layer: int = specs.option(help="Layer whose input (resid_pre) receives the vector.")
+    scale: float = specs.option(4.0, "Multiplier of the vector.")
+    method: str = specs.option("actadd", "actadd: per-position h(+) − h(−) added at the first positions; mean: "
+                                         "last-token difference added everywhere.", choices=("actadd", "mean"))
+    max_new_tokens: int = specs.option(20, "Tokens to generate.")
+
+    def __post_init__(self):
+        if self.method not in ("actadd", "mean"):
+            raise InputError(f"--method {self.method!r}: use actadd or mean.")
+        if self.max_new_tokens < 1:
+            raise InputError("--max-new-tokens must be at least 1.")
+
+
+def generation_result(model: Model, generations: Sequence[Generation], labels: Sequence[str], method: str,
+                      target: dict | None, params: dict, extras: dict | None = None, meta: dict | None = None) -> Result:
+    """Greedy generations as one Result: values (variant, step) log-probabilities of the chosen tokens,
+    meta ``texts`` and ``tokens`` per variant (first prompt of each generation)."""
+    chosen = [g.log_probs[0].gather(-1, g.tokens[0][:, None])[:, 0] for g in generations]
+    steps = tuple(str(i) for i in range(generations[0].tokens.shape[1]))
+    meta = {"texts": [g.texts[0] for g in generations],
+            "tokens": [[model.decode([i]) for i in g.tokens[0].tolist()] for g in generations], **(meta or {})}
+    return Result(torch.stack(chosen), (Axis("variant", tuple(labels)), Axis("step", steps)), method, model.name,
+                  target, params, extras or {}, meta)
+
+
+def run_steer(model: Model, prompt: specs.Prompt, config: SteerConfig) -> Result:
+    """Steering: generate with and without a vector from a prompt pair added to the residual stream."""
+    if config.method == "actadd":
+        vec = actadd_vector(model, config.positive, config.negative, config.layer)
+    else:
+        vec = direction_from_texts(model, [config.positive], [config.negative], config.layer)
+    plain = generate(model, prompt.text, max_new_tokens=config.max_new_tokens)
+    steered = generate(model, prompt.text, vec, config.layer, scale=config.scale, max_new_tokens=config.max_new_tokens)
+    return generation_result(model, [plain, steered], ("unsteered", "steered"), "steer",
+                             {"positive": config.positive, "negative": config.negative},
+                             {"layer": config.layer, "scale": config.scale, "method": config.method,
+                              "max_new_tokens": config.max_new_tokens}, {"vector": vec}, {"prompt": prompt.text})
+
+
+specs.register(specs.MethodSpec("steer", "decoding", "prompt", SteerConfig, run_steer, sites=("resid_pre",),
+                                cli_inputs=("text",)))

@@ -368,23 +368,14 @@ def evaluate_lens(model, lens: TunedLens | None = None, corpus="default", *, con
 
 def tuned_lens(model, prompt: str, lens: TunedLens, target: str | int | None = None, *, k: int = 5,
                position: int | None = None) -> Result:
-    """Like :func:`lmscope.decoding.logit_lens`, with each hidden state passed through the tuned lens first."""
+    """Like :func:`lmscope.decoding.logit_lens` (a layer × position grid; :func:`~lmscope.decoding.lens_top`
+    views one position), with each hidden state passed through the tuned lens first."""
+    from lmscope.decoding.logit_lens import lens_grid
+
     lens.check_model(model)
-    n = model.spec.n_layers
-    sites = hidden_sites(n)
+    sites = hidden_sites(model.spec.n_layers)
     run = model.run(prompt, cache=sites, logits="none")
-    pos = int(run.batch.last_index[0]) if position is None else position % run.batch.input_ids.shape[1]
     with torch.no_grad():
-        hs = torch.stack([lens.translate(run[s][0, pos], i) for i, s in enumerate(sites)])
-        probs = decode(model, hs).softmax(-1)
-    top = probs.topk(k, dim=-1)
-    meta = {"top_tokens": [[model.decode([i]) for i in row] for row in top.indices.tolist()],
-            "position": pos, "tokens": run.batch.str_tokens[0]}
-    extras, target_doc = {}, None
-    if target is not None:
-        t = model.token_id(target)
-        extras["target_prob"] = probs[:, t]
-        extras["target_rank"] = (probs > probs[:, t:t + 1]).sum(dim=-1) + 1
-        target_doc = {"target": model.decode([t]), "target_id": t, "position": pos}
-    return Result(top.values, (Axis("layer", layer_labels(n)), Axis("rank", tuple(str(r + 1) for r in range(k)))),
-                  "tuned_lens", model.name, target_doc, {"k": k, "position": position}, extras, meta)
+        hs = torch.stack([lens.translate(run[s][0], i) for i, s in enumerate(sites)])  # (L + 1, T, D)
+        return lens_grid(model, hs, lambda h: decode(model, h), run.batch.str_tokens[0], target, k, "tuned_lens",
+                         {"position": position})

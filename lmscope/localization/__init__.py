@@ -4,16 +4,19 @@ routes. Prompt-pair generators live in :mod:`.tasks`, metrics in :mod:`.metrics`
 
 from lmscope.localization import metrics, tasks
 from lmscope.localization.acdc import acdc
-from lmscope.localization.atp import atp, atp_star, exact_head_effects
+from lmscope.localization.atp import AtPConfig, atp, atp_star, exact_head_effects
 from lmscope.localization.circuits import Circuit, EdgeScores, extract, faithfulness_curve
-from lmscope.localization.dla import dla
+from lmscope.localization.dla import DLAConfig, dla
 from lmscope.localization.eap import eap
-from lmscope.localization.flow import flow, flow_contributions
+from lmscope.localization.find_circuit import CircuitConfig, find_circuit
+from lmscope.localization.flow import FlowConfig, flow, flow_contributions
 from lmscope.localization.path_patching import path_patching
-from lmscope.localization.patching import activation_patching, prepare
-from lmscope.localization.tasks import PromptPairs, factual, induction, ioi
-from lmscope.localization.tracing import causal_trace
+from lmscope.localization.patching import PatchConfig, activation_patching, prepare
+from lmscope.localization.tasks import PromptPairs, factual, induction, ioi, pair, task_pairs
+from lmscope.localization.tracing import TraceConfig, causal_trace
 
-__all__ = ["Circuit", "EdgeScores", "PromptPairs", "acdc", "activation_patching", "atp", "atp_star", "causal_trace",
-           "dla", "eap", "exact_head_effects", "extract", "factual", "faithfulness_curve", "flow",
-           "flow_contributions", "induction", "ioi", "metrics", "path_patching", "prepare", "tasks"]
+__all__ = ["AtPConfig", "Circuit", "CircuitConfig", "DLAConfig", "EdgeScores", "FlowConfig", "PatchConfig",
+           "PromptPairs", "TraceConfig", "acdc", "activation_patching", "atp", "atp_star", "causal_trace", "dla", "eap",
+           "exact_head_effects", "extract", "factual", "faithfulness_curve", "find_circuit", "flow",
+           "flow_contributions", "induction", "ioi", "metrics", "pair", "path_patching", "prepare", "task_pairs",
+           "tasks"]

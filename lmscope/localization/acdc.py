@@ -23,6 +23,7 @@ import torch
 
 from lmscope.errors import InputError
 from lmscope.localization.circuits import Circuit, _batches, _metric
+from lmscope.localization.metrics import metric_kind
 from lmscope.localization.tasks import PromptPairs
 from lmscope.models import Model, edge_forward, edge_graph, upstream_values
 
@@ -43,8 +44,7 @@ def acdc(model: Model, pairs: PromptPairs, *, threshold: float = 0.1, metric: st
     """Greedy exact pruning of the edge graph at threshold τ (see the module docstring)."""
     if threshold <= 0:
         raise InputError(f"threshold={threshold}: ACDC's τ must be positive (the paper sweeps 0.01 … 250).")
-    if metric not in ("kl", "logit_diff"):
-        raise InputError(f"metric={metric!r}: ACDC supports 'kl' (default) and 'logit_diff'.")
+    metric = metric_kind(metric, ("kl", "logit_diff"), "ACDC")
     graph = edge_graph(model)
     if graph.n_edges > max_edges:
         raise InputError(

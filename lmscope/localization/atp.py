@@ -1,12 +1,16 @@
 """Attribution patching (AtP) and AtP*: every node's patching effect from one forward and one backward.
 
 AtP (Nanda 2023; Kramár et al. 2024) replaces each activation patch by its first-order Taylor term.
-Noising (the default) runs the clean prompts with gradients and the corrupted ones without:
+Denoising (the default, as in activation patching and circuits; :mod:`lmscope.targets`) runs the
+corrupted prompts with gradients and the clean ones without:
 
-    ĉ(n) = (n(x_corrupt) − n(x_clean)) · ∂M/∂n |_{x_clean}
+    ĉ(n) = (n(x_clean) − n(x_corrupt)) · ∂M/∂n |_{x_corrupt}
 
 summed over the node's entries (positions, head width, prompts; M is the mean over prompts, so
-scores are mean effects). Denoising swaps the roles: ``(n(x_clean) − n(x_corrupt)) · ∂M/∂n |_{x_corrupt}``.
+scores are mean effects). Noising swaps the roles: ``(n(x_corrupt) − n(x_clean)) · ∂M/∂n |_{x_clean}``.
+Values are normalised like activation patching, ĉ / (M_clean − M_corrupt) (0 = no effect; denoising
+1 = clean behaviour restored, noising −1 = destroyed; GradDrop magnitudes over |M_clean − M_corrupt|);
+the raw estimates are in ``extras["raw"]`` (or pass ``normalise=False``).
 Nodes: heads (``attn.z`` of one head at every position), MLP layers (``mlp_out``), neurons
 (``mlp.post``), residual positions (``resid_pre`` of one layer at one position), and with AtP* the
 per-head query, key and value inputs.
@@ -26,7 +30,7 @@ Use AtP to rank thousands of nodes in seconds, then check the top ones by exact 
 (:mod:`lmscope.localization.patching`). It is poor for large-norm activations (early residual
 stream) and for effects through attention saturation (what the QK fix is for).
 
-Shapes: B prompts, T tokens, L layers, H heads, F neurons. ``atp`` returns a dict of Results:
+Shapes: B prompts, T tokens, L layers, H heads, F neurons. ``atp`` returns a ResultSet (a mapping):
 ``head`` (L, H), ``mlp`` (L,), ``neuron`` (L, F), ``resid`` (L, T), and with the QK fix
 ``head_q``/``head_k``/``head_v`` (L, H).
 """
@@ -36,30 +40,47 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lmscope import specs
 import torch
 
 from lmscope.errors import InputError, ModelCheckError
-from lmscope.localization.metrics import Metric
+from lmscope.localization.metrics import Metric, metric_kind
 from lmscope.localization.tasks import PromptPairs
 from lmscope.models import Model
-from lmscope.results import Axis, Result
+from lmscope.results import Axis, Result, ResultSet
+from lmscope.targets import default_metric
 
 NODES = ("head", "mlp", "neuron", "resid")
+SITE_OF_NODE = {"head": "attn.z", "mlp": "mlp_out", "neuron": "mlp.post", "resid": "resid_pre"}
 DIRECTIONS = ("noise", "denoise")
+ALL_NODES = NODES + ("head_q", "head_k", "head_v")
 
 
 @dataclass(frozen=True)
 class AtPConfig:
-    """Options of :func:`atp`: which nodes, noising or denoising, AtP* parts, prompts per batch."""
+    """Options of :func:`atp`: which nodes, denoising or noising, AtP* parts, prompts per batch, metric."""
 
-    nodes: tuple[str, ...] = NODES
-    direction: str = "noise"
-    qk_fix: bool = False
-    graddrop: bool = False
-    batch_size: int = 16
+    nodes: tuple[str, ...] = specs.option(NODES, "Node kinds: head | mlp | neuron | resid.")
+    direction: str = specs.option("denoise", "Denoise: clean values into the corrupted run (default, as in "
+                                             "patching); noise: the reverse.", flags=("--denoise/--noise",),
+                                  values=("denoise", "noise"))
+    qk_fix: bool = specs.option(False, "AtP*'s QK fix (exact softmax for query and key nodes).")
+    graddrop: bool = specs.option(False, "AtP*'s GradDrop (scores become magnitudes).")
+    batch_size: int = specs.option(16, "Prompts per forward/backward.")
+    metric: str | None = specs.option(None, "logit_diff | probability | log_prob (default: logit_diff with a foil, "
+                                            "log_prob without).")
+    normalise: bool = specs.option(True, "Divide by M_clean − M_corrupt, as activation patching does (raw values "
+                                         "stay in extras['raw']).", flags=("--normalise/--raw",))
+    star: bool = specs.option(False, "AtP*: the QK fix and GradDrop together.", flags=("--star",))
+    node: str = specs.option("head", "Node kind the command line shows and writes to --json: head | mlp | neuron | "
+                                     "resid (with --star also head_q | head_k | head_v).", choices=ALL_NODES)
 
     def __post_init__(self):
         object.__setattr__(self, "nodes", tuple(self.nodes))
+        if self.star:
+            object.__setattr__(self, "qk_fix", True)
+            object.__setattr__(self, "graddrop", True)
+        specs.check_config(self)
         bad = [n for n in self.nodes if n not in NODES]
         if bad or not self.nodes:
             raise InputError(f"Unknown AtP node kind(s) {bad}; choose from {NODES}.")
@@ -160,16 +181,18 @@ def _check_patterns(model: Model, base: dict, real: torch.Tensor) -> None:
             f"(max error {err:.2g}; a score transform the adapter does not name?). Use qk_fix=False for this model.")
 
 
-def atp(model: Model, pairs: PromptPairs, *, nodes: Sequence[str] = NODES, direction: str = "noise",
-        metric: str = "logit_diff", qk_fix: bool = False, graddrop: bool = False,
-        batch_size: int = 16) -> dict[str, Result]:
-    """Attribution patching over ``pairs`` (see the module docstring); a dict of Results by node kind.
+def atp(model: Model, pairs: PromptPairs, *, nodes: Sequence[str] = NODES, direction: str = "denoise",
+        metric: str | None = None, qk_fix: bool = False, graddrop: bool = False,
+        batch_size: int = 16, normalise: bool = True) -> ResultSet:
+    """Attribution patching over ``pairs`` (see the module docstring); a ResultSet by node kind.
 
-    ``metric``: "logit_diff" (target − foil, default), "prob" or "logprob" of the target.
+    ``metric``: "logit_diff" (target − foil; the default with foils), "probability" or "log_prob" (the
+    default without foils) of the target.
     """
     cfg = AtPConfig(tuple(nodes), direction, qk_fix, graddrop, batch_size)
-    if metric not in ("logit_diff", "prob", "logprob"):
-        raise InputError(f"metric={metric!r}: AtP supports 'logit_diff', 'prob' and 'logprob'.")
+    for node in cfg.nodes:
+        model.require([SITE_OF_NODE[node]], f"AtP on {node} nodes")
+    metric = metric_kind(metric or default_metric(pairs.foils[0]), ("logit_diff", "prob", "logprob"), "AtP")
     pairs.check(model)
     total = len(pairs)
     if "resid" in cfg.nodes and len(set(pairs.lengths(model))) > 1:
@@ -209,10 +232,10 @@ def atp(model: Model, pairs: PromptPairs, *, nodes: Sequence[str] = NODES, direc
         if tokens is None:
             tokens = clean.str_tokens[0]
         del run, base, grads
-    return _results(model, cfg, sums, pairs, tokens, metric, clean_m, corrupt_m)
+    return _results(model, cfg, sums, pairs, tokens, metric, clean_m, corrupt_m, normalise)
 
 
-def atp_star(model: Model, pairs: PromptPairs, **kwargs) -> dict[str, Result]:
+def atp_star(model: Model, pairs: PromptPairs, **kwargs) -> ResultSet:
     """AtP* = AtP with the QK fix and GradDrop (see the module docstring)."""
     return atp(model, pairs, qk_fix=True, graddrop=True, **kwargs)
 
@@ -237,13 +260,18 @@ def _graddrop(model: Model, cfg: AtPConfig, value, base, det, other, names, real
     return {k: v / (n if k == "resid" else max(n - 1, 1)) for k, v in acc.items()}
 
 
-def _results(model, cfg, sums, pairs, tokens, metric, clean_m, corrupt_m) -> dict[str, Result]:
+def _results(model, cfg, sums, pairs, tokens, metric, clean_m, corrupt_m, normalise) -> ResultSet:
     s = model.spec
     layers = Axis("layer", tuple(range(s.n_layers)))
     heads = Axis("head", tuple(range(s.n_heads)))
     method = "atp*" if (cfg.qk_fix or cfg.graddrop) else "atp"
     params = {"direction": cfg.direction, "qk_fix": cfg.qk_fix, "graddrop": cfg.graddrop, "n_prompts": len(pairs),
-              "metric": metric}
+              "metric": metric, "normalise": normalise}
+    gap = clean_m - corrupt_m
+    if normalise and abs(gap) < 1e-6:
+        raise InputError("The clean and corrupted runs give the same metric value, so normalised AtP scores are "
+                         "undefined. Check that the corruption changes the answer, or pass normalise=False.")
+    scale = (abs(gap) if cfg.graddrop else gap) if normalise else 1.0
     meta = {"clean_metric": clean_m, "corrupt_metric": corrupt_m, "prompt": pairs.clean[0],
             "corrupt_prompt": pairs.corrupt[0], "task": pairs.meta.get("task")}
     target = {"target": pairs.targets[0], "foil": pairs.foils[0]}
@@ -258,14 +286,16 @@ def _results(model, cfg, sums, pairs, tokens, metric, clean_m, corrupt_m) -> dic
         else:
             labels = tuple(f"{i}:{t}" for i, t in enumerate(tokens))
             axes = (layers, Axis("position", labels))
-        out[kind] = Result(vals.float(), axes, method, model.name, target, {**params, "node": kind}, meta=meta)
-    return out
+        raw = vals.float()
+        out[kind] = Result(raw / scale, axes, method, model.name, target, {**params, "node": kind},
+                           {"raw": raw}, meta)
+    return ResultSet(out, method, model.name, meta)
 
 
-def exact_head_effects(model: Model, pairs: PromptPairs, *, direction: str = "noise", metric: str = "logit_diff",
+def exact_head_effects(model: Model, pairs: PromptPairs, *, direction: str = "denoise", metric: str = "logit_diff",
                        batch_size: int = 16, chunk_size: int | None = None) -> Result:
     """The exact counterpart of AtP's ``head`` nodes, to validate it: M(patched) − M(base) for each
-    head, its ``attn.z`` patched at every position (noising: corrupted values into the clean run),
+    head, its ``attn.z`` patched at every position (denoising: clean values into the corrupted run),
     through batched runs (:meth:`Model.run_sets`). (L, H) Result."""
     from lmscope.interventions import Patch
 
@@ -309,3 +339,18 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = ranks(a), ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+# ------------------------------------------------------------------------------------------------ spec
+def run_atp(model: Model, pairs: PromptPairs, config: AtPConfig) -> ResultSet:
+    """Attribution patching (AtP / AtP*): every head, MLP, neuron and residual position at once."""
+    nodes = config.nodes
+    if config.nodes == NODES and len(set(pairs.lengths(model))) > 1:
+        nodes = tuple(k for k in NODES if k != "resid")  # positions do not align across prompts
+    return atp(model, pairs, nodes=nodes, direction=config.direction, metric=config.metric, qk_fix=config.qk_fix,
+               graddrop=config.graddrop, batch_size=config.batch_size, normalise=config.normalise)
+
+
+specs.register(specs.MethodSpec("atp", "localization", "pairs", AtPConfig, run_atp, "resultset",
+                                sites=("attn.z", "attn.q", "attn.k", "attn.pattern", "mlp_out", "mlp.post",
+                                       "resid_pre")))

@@ -19,12 +19,15 @@ Without a soft-cap both values are the model's logit (difference).
 
 Granularity: ``by="layer"`` (embedding, each attention block, each MLP), ``by="head"`` (layer ×
 head, with the MLPs, embedding and biases in ``extras``), ``by="neuron"`` (layer × neuron, with the
-heads and the rest in ``extras``). Reference: nostalgebraist (2020); Elhage et al. (2021); the
+heads and the rest in ``extras``; needs a model with MLPs). An attention-only model has no MLP
+entries. Reference: nostalgebraist (2020); Elhage et al. (2021); the
 Primer §3.2.1.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from lmscope import specs
 import torch
 
 from lmscope.errors import InputError
@@ -40,10 +43,13 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
     """Direct logit attribution of ``target`` (or ``target − foil``) at ``position`` (default last)."""
     if by not in BY:
         raise InputError(f"by={by!r}: use one of {BY}.")
-    n = model.spec.n_layers
     neurons = by == "neuron"
+    if neurons:
+        model.require(["mlp.post"], "DLA by neuron")
+    has_mlp = "mlp" in model.parts  # an attention-only model has no MLP components
+    n = model.spec.n_layers
     sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post", *site_names("attn.head_out", n),
-             *site_names("mlp.post" if neurons else "mlp_out", n)]
+             *(site_names("mlp.post" if neurons else "mlp_out", n) if has_mlp else [])]
     run = model.run(prompt, cache=sites, logits="all")
     pos = int(run.batch.last_index[0]) if position is None else position % run.batch.input_ids.shape[1]
     direction = model.logit_direction(target, foil, scale=run["final.scale"][0, pos])
@@ -65,9 +71,11 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
         for layer in range(n):
             idx = [i for i, (k, ly) in enumerate(zip(dec.kinds, dec.layers)) if ly == layer]
             attn = sum(contrib[i] for i in idx if dec.kinds[i] in ("head", "attn_bias"))
-            mlp = sum(contrib[i] for i in idx if dec.kinds[i] == "mlp")
-            labels += [f"L{layer}.attn", f"L{layer}.mlp"]
-            values += [attn, mlp]
+            labels.append(f"L{layer}.attn")
+            values.append(attn)
+            if has_mlp:
+                labels.append(f"L{layer}.mlp")
+                values.append(sum(contrib[i] for i in idx if dec.kinds[i] == "mlp"))
         meta["total"] = float(torch.stack(values).sum() + const)
         return Result(torch.stack(values), (Axis("component", tuple(labels)),), "dla", model.name,
                       target_doc, params, meta=meta)
@@ -78,8 +86,10 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
                               for l in range(n)])
     extras = {"embed": embed.reshape(1), "attn_bias": attn_bias}
     if by == "head":
-        mlp = torch.stack([run[f"blocks.{l}.mlp_out"][0, pos].float().cpu() @ v for l in range(n)])
-        extras["mlp"] = mlp
+        mlp = torch.stack([run[f"blocks.{l}.mlp_out"][0, pos].float().cpu() @ v for l in range(n)]) if has_mlp \
+            else torch.zeros(0)
+        if has_mlp:
+            extras["mlp"] = mlp
         meta["total"] = float(heads.sum() + mlp.sum() + embed + attn_bias.sum() + const)
         return Result(heads, (layers, Axis("head", tuple(str(h) for h in range(model.spec.n_heads)))),
                       "dla", model.name, target_doc, params, extras, meta)
@@ -107,3 +117,24 @@ def _bias_term(bias, run, factor_key: str, pos: int, v: torch.Tensor) -> float:
     if factor_key in run.cache:
         b = b * run.cache[factor_key][0, pos].float().cpu()
     return float(b @ v)
+
+
+# ------------------------------------------------------------------------------------------------ spec
+@dataclass(frozen=True)
+class DLAConfig:
+    """Direct logit attribution by layer, head or neuron (final-norm scale frozen)."""
+
+    by: str = specs.option("layer", "layer | head | neuron", choices=BY)
+    position: int | None = specs.option(None, "Token position (default: last).")
+
+    def __post_init__(self):
+        specs.check_config(self)
+
+
+def run_dla(model: Model, prompt: specs.Prompt, config: DLAConfig) -> Result:
+    """Direct logit attribution by layer, head or neuron (final-norm scale frozen)."""
+    return dla(model, prompt.text, prompt.target, prompt.foil, by=config.by, position=config.position)
+
+
+specs.register(specs.MethodSpec("dla", "localization", "prompt", DLAConfig, run_dla,
+                                sites=("embed", "attn.head_out", "mlp_out", "mlp.post", "final.scale")))

@@ -31,6 +31,7 @@ import torch
 from lmscope.errors import InputError
 from lmscope.interventions import Patch
 from lmscope.localization.circuits import EdgeScores, _batches, _metric
+from lmscope.localization.metrics import metric_kind
 from lmscope.localization.tasks import PromptPairs
 from lmscope.models import Model, edge_forward, edge_graph, upstream_values
 
@@ -45,8 +46,7 @@ def eap(model: Model, pairs: PromptPairs, *, method: str = "eap", ig_steps: int 
         raise InputError(f"method={method!r}: use one of {METHODS}.")
     if method == "eap-ig" and ig_steps < 1:
         raise InputError("ig_steps must be at least 1.")
-    if metric not in ("logit_diff", "prob", "logprob"):
-        raise InputError(f"metric={metric!r}: use 'logit_diff', 'prob' or 'logprob'.")
+    metric = metric_kind(metric, ("logit_diff", "prob", "logprob"), "EAP")
     pairs.check(model)
     graph = edge_graph(model)
     total = len(pairs)

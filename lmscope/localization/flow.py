@@ -24,6 +24,7 @@ sources, layer by layer down to the embeddings. Shapes: T tokens, L layers, H he
 
 from __future__ import annotations
 
+from lmscope import specs
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,7 @@ def _proximity(whole: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
 
 def flow_contributions(model: Model, prompt: str) -> FlowContributions:
     """Importances of every edge of the contribution graph for ``prompt`` (one forward pass)."""
+    model.require(["attn_out", "mlp_out"], "Information flow routes")
     s = model.spec
     n, h_n = s.n_layers, s.n_heads
     sites = [f"blocks.{l}.{k}" for l in range(n) for k in
@@ -175,3 +177,25 @@ def flow(model: Model, prompt: str, *, position: int | None = None, threshold: f
             "prompt": prompt}
     return Result(vals, (Axis("edge", labels),), "flow", model.name,
                   params={"threshold": threshold, "renormalize": renormalize, "position": position}, meta=meta)
+
+
+# ------------------------------------------------------------------------------------------------ spec
+@dataclass(frozen=True)
+class FlowConfig:
+    """Information-flow routes into one position."""
+
+    position: int | None = specs.option(None, "Token position to explain (default: last).")
+    threshold: float = specs.option(DEFAULT_THRESHOLD, "Importance threshold τ in (0, 1).")
+
+    def __post_init__(self):
+        if not 0 < self.threshold < 1:
+            raise InputError(f"--threshold {self.threshold}: the threshold must lie strictly between 0 and 1.")
+
+
+def run_flow(model: Model, prompt: specs.Prompt, config: FlowConfig) -> Result:
+    """Information-flow routes (Ferrando & Voita 2024): the contribution graph into one position."""
+    return flow(model, prompt.text, position=config.position, threshold=config.threshold)
+
+
+specs.register(specs.MethodSpec("flow", "localization", "prompt", FlowConfig, run_flow,
+                                sites=("attn.head_out", "mlp_out", "resid_pre"), cli_inputs=("text",)))

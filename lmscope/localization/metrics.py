@@ -30,8 +30,17 @@ from dataclasses import dataclass
 import torch
 
 from lmscope.errors import InputError
+from lmscope.targets import canonical_metric
 
 METRICS = ("logit_diff", "prob", "logprob", "kl")
+_SPELLING = {"logit_diff": "logit_diff", "probability": "prob", "log_prob": "logprob", "kl": "kl"}  # shared -> ours
+
+
+def metric_kind(metric: str, allowed: tuple[str, ...] = METRICS, method: str = "patching") -> str:
+    """This module's name for ``metric`` (any name of :mod:`lmscope.targets`: 'probability', 'log_prob', ...),
+    checked against ``allowed``."""
+    ours = {k: v for k, v in _SPELLING.items() if v in allowed}
+    return ours[canonical_metric(metric, tuple(ours), method)]
 
 
 def _gather(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -99,7 +108,7 @@ class Metric:
 
     def __post_init__(self):
         if self.kind not in METRICS:
-            raise InputError(f"Unknown metric {self.kind!r}; use one of {METRICS}.")
+            object.__setattr__(self, "kind", metric_kind(self.kind))
         if self.kind == "logit_diff" and self.foils is None:
             raise InputError("The logit_diff metric needs a foil token for every prompt (e.g. --foil ' John').")
         if self.kind == "kl" and self.clean_logits is None:

@@ -34,6 +34,8 @@ metric is in ``extras["raw"]`` and the unpatched values in ``meta``.
 
 from __future__ import annotations
 
+from lmscope import specs
+from lmscope.targets import DIRECTIONS, default_metric
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,7 +43,7 @@ import torch
 
 from lmscope.errors import InputError, SiteError
 from lmscope.interventions import Ablate, Intervention, Patch
-from lmscope.localization.metrics import Metric, normalise as _normalise
+from lmscope.localization.metrics import Metric, metric_kind, normalise as _normalise
 from lmscope.localization.tasks import PromptPairs
 from lmscope.models import Batch, Model
 from lmscope.results import Axis, Result
@@ -85,6 +87,7 @@ def _check_direction(direction: str) -> None:
 
 def prepare(model: Model, pairs: PromptPairs, metric: str = "logit_diff") -> Setup:
     """Check the pairs (equal token lengths, single-token answers), run both sides once, build the metric."""
+    metric = metric_kind(metric)
     pairs.check(model)
     clean, corrupt = model.encode(pairs.clean), model.encode(pairs.corrupt)
     if clean.input_ids.shape != corrupt.input_ids.shape or not torch.equal(clean.attention_mask,
@@ -209,3 +212,37 @@ def activation_patching(model: Model, pairs: PromptPairs, site: str = "resid_pre
         meta={"clean_metric": setup.clean_value, "corrupt_metric": setup.corrupt_value,
               "clean": pairs.clean[0], "corrupt": pairs.corrupt[0], "positions": positions},
     )
+
+
+# ------------------------------------------------------------------------------------------------ spec
+@dataclass(frozen=True)
+class PatchConfig:
+    """Activation patching sweep over one site kind (conventions of :mod:`lmscope.targets`)."""
+
+    site: str = specs.option("resid_pre", "resid_pre | resid_mid | resid_post | attn_out | mlp_out | z (per head) | "
+                                          "q | k | v | pattern | head_out", choices=SITES)
+    direction: str = specs.option("denoise", "Denoise: clean values into the corrupted run (default); noise: the "
+                                             "reverse.", choices=DIRECTIONS, flags=("--denoise/--noise",),
+                                  values=DIRECTIONS)
+    source: str | None = specs.option(None, "clean | corrupt | zeros | mean (default: the other run).", choices=SOURCES)
+    by_position: bool = specs.option(False, "For per-head sites: layer × head × position.", flags=("--by-position",))
+    metric: str | None = specs.option(None, "logit_diff | probability | log_prob | kl (default: logit_diff with a "
+                                            "foil, log_prob without).")
+    normalise: bool = specs.option(True, "Normalise: 0 = corrupted run, 1 = clean run.",
+                                   flags=("--normalise/--raw",))
+
+    def __post_init__(self):
+        specs.check_config(self)
+
+
+def run_patch(model: Model, pairs: PromptPairs, config: PatchConfig) -> Result:
+    """Activation patching sweep: layer × position (residual/block sites) or layer × head (z, q, k, v, ...)."""
+    per_head = config.site in ("z", "q", "k", "v", "pattern", "head_out")
+    metric = config.metric or default_metric(pairs.foils[0])
+    return activation_patching(model, pairs, config.site, direction=config.direction, source=config.source,
+                               metric=metric, by_position=True if not per_head else config.by_position,
+                               normalise=config.normalise, progress=True)
+
+
+specs.register(specs.MethodSpec("patch", "localization", "pairs", PatchConfig, run_patch,
+                                sites=("resid_pre", "attn.z"), cli_inputs=("clean", "corrupt", "target", "foil")))

@@ -48,6 +48,7 @@ def _label(c: Component) -> str:
 def _check_component(model: Model, c, what: str) -> Component:
     s = model.spec
     if isinstance(c, tuple) and len(c) == 2 and c[0] == "mlp" and isinstance(c[1], int) and 0 <= c[1] < s.n_layers:
+        model.require(["mlp_out"], f"Path patching with MLP {what.lower()}s")
         return c
     if (isinstance(c, tuple) and len(c) == 2 and all(isinstance(x, int) for x in c)
             and 0 <= c[0] < s.n_layers and 0 <= c[1] < s.n_heads):
@@ -81,7 +82,10 @@ def path_patching(model: Model, pairs: PromptPairs, receivers: Sequence[tuple[in
     setup = prepare(model, pairs, metric)
     clean, corrupt = setup.clean, setup.corrupt
     z_names = [f"blocks.{layer}.attn.z" for layer in range(s.n_layers)]
-    mlp_names = [f"blocks.{layer}.mlp_out" for layer in range(s.n_layers)]
+    if freeze_mlps:
+        model.require(["mlp_out"], "Path patching with freeze_mlps=True")
+    has_mlp = "mlp" in model.parts  # an attention-only model has no MLPs to freeze or patch
+    mlp_names = [f"blocks.{layer}.mlp_out" for layer in range(s.n_layers)] if has_mlp else []
     with torch.no_grad():
         c_cache = model.run(clean, cache=z_names + mlp_names, logits="none").cache
         r_cache = model.run(corrupt, cache=z_names + mlp_names, logits="none").cache

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmscope import specs
 from lmscope.errors import InputError, TokenError
 
 if TYPE_CHECKING:
@@ -338,3 +339,41 @@ def factual(model: Model, n: int | None = None, *, seed: int = 0) -> PromptPairs
         positions.append({"SUBJ_FIRST": prefix, "SUBJ_LAST": ln - 2, "END": ln - 1})
     meta = {"task": "factual", "template": FACT_TEMPLATE, "seed": seed}
     return PromptPairs(clean, corrupt, targets, foils, positions, meta).check(model)
+
+
+TASKS = ("ioi", "induction", "factual")
+
+
+def task_pairs(model: Model, task: str, n: int = 20, seed: int = 0) -> PromptPairs:
+    """Prompt pairs of a built-in task by name (what ``--task`` and ``{"task": ...}`` inputs build)."""
+    if task == "ioi":
+        return ioi(model, n, seed=seed)
+    if task == "induction":
+        return induction(model, n, seq_len=10, seed=seed)
+    if task == "factual":
+        return factual(model, n, seed=seed)
+    raise InputError(f"task={task!r}: choose one of {', '.join(TASKS)}.")
+
+
+def pairs_from_json(model: Model, doc) -> PromptPairs:
+    """Prompt pairs from JSON: a list of {clean, corrupt, target, foil} or {"task": "ioi", "n": 50, "seed": 0}."""
+    if isinstance(doc, PromptPairs):
+        return doc
+    if isinstance(doc, dict) and "task" in doc:
+        extra = set(doc) - {"task", "n", "seed"}
+        if extra:
+            raise InputError(f"pairs input: unknown key(s) {sorted(extra)}; a task takes task, n and seed.")
+        return task_pairs(model, doc["task"], doc.get("n", 20), doc.get("seed", 0))
+    if isinstance(doc, dict):
+        doc = [doc]
+    if not isinstance(doc, list) or not doc or not all(isinstance(d, dict) for d in doc):
+        raise InputError('pairs input: give [{"clean", "corrupt", "target", "foil"}, ...] or {"task": "ioi", "n": 50}.')
+    for d in doc:
+        missing = {"clean", "corrupt", "target"} - set(d)
+        if missing or set(d) - {"clean", "corrupt", "target", "foil"}:
+            raise InputError(f"pairs input: each pair needs clean, corrupt and target (and may have foil); got {sorted(d)}.")
+    return PromptPairs([d["clean"] for d in doc], [d["corrupt"] for d in doc], [d["target"] for d in doc],
+                       [d.get("foil") for d in doc], [{} for _ in doc], {"task": "custom"})
+
+
+specs.register_input("pairs", pairs_from_json)

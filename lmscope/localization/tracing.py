@@ -25,6 +25,8 @@ Public API::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from lmscope import specs
 from collections.abc import Sequence
 
 import torch
@@ -114,3 +116,31 @@ def causal_trace(model: Model, prompt: str, subject: str, target: str | int | No
         meta={"prompt": prompt, "subject_positions": subj, "clean_prob": high, "corrupt_prob": low,
               "noise_std": sigma},
     )
+
+
+# ------------------------------------------------------------------------------------------------ spec
+@dataclass(frozen=True)
+class TraceConfig:
+    """Causal tracing of a factual prompt (the target defaults to the clean top-1 token)."""
+
+    subject: str = specs.option(help="Subject text as written in the prompt, e.g. 'The Eiffel Tower'.")
+    kind: str = specs.option("hidden", "hidden | mlp | attn", choices=tuple(KINDS))
+    samples: int = specs.option(10, "Noised copies.")
+    noise: float = specs.option(3.0, "Noise std as a multiple of the embedding std.")
+    window: int | None = specs.option(None, "Layers restored together (default 1 for hidden, 10 otherwise).")
+    seed: int = specs.option(1, "Seed of the noise.")
+
+    def __post_init__(self):
+        specs.check_config(self)
+        if self.samples < 1 or (self.window is not None and self.window < 1):
+            raise InputError("--samples and --window must be positive.")
+
+
+def run_trace(model: Model, prompt: specs.Prompt, config: TraceConfig) -> Result:
+    """Causal tracing (Meng et al.): restore clean states into a subject-noised run, layer × position."""
+    return causal_trace(model, prompt.text, config.subject, prompt.target, kind=config.kind, samples=config.samples,
+                        noise=config.noise, window=config.window, seed=config.seed, progress=True)
+
+
+specs.register(specs.MethodSpec("trace", "localization", "prompt", TraceConfig, run_trace,
+                                sites=("embed", "resid_post", "mlp_out", "attn_out"), cli_inputs=("text", "target")))

@@ -1,43 +1,107 @@
 """Load-time checks: every site fires with the expected shape, the explicit attention path matches
 the native kernel, the residual decomposition adds up to the model's own final residual, and the
-read-out (final norm, unembedding, soft-cap) of that residual gives the model's own logits."""
+read-out (final norm, unembedding, soft-cap) of that residual gives the model's own logits.
+
+A pass is remembered per model fingerprint under ``$LMSCOPE_CACHE/checks/``: the identity of the
+folder the weights were loaded from (file names, sizes and modification times), a sample of the
+weights, dtype and device, and the versions of lmscope (with a digest of its model-layer source),
+transformers and torch. A model with the same fingerprint skips the check; any change re-checks.
+Models that were not loaded from a folder (built in memory) are always checked.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import transformers
 
 from lmscope.errors import ModelCheckError
-from lmscope.models.adapters import apply_frozen_norm, norm_bias
 from lmscope.models.decompose import decompose_cache, decomposition_sites
-from lmscope.sites import LAYER_KINDS, site_names
+from lmscope.models.norms import apply_frozen_norm, norm_bias
+from lmscope.sites import KINDS, site_names
 
 if TYPE_CHECKING:
     from lmscope.models.model import Model
 
 PROBE = "The quick brown fox jumps over the lazy dog"
 DECOMPOSITION_RTOL = 1e-4
+CHECKS_FOLDER = "checks"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 
 
 def expected_shape(model: Model, kind: str, b: int, t: int) -> tuple[int, ...]:
-    s = model.spec
-    return {
-        "embed": (b, t, s.d_model), "resid_pre": (b, t, s.d_model), "resid_mid": (b, t, s.d_model),
-        "resid_post": (b, t, s.d_model), "attn_out": (b, t, s.d_model), "mlp_out": (b, t, s.d_model),
-        "attn.q": (b, t, s.n_heads, s.d_head), "attn.k": (b, t, s.n_heads, s.d_head),
-        "attn.v": (b, t, s.n_heads, s.d_head), "attn.z": (b, t, s.n_heads, s.d_head),
-        "attn.pattern": (b, s.n_heads, t, t), "attn.head_out": (b, t, s.n_heads, s.d_model),
-        "mlp.post": (b, t, s.d_mlp), "final.scale": (b, t, 1), "logits": (b, t, s.d_vocab),
-    }[kind]
+    return KINDS[kind].shape(model.spec, b, t)
 
 
 def all_sites(model: Model) -> list[str]:
-    kinds = [k for k in LAYER_KINDS if not (model.spec.parallel and k == "resid_mid")]
-    sites = ["embed", "final.scale", "logits"]
-    for kind in kinds:
-        sites += site_names(kind, model.spec.n_layers)
+    """Every site of the model: the global ones and each layer kind it has, over all layers."""
+    sites = [k for k in model.site_kinds if not KINDS[k].layer]
+    for kind in model.site_kinds:
+        if KINDS[kind].layer:
+            sites += site_names(kind, model.spec.n_layers)
     return sites
+
+
+def check_at_load(model: Model) -> str:
+    """Check ``model`` unless a pass with the same fingerprint is recorded: "cached" or "checked"."""
+    from lmscope.models.loading import cache_dir
+
+    key = fingerprint(model)
+    record = None if key is None else cache_dir() / CHECKS_FOLDER / f"{key}.json"
+    if record is not None and record.is_file():
+        return "cached"
+    check_model(model)
+    if record is not None:
+        _write_atomic(record, {"model": model.name, "fingerprint": key, "passed": True})
+    return "checked"
+
+
+def fingerprint(model: Model) -> str | None:
+    """A digest of everything the check's outcome depends on; None when the weights have no folder."""
+    folder = Path(str(getattr(model.hf.config, "_name_or_path", "") or ""))
+    if not str(folder) or not (folder / "config.json").is_file():
+        return None
+    h = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in _WEIGHT_SUFFIXES:
+            st = path.stat()
+            h.update(f"{path.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(str(folder.resolve()).encode())
+    with torch.no_grad():
+        for name, p in model.hf.state_dict().items():
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 16)][:16].float().cpu()
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{p.device.type}|".encode())
+            h.update(sample.numpy().tobytes())
+    h.update(f"{model.adapter.family}|{_versions()}".encode())
+    return h.hexdigest()[:32]
+
+
+def _versions() -> str:
+    import lmscope
+
+    root = Path(lmscope.__file__).parent
+    src = hashlib.sha256()
+    for path in sorted([*root.glob("models/**/*.py"), root / "sites.py", root / "interventions.py"]):
+        src.update(path.read_bytes())
+    return f"lmscope {lmscope.__version__} {src.hexdigest()[:16]}|transformers {transformers.__version__}|" \
+           f"torch {torch.__version__}"
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache only costs the next load a check
+        pass
 
 
 def check_model(model: Model) -> None:

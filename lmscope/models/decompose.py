@@ -3,7 +3,8 @@
 For a position t, the input of the final norm is
 ``x_t = embed_t + Σ_l [Σ_h head_write_{l,h,t} + b_O^l] + Σ_l mlp_write_{l,t}``
 (with ``mlp_write`` optionally split into ``Σ_n post_{l,t,n} W_out[n] + b_out^l``). The parts add
-up to ``x_t`` exactly for sequential and parallel blocks alike.
+up to ``x_t`` exactly for sequential and parallel blocks alike. A model without MLPs (an
+attention-only model) has no MLP terms.
 
 Post-norm models (Gemma 2/3) pass each block write through its own RMSNorm before adding it. The
 per-head and per-neuron split is then defined with that norm's scale frozen at its value in the
@@ -47,10 +48,14 @@ class Decomposition:
 
 
 def decomposition_sites(model: Model, neurons: bool = False) -> list[str]:
+    """The sites a decomposition reads (a model without MLPs has no MLP writes to read)."""
     n = model.spec.n_layers
+    if neurons:
+        model.require(["mlp.post"], "A per-neuron decomposition")
     sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post"]
     sites += site_names("attn.head_out", n)
-    sites += site_names("mlp.post" if neurons else "mlp_out", n)
+    if "mlp" in model.parts:
+        sites += site_names("mlp.post" if neurons else "mlp_out", n)
     return sites
 
 
@@ -63,6 +68,9 @@ def decompose(model: Model, inputs, position: int | None = None, *, neurons: boo
 def decompose_cache(model: Model, batch: Batch, cache: dict, position: int | None = None, *,
                     neurons: bool = False) -> Decomposition:
     s = model.spec
+    if neurons:
+        model.require(["mlp.post"], "A per-neuron decomposition")
+    has_mlp = "mlp" in model.parts
     rows = torch.arange(batch.input_ids.shape[0])
     pos = batch.last_index if position is None else torch.full_like(rows, position)
     pos = torch.where(pos < 0, pos + batch.input_ids.shape[1], pos)
@@ -85,6 +93,8 @@ def decompose_cache(model: Model, batch: Batch, cache: dict, position: int | Non
             if s.post_norms:
                 vec = vec * at(cache[f"aux.blocks.{layer}.attn_write_factor"])
             add(f"L{layer}.attn_bias", "attn_bias", layer, None, vec)
+        if not has_mlp:
+            continue
         if not neurons:
             add(f"L{layer}.mlp", "mlp", layer, None, at(cache[f"blocks.{layer}.mlp_out"]))
             continue

@@ -16,8 +16,8 @@ and value), and pre-hooks on the pre-MLP norm and the final norm replace their i
 ``grad=True`` the per-receiver inputs stay in the autograd graph, and one backward pass
 (:meth:`EdgeRun.receiver_grads`) gives ∂M/∂in_v for every receiver at once.
 
-The norm modules each family uses before attention and before the MLP are named in ``_NORMS``
-below (the adapters do not name them). Post-norm models (Gemma 2/3) break the additive-residual
+The norm modules before attention and before the MLP are the block's ``pre_mixer`` and ``pre_mlp``
+norms of the model's adapter parts. Post-norm models (Gemma 2/3) break the additive-residual
 assumption slightly: a head's write includes its block's post-norm factor from the current run.
 
 Shapes: U upstream nodes, R receivers, B prompts, T tokens, D residual width.
@@ -30,21 +30,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmscope.errors import InputError, UnsupportedArchitectureError
+from lmscope.errors import InputError
 from lmscope.interventions import Intervention
-from lmscope.models.adapters import get_module, linear_weight
+from lmscope.models.parts import get_module, linear_weight
 from lmscope.models.hooks import HookSession
 
 if TYPE_CHECKING:
     from lmscope.models.model import Batch, Model
 
-# family -> (norm before attention, norm before the MLP), block-relative module paths
-_NORMS = {
-    "llama": ("input_layernorm", "post_attention_layernorm"),
-    "gemma3": ("input_layernorm", "pre_feedforward_layernorm"),
-    "gpt2": ("ln_1", "ln_2"),
-    "gpt-neox": ("input_layernorm", "post_attention_layernorm"),
-}
 QKV = ("q", "k", "v")
 
 
@@ -83,6 +76,7 @@ class EdgeGraph:
 
 def edge_graph(model: Model) -> EdgeGraph:
     """The component graph of ``model``: heads and MLPs, with q/k/v receivers split per head."""
+    model.require(["attn.head_out", "mlp_out"], "The edge graph (EAP, EAP-IG, ACDC)")
     s = model.spec
     up, up_layer = ["input"], [-1]
     for layer in range(s.n_layers):
@@ -167,7 +161,7 @@ def _proj_columns(model: Model) -> list[tuple[str, list[tuple[int, torch.Tensor]
     Receiver offsets follow the graph: which * H + head. Source columns index the module's native
     output; the module's new output concatenates the receivers' columns in list order.
     """
-    a, s = model.adapter, model.spec
+    a, s = model.adapter.block.mixer, model.spec
     dh, h_n = s.d_head, s.n_heads
     ar = torch.arange(dh)
     if a.qkv is None:
@@ -190,12 +184,10 @@ def _proj_columns(model: Model) -> list[tuple[str, list[tuple[int, torch.Tensor]
 
 
 def _check_supported(model: Model) -> tuple[str, str]:
-    norms = _NORMS.get(model.adapter.family)
-    if norms is None:
-        raise UnsupportedArchitectureError(
-            f"Edge-level patching does not know the norm modules of family {model.adapter.family!r}; "
-            "add its (pre-attention, pre-MLP) norm paths to _NORMS in lmscope/models/edges.py.")
-    return norms
+    """(norm before attention, norm before the MLP): block-relative paths from the adapter's parts."""
+    model.require(["attn.head_out", "mlp_out"], "Edge-level patching (EAP, EAP-IG, ACDC)")
+    norms = model.adapter.block.norms
+    return norms.pre_mixer, norms.pre_mlp
 
 
 def edge_forward(model: Model, batch: Batch, *, patch: torch.Tensor | None = None,

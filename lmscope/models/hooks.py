@@ -17,7 +17,8 @@ import torch
 
 from lmscope.errors import SiteError
 from lmscope.interventions import Intervention, Knockout
-from lmscope.models.adapters import get_module, norm_gain, norm_scale
+from lmscope.models.norms import norm_gain, norm_scale
+from lmscope.models.parts import get_module
 from lmscope.models.attention import ATTN_ATTR, _explicit, explicit_attention
 from lmscope.models.reuse import Expansion, Prefix
 from lmscope.sites import ATTN_INNER_KINDS, Site, parse_site
@@ -79,11 +80,8 @@ class HookSession:
                 if site.kind == "final.scale":
                     raise SiteError("final.scale can be read but not intervened on; intervene on the residual.")
                 self.ivs[site].append((rows, iv))
-        if model.spec.parallel and any(s.kind == "resid_mid" for s in self.cache_sites | set(self.ivs)):
-            raise SiteError(
-                f"{model.name} runs attention and MLP in parallel, so it has no resid_mid; "
-                "use resid_pre, attn_out or mlp_out."
-            )
+        kinds = {s.kind for s in self.cache_sites | set(self.ivs)} | ({"attn.pattern"} if self.knockouts else set())
+        model.require(sorted(kinds))
         self.cache: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._attn_modules: list = []
@@ -170,7 +168,7 @@ class HookSession:
                 self._hook_fwd(get_module(block, a.attn_write), self._attn_write(layer))
             if "mlp.post" in kinds:
                 self._hook_pre(get_module(block, a.mlp_down), self._mlp_down_pre(layer))
-                if a.post_norms:
+                if m.spec.post_norms:
                     self._hook_fwd(get_module(block, a.mlp_write), self._mlp_write_scale(layer))
             if "mlp_out" in kinds:
                 self._hook_fwd(get_module(block, a.mlp_write), self._site_output(Site("mlp_out", layer)))
@@ -261,16 +259,16 @@ class HookSession:
         return hook
 
     def _attn_write(self, layer: int):
-        a = self.model.adapter
+        spec = self.model.spec
 
         def hook(module, args, output):
             write = output[0] if isinstance(output, tuple) else output
             head_site = Site("attn.head_out", layer)
             if self.wants(head_site):
                 factor = None
-                if a.post_norms:
-                    factor = norm_scale(args[0], a.norm_kind, self.model.norm_eps_of(module))
-                    factor = (factor * norm_gain(module, a.norm_kind)).to(write.dtype)
+                if spec.post_norms:
+                    factor = norm_scale(args[0], spec.norm, self.model.norm_eps_of(module))
+                    factor = (factor * norm_gain(module, spec.norm)).to(write.dtype)
                     self._stash_store(layer, "attn_write_factor", factor)
                 heads = self.model.head_writes(layer, self._stash[(layer, "z")], factor)
                 new_heads = self.process(head_site, heads)
@@ -292,11 +290,11 @@ class HookSession:
         self.cache[f"aux.blocks.{layer}.{key}"] = value if self.grad else value.detach()
 
     def _mlp_write_scale(self, layer: int):
-        a = self.model.adapter
+        kind = self.model.spec.norm
 
         def hook(module, args, output):
-            factor = norm_scale(args[0], a.norm_kind, self.model.norm_eps_of(module))
-            self._stash_store(layer, "mlp_write_factor", (factor * norm_gain(module, a.norm_kind)).to(output.dtype))
+            factor = norm_scale(args[0], kind, self.model.norm_eps_of(module))
+            self._stash_store(layer, "mlp_write_factor", (factor * norm_gain(module, kind)).to(output.dtype))
 
         return hook
 
@@ -319,4 +317,4 @@ class HookSession:
 
     def _final_scale(self, module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
-        self._store("final.scale", norm_scale(x, self.model.adapter.norm_kind, self.model.norm_eps_of(module)))
+        self._store("final.scale", norm_scale(x, self.model.spec.norm, self.model.norm_eps_of(module)))

@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from lmscope.errors import InputError, SiteError, TokenError
+from lmscope.errors import InputError, TokenError
 from lmscope.interventions import Intervention
 from lmscope.models import attention as _attention  # noqa: F401  (registers the attention function)
 from lmscope.models import generation as _generation, readout as _readout
-from lmscope.models.adapters import Adapter, adapter_for, get_module, linear_weight, norm_eps
+from lmscope.models.families import adapter_for
 from lmscope.models.hooks import HookSession
+from lmscope.models.norms import norm_eps
+from lmscope.models.parts import Adapter, config_field, get_module, linear_weight, require_kinds, site_kinds
 from lmscope.models.reuse import Expansion, first_position, plan_chunks, shift
 from lmscope.sites import Site, parse_site
 
@@ -35,12 +37,15 @@ class ModelSpec:
     n_kv_heads: int
     d_model: int
     d_head: int
-    d_mlp: int
+    d_mlp: int  # 0 for a model without MLPs
     d_vocab: int
     n_ctx: int
     norm: str
     post_norms: bool
     parallel: bool
+    softcap: float | None = None  # final-logit soft-cap: logits = c·tanh(logits / c)
+    attn_softcap: float | None = None  # attention-score soft-cap (Gemma 2)
+    sliding_window: int | None = None
 
 
 @dataclass
@@ -94,26 +99,50 @@ class Model:
         self.adapter: Adapter = adapter_for(hf.config)
         self.hf.set_attn_implementation(_attention.ATTN_IMPL)
         self.spec = self._make_spec()
+        self.load_check = "skipped"  # "checked", or "cached" when a pass with this fingerprint is recorded
         if check:
-            from lmscope.models.checks import check_model
+            from lmscope.models.checks import check_at_load
 
-            check_model(self)
+            self.load_check = check_at_load(self)
 
     def _make_spec(self) -> ModelSpec:
         c, a = self.hf.config, self.adapter
-        n_heads = c.num_attention_heads
-        o_proj = get_module(self._blocks()[0], a.o_proj)
-        d_head = linear_weight(o_proj, a.linear).shape[0] // n_heads
-        down = get_module(self._blocks()[0], a.mlp_down)
+        f = a.config
+
+        def read(name: str | None, default=None):
+            return default if name is None else config_field(c, name, a)
+
+        n_heads = read(f.n_heads)
+        d_head = linear_weight(get_module(self.block(0), a.block.mixer.o_proj), a.linear).shape[0] // n_heads
+        d_mlp = 0 if a.block.mlp is None else linear_weight(get_module(self.block(0), a.block.mlp.down),
+                                                            a.linear).shape[0]
         return ModelSpec(
-            family=a.family, n_layers=len(self._blocks()), n_heads=n_heads,
-            n_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
-            d_model=c.hidden_size, d_head=d_head, d_mlp=linear_weight(down, a.linear).shape[0],
-            d_vocab=self.W_U.shape[1],
-            n_ctx=getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", 2048),
-            norm=a.norm_kind, post_norms=a.post_norms,
-            parallel=bool(getattr(c, a.parallel_flag, False)) if a.parallel_flag else False,
+            family=a.family, n_layers=len(self._blocks()), n_heads=n_heads, n_kv_heads=read(f.n_kv_heads) or n_heads,
+            d_model=read(f.d_model), d_head=d_head, d_mlp=d_mlp, d_vocab=self.W_U.shape[1], n_ctx=read(f.n_ctx),
+            norm=a.block.norms.kind, post_norms=a.block.post_norms, parallel=bool(read(f.parallel, False)),
+            softcap=_cap(read(f.softcap)), attn_softcap=_cap(read(f.attn_softcap)),
+            sliding_window=read(f.sliding_window),
         )
+
+    # ------------------------------------------------------------------ parts and site kinds
+    @property
+    def parts(self) -> frozenset[str]:
+        """The adapter parts this model has ("embedding", "block", "attention", "mlp", ...)."""
+        return self.adapter.parts
+
+    @property
+    def site_kinds(self) -> tuple[str, ...]:
+        """The site kinds this model has, in :data:`lmscope.sites.KINDS` order."""
+        return site_kinds(self.adapter, self.spec.parallel)
+
+    def require(self, kinds: Iterable[str | Site], method: str | None = None) -> None:
+        """Raise unless the model has every site kind in ``kinds`` (kinds or site names).
+
+        ``method`` names the caller in the message ("DLA by neuron needs mlp.post, which needs the mlp
+        part; tiny has no mlp ..."). A missing part raises :class:`UnsupportedArchitectureError`;
+        ``resid_mid`` on a parallel-block model raises :class:`SiteError`.
+        """
+        require_kinds(self.adapter, self.spec.parallel, self.name, kinds, method)
 
     # ------------------------------------------------------------------ modules and weights
     def _blocks(self):
@@ -125,23 +154,6 @@ class Model:
     @property
     def final_norm(self):
         return get_module(self.hf, self.adapter.final_norm)
-
-    def _attn_module(self, layer: int):
-        return get_module(self.block(layer), self.adapter.attn)
-
-    def _unembed_module(self):
-        return get_module(self.hf, self.adapter.unembed)
-
-    def _norm_module(self, kind: str, layer: int | None):
-        """The native norm module of a :func:`~lmscope.models.readout.parse_norm` name."""
-        a = self.adapter
-        if kind == "ln_final":
-            return self.final_norm
-        path = {"ln1": a.attn_norm, "ln1_post": a.attn_write if a.post_norms else None,
-                "ln2_post": a.mlp_write if a.post_norms else None}[kind]
-        if path is None:
-            raise SiteError(f"{self.name} has no {kind} norm: only models with post-norms (Gemma 2/3) do.")
-        return get_module(self.block(layer), path)
 
     @property
     def device(self) -> torch.device:
@@ -164,25 +176,21 @@ class Model:
     def b_U(self) -> torch.Tensor | None:
         return getattr(get_module(self.hf, self.adapter.unembed), "bias", None)
 
-    def _config_value(self, field: str | None) -> float | None:
-        value = getattr(self.hf.config, field, None) if field is not None else None
-        return float(value) if value else None
-
     @property
     def logit_softcap(self) -> float | None:
         """The final soft-cap c (the model's logits are ``c·tanh(z / c)`` of the unembedding's output z), or None."""
-        return self._config_value(self.adapter.logit_softcap)
+        return self.spec.softcap
 
     def attn_scaling(self, layer: int) -> float:
         """The factor that multiplies q·k in ``layer`` (1/sqrt(dh) unless the model sets its own)."""
-        scaling = getattr(self._attn_module(layer), "scaling", None)  # every HF attention module with one has it here
+        scaling = getattr(get_module(self.block(layer), self.adapter.attn), "scaling", None)  # HF modules keep it here
         return float(scaling) if scaling is not None else self.spec.d_head ** -0.5
 
     def attention_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Pre-softmax scores (B, H, Tq, Tk) of ``attn.q`` (B, Tq, H, dh) and ``attn.k`` (B, Tk, H, dh) in
         ``layer``: q·k times the layer's scaling, soft-capped where the model caps them (Gemma 2); float32, no mask."""
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * self.attn_scaling(layer)
-        cap = self._config_value(self.adapter.attn_softcap)
+        cap = self.spec.attn_softcap
         return scores if cap is None else torch.tanh(scores / cap) * cap
 
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
@@ -193,30 +201,25 @@ class Model:
     # ------------------------------------------------------------------ read-outs (lmscope.models.readout)
     def unembed(self, resid: torch.Tensor, *, scale=None, softcap: bool | None = None,
                 grad: bool = False) -> torch.Tensor:
-        """Logits (..., V) of final-residual vectors (..., D): the live final norm, the unembedding and,
-        unless ``softcap=False``, the soft-cap; with ``scale`` (1/s) the linear read-out under the final
-        norm's scale frozen (no biases, pre-soft-cap). float32 on the CPU (``grad=True``: differentiable
-        in ``resid``, on the model's device). See :func:`lmscope.models.readout.unembed`."""
+        """Logits (..., V) of final residuals (..., D): live final norm, unembedding, soft-cap; with ``scale``
+        (1/s) the linear read-out under the frozen final norm. See :func:`lmscope.models.readout.unembed`."""
         return _readout.unembed(self, resid, scale, softcap, grad)
 
     def logit_direction(self, target: str | int, foil: str | int | None = None, *, scale=1.0
                         ) -> _readout.LogitDirection:
-        """``logit(target) [− logit(foil)] = x · vector + constant`` under the final norm's scale frozen at
-        ``scale``; see :class:`lmscope.models.readout.LogitDirection`."""
+        """``logit(target) [− logit(foil)] = x · vector + constant``, the final norm's scale frozen at ``scale``."""
         return _readout.logit_direction(self, target, foil, scale)
 
     def norm(self, name: str, x: torch.Tensor, *, scale=None) -> torch.Tensor:
-        """The norm ``name`` (``ln_final``, ``blocks.{l}.ln1``/``ln1_post``/``ln2_post``) applied to x (..., D):
-        live, or with its scale frozen at ``scale`` (linear, no bias). float32."""
+        """The norm ``name`` (``ln_final``, ``blocks.{l}.ln1``, ...) on x (..., D), live or frozen at ``scale``."""
         return _readout.norm(self, name, x, scale)
 
     def norm_weight(self, name: str) -> torch.Tensor:
         """The stored weight (D,) of the norm ``name`` (Gemma's gain is 1 + this weight)."""
-        return self._norm_module(*_readout.parse_norm(name, self.spec.n_layers)).weight
+        return _readout.norm_module(self, name).weight
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (..., D) of ``ids`` as the model's embedding module outputs them (Gemma's √D
-        scaling included, absolute positions not); on the model's device, no gradient."""
+        """Token embeddings (..., D) as the embedding module outputs them (Gemma's √D in), on the model's device."""
         with torch.no_grad():
             return get_module(self.hf, self.adapter.embed)(ids.to(self.device))
 
@@ -230,12 +233,13 @@ class Model:
 
     def _qkv(self, layer: int, which: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(D, heads*dh) weight and bias of q (0), k (1) or v (2), before GQA expansion."""
-        a, s, block = self.adapter, self.spec, self.block(layer)
+        a, s, block = self.adapter.block.mixer, self.spec, self.block(layer)
+        linear = self.adapter.linear
         if a.qkv is None:
             mod = get_module(block, (a.q_proj, a.k_proj, a.v_proj)[which])
-            return linear_weight(mod, a.linear), mod.bias
+            return linear_weight(mod, linear), mod.bias
         mod = get_module(block, a.qkv)
-        w, b = linear_weight(mod, a.linear), mod.bias
+        w, b = linear_weight(mod, linear), mod.bias
         d = s.n_heads * s.d_head
         if a.qkv_layout == "blocks":
             cols = slice(which * d, (which + 1) * d)
@@ -279,9 +283,11 @@ class Model:
 
     def W_out(self, layer: int) -> torch.Tensor:
         """(F, D) neuron output directions (rows of the down projection)."""
+        self.require(["mlp.post"], "W_out (neuron output directions)")
         return linear_weight(get_module(self.block(layer), self.adapter.mlp_down), self.adapter.linear)
 
     def b_out(self, layer: int) -> torch.Tensor | None:
+        self.require(["mlp.post"], "b_out (the MLP output bias)")
         return getattr(get_module(self.block(layer), self.adapter.mlp_down), "bias", None)
 
     def head_writes(self, layer: int, z: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
@@ -443,23 +449,21 @@ class Model:
 
     def generate(self, inputs, max_new_tokens: int, interventions: StepInterventions | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy decoding with a KV cache and per-step ``interventions``: new ids (B, n) and each step's
-        log-probabilities (B, n, V). See :func:`lmscope.models.generation.generate`."""
+        """Greedy decoding with per-step ``interventions``: new ids (B, n), log-probs (B, n, V); see
+        :func:`lmscope.models.generation.generate`."""
         return _generation.generate(self, inputs, max_new_tokens, interventions)
 
     def sample(self, inputs, max_new_tokens: int, **generate_kwargs) -> torch.Tensor:
-        """Prompt and continuation ids (B, P + G) from the native ``generate`` with ``generate_kwargs``
-        (sampling, beams; greedy by default; stops at EOS); no interventions (:meth:`generate` has those)."""
+        """Prompt + continuation ids (B, P + G) from the native ``generate`` (sampling, beams; stops at EOS)."""
         return _generation.sample(self, inputs, max_new_tokens, generate_kwargs)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        """The ids that end a generation (the model's generation config), possibly none."""
+        """The ids that end a native generation (the generation config's), possibly none."""
         return _generation.eos_token_ids(self)
 
     def run_until(self, inputs, site: str | Site, padding_side: str = "left") -> torch.Tensor:
-        """One site's activations; the forward stops as soon as the site is known (the blocks above it
-        do not run). See :func:`lmscope.models.mixing.run_until`."""
+        """One site's activations from a forward that stops once the site is known (the blocks above skip)."""
         from lmscope.models.mixing import run_until
 
         return run_until(self, self.encode(inputs, padding_side), site)
@@ -469,6 +473,11 @@ class Model:
         if site.kind == "embed":
             return 0
         return self.spec.n_layers if site.layer is None else site.layer
+
+
+def _cap(value) -> float | None:
+    """A soft-cap from the config: None or 0 mean none."""
+    return float(value) if value else None
 
 
 def _select_logits(logits: torch.Tensor, batch: Batch, which: str) -> torch.Tensor | None:

@@ -11,9 +11,10 @@ Method families ask :class:`~lmscope.models.Model` for these (``model.unembed``,
 * **Logit direction** of a target (minus a foil): ``logit_t [− logit_f] = x · v + constant`` under a
   frozen final-norm scale, with ``v = centre(1/s · g ⊙ (W_U[:, t] − W_U[:, f]))`` and the constant
   ``β · u + b_U[t] − b_U[f]`` (β the final norm's bias).
-* **Norms by name**: ``ln_final`` and, per block ``l``, ``blocks.{l}.ln1`` (the attention input
-  norm), ``blocks.{l}.ln1_post`` and ``blocks.{l}.ln2_post`` (the post-norms of the attention and
-  MLP writes, on models that have them), live or with the scale frozen.
+* **Norms by name** (TransformerLens names): ``ln_final`` and, per block ``l``, ``blocks.{l}.ln1``
+  and ``blocks.{l}.ln2`` (the attention and MLP input norms), ``blocks.{l}.ln1_post`` and
+  ``blocks.{l}.ln2_post`` (the post-norms of the attention and MLP writes, on models that have
+  them), live or with the scale frozen.
 
 Shapes: D residual width, V vocabulary.
 """
@@ -28,13 +29,14 @@ import torch
 from torch.func import functional_call
 
 from lmscope.errors import InputError, SiteError
-from lmscope.models.adapters import norm_bias, norm_gain
+from lmscope.models.norms import norm_bias, norm_gain
+from lmscope.models.parts import get_module
 
 if TYPE_CHECKING:
     from lmscope.models.model import Model
 
-NORM_KINDS = ("ln1", "ln1_post", "ln2_post")
-_NORM_NAME = re.compile(r"blocks\.(-?\d+)\.(ln1|ln1_post|ln2_post)")
+NORM_KINDS = ("ln1", "ln2", "ln1_post", "ln2_post")
+_NORM_NAME = re.compile(r"blocks\.(-?\d+)\.(ln1|ln2|ln1_post|ln2_post)")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,24 @@ def parse_norm(name: str, n_layers: int) -> tuple[str, int | None]:
     return m.group(2), layer % n_layers
 
 
+def norm_module(model: Model, name: str):
+    """The native norm module named ``name`` (see :func:`parse_norm`); an error if the model has none."""
+    kind, layer = parse_norm(name, model.spec.n_layers)
+    if kind == "ln_final":
+        return get_module(model.hf, model.adapter.final_norm)
+    norms = model.adapter.block.norms
+    path = {"ln1": norms.pre_mixer, "ln2": norms.pre_mlp, "ln1_post": norms.post_mixer,
+            "ln2_post": norms.post_mlp}[kind]
+    if path is None:
+        what = "post-norms (Gemma 2/3)" if kind.endswith("_post") else "an MLP"
+        raise SiteError(f"{model.name} has no {kind} norm: only models with {what} have one.")
+    return get_module(model.block(layer), path)
+
+
+def _unembed_module(model: Model):
+    return get_module(model.hf, model.adapter.unembed)
+
+
 def _scale(scale, x: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(scale).to(device=x.device, dtype=torch.float32)
 
@@ -83,8 +103,7 @@ def frozen_norm(model: Model, module, x: torch.Tensor, scale) -> torch.Tensor:
 def norm(model: Model, name: str, x: torch.Tensor, scale=None) -> torch.Tensor:
     """The norm ``name`` applied to x (..., D): live (the module itself, on the model's device) or, with
     ``scale``, frozen (see :func:`frozen_norm`). float32, no gradient to the model."""
-    kind, layer = parse_norm(name, model.spec.n_layers)
-    module = model._norm_module(kind, layer)
+    module = norm_module(model, name)
     if scale is not None:
         return frozen_norm(model, module, x.detach(), scale)
     with torch.no_grad():
@@ -100,7 +119,7 @@ def unembed(model: Model, resid: torch.Tensor, scale=None, softcap: bool | None 
     (no biases, no soft-cap; ``softcap=True`` is an error). float32 on the CPU; with ``grad=True``
     differentiable in ``resid`` (the model's parameters detached) and left on the model's device.
     """
-    final, head = model._norm_module("ln_final", None), model._unembed_module()
+    final, head = norm_module(model, "ln_final"), _unembed_module(model)
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         if scale is not None:
             if softcap:
@@ -130,7 +149,7 @@ def logit_direction(model: Model, target: str | int, foil: str | int | None = No
                          "with, or leave the foil out for a non-contrastive target.")
     w_u = model.W_U.detach().float().cpu()
     u = w_u[:, t] - (w_u[:, f] if f is not None else 0.0)
-    final = model._norm_module("ln_final", None)
+    final = norm_module(model, "ln_final")
     v = torch.as_tensor(scale).float().cpu() * norm_gain(final, model.spec.norm).detach().cpu() * u
     if model.spec.norm == "layer":
         v = v - v.mean(dim=-1, keepdim=True)

@@ -31,13 +31,12 @@ from dataclasses import dataclass, field
 import torch
 
 from lmscope.interventions import Ablate, Add, Intervention, Knockout, Patch, Scale
+from lmscope.sites import KINDS
 
-# position axis of each site kind, counted from the right of the site's shape
-_POS_FROM_RIGHT = {
-    "embed": 2, "resid_pre": 2, "resid_mid": 2, "resid_post": 2, "attn_out": 2, "mlp_out": 2, "mlp.post": 2,
-    "attn.q": 3, "attn.z": 3, "attn.head_out": 3, "attn.pattern": 2,
-}
-_FULL_LENGTH = ("attn.k", "attn.v")  # key-axis sites: full length in a prefix forward
+# position axis of each site kind, counted from the right of the site's shape (values may lack
+# the batch axis, so the axis is found from the right)
+_POS_FROM_RIGHT = {k.name: len(k.axes) - k.pos_axis for k in KINDS.values()}
+_FULL_LENGTH = tuple(k.name for k in KINDS.values() if k.key_side)  # full length in a prefix forward
 
 
 @dataclass

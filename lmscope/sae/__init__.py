@@ -16,6 +16,7 @@ from lmscope.sae.io import ARCHS, check_fits, load_sae, make_sae, save_sae, tl_h
 from lmscope.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from lmscope.sae.relu import ReLUConfig, ReLUSAE
 from lmscope.sae.topk import TopKConfig, TopKSAE
+from lmscope.sae.train_site import SAETrainConfig, train_site_sae
 from lmscope.sae.training import TensorSource, TrainConfig, TrainingError, TrainState, geometric_median, train
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "ARCHS", "GatedConfig", "GatedSAE", "JumpReLUConfig", "JumpReLUSAE", "LossOut", "ReLUConfig", "ReLUSAE", "SAE",
     "SAEConfig", "TensorSource", "TopKConfig", "TopKSAE", "TrainConfig", "TrainState", "TrainingError",
     "check_fits", "geometric_median", "load_sae", "make_sae", "save_sae", "tl_hook_name", "train",
+    "SAETrainConfig", "train_site_sae",
 ]

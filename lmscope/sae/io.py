@@ -28,7 +28,7 @@ from lmscope.sae.gated import GatedConfig, GatedSAE
 from lmscope.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from lmscope.sae.relu import ReLUConfig, ReLUSAE
 from lmscope.sae.topk import TopKConfig, TopKSAE
-from lmscope.sites import Site, parse_site
+from lmscope.sites import KINDS, Site, parse_site, tl_name
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -36,9 +36,7 @@ ARCHS = {"relu": (ReLUConfig, ReLUSAE), "gated": (GatedConfig, GatedSAE), "topk"
          "jumprelu": (JumpReLUConfig, JumpReLUSAE)}
 _TO_SAELENS = {"relu": "standard", "gated": "gated", "topk": "topk", "jumprelu": "jumprelu"}
 _FROM_SAELENS = {v: k for k, v in _TO_SAELENS.items()}
-_TL_KIND = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
-            "attn.z": "attn.hook_z", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
-            "mlp.post": "mlp.hook_post", "attn.q": "attn.hook_q", "attn.k": "attn.hook_k", "attn.v": "attn.hook_v"}
+_NOT_SAE_KINDS = ("attn.pattern", "logits", "final.scale", "attn.head_out")  # SAEs read residual-like sites
 
 
 def make_sae(arch: str, **fields) -> SAE:
@@ -51,10 +49,7 @@ def make_sae(arch: str, **fields) -> SAE:
 
 def tl_hook_name(site: str) -> str:
     """TransformerLens-style hook name of an lmscope site (``blocks.3.attn.z`` -> ``blocks.3.attn.hook_z``)."""
-    s = parse_site(site)
-    if s.layer is None:
-        return {"embed": "hook_embed", "final.scale": "ln_final.hook_scale"}.get(s.kind, s.kind)
-    return f"blocks.{s.layer}.{_TL_KIND.get(s.kind, s.kind)}"
+    return tl_name(parse_site(site))
 
 
 def save_sae(sae: SAE, path: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -157,11 +152,9 @@ def _fill(sae: SAE, tensors: dict[str, torch.Tensor], folder: Path) -> None:
 def check_fits(sae: SAE, model, site: str | Site | None = None) -> Site:
     """Check that ``sae`` reads activations of ``model`` at ``site`` (default: the SAE's own site)."""
     s = parse_site(site or sae.cfg.site, model.spec.n_layers)
-    sp = model.spec
-    widths = {"attn.z": sp.n_heads * sp.d_head, "attn.q": sp.n_heads * sp.d_head, "attn.k": sp.n_heads * sp.d_head,
-              "attn.v": sp.n_heads * sp.d_head, "mlp.post": sp.d_mlp}
-    width = widths.get(s.kind, sp.d_model)
-    if s.kind in ("attn.pattern", "logits", "final.scale", "attn.head_out"):
+    model.require([s], f"An SAE on {s.name}")
+    width = KINDS[s.kind].width(model.spec)
+    if s.kind in _NOT_SAE_KINDS:
         raise InputError(f"SAEs read residual-like sites; {s.name} is not one. Use resid_*, attn.z, attn_out, "
                          "mlp_out or mlp.post.")
     if width != sae.cfg.d_in:

@@ -1,0 +1,248 @@
+"""What each method command prints, and which Result(s) it writes to --json/--html/--png.
+
+``view(name, result, config) -> (renderables, written)``; a method without an entry here prints its
+ten largest and three smallest cells (:func:`lmscope.cli.common.top_table`) and writes its Result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from rich.table import Table
+
+from lmscope.cli.common import top_table
+
+NO_PLOT = ("circuit", "flow", "lens-train", "sae-train")
+
+
+def token_table(result) -> Table:
+    t = result.target or {}
+    what = f"{t.get('target')!r}" + (f" vs {t['foil']!r}" if "foil" in t else "") if t else "last position"
+    table = Table(title=f"{result.method} · {what}")
+    for col in ("#", "token", "score"):
+        table.add_column(col)
+    for i, (label, value) in enumerate(zip(result.axes[0].labels, result.values.tolist())):
+        table.add_row(str(i), repr(label), f"{value:+.4f}")
+    return table
+
+
+def generation_table(result) -> Table:
+    table = Table(title=f"{result.method}: {result.meta['generated']!r}")
+    for col in ("step", "token", "p", "top source"):
+        table.add_column(col)
+    for s, label in enumerate(result.axes[1].labels):
+        col = result.values[:, s]
+        best = int(col.nan_to_num(float("-inf")).argmax())
+        table.add_row(str(s), repr(label), f"{float(result.extras['step_probability'][s]):.3f}",
+                      f"{result.axes[0].labels[best]!r} ({float(col[best]):+.3f})")
+    return table
+
+
+def _attribute(result, config):
+    shown = [generation_table(result) if config.generate is not None else token_table(result)]
+    if "relative_delta" in result.meta:
+        shown.append(f"completeness: relative delta {result.meta['relative_delta']:.3g} at {result.meta['steps']} "
+                     f"steps (baseline {result.meta['baseline']})")
+    return shown, result
+
+
+def _dla(result, config):
+    meta = result.meta
+    capped = f", {meta['model_value']:.3f} after the soft-cap" if meta["softcap"] is not None else ""
+    return [top_table(result, 10, f"DLA of {meta['metric']} (model: {meta['metric_value']:.3f}{capped}, "
+                                  f"constant {meta['constant']:.3f})")], result
+
+
+def _patch(result, config):
+    meta = result.meta
+    return [top_table(result, 10, f"{result.method} of {config.site} (clean {meta['clean_metric']:.3f}, corrupt "
+                                  f"{meta['corrupt_metric']:.3f}; {'normalised' if config.normalise else 'raw'})")], result
+
+
+def _trace(result, config):
+    meta = result.meta
+    return [top_table(result, 10, f"Causal trace ({config.kind}) of {result.target['target']!r}: clean p="
+                                  f"{meta['clean_prob']:.3f}, noised p={meta['corrupt_prob']:.3f}")], result
+
+
+def _atp(result, config):
+    from lmscope.errors import InputError
+
+    if config.node not in result:
+        raise InputError(f"--node {config.node!r}: choose one of {sorted(result)}.")
+    res = result[config.node]
+    shown = [top_table(res, 10, f"{res.method.upper()} ({res.params['direction']}) by {config.node}: clean "
+                                f"{res.meta['clean_metric']:.3f}, corrupt {res.meta['corrupt_metric']:.3f}")]
+    if "mlp" in result and config.node != "mlp":
+        shown.append(top_table(result["mlp"], 5, "MLP layers"))
+    return shown, res
+
+
+def _circuit(result, config):
+    meta = result.meta
+    table = Table(title=f"{config.method.upper()} circuit for {meta.get('task')}: {len(result.axes[0])} of "
+                        f"{meta['graph_edges']} edges, faithfulness {meta['faithfulness']:.3f} (logit diff clean "
+                        f"{meta['clean_metric']:.3f}, corrupt {meta['corrupt_metric']:.3f})")
+    for col in ("source", "target", "score"):
+        table.add_column(col)
+    for e in meta["edges"][:15]:
+        table.add_row(e["source"], e["target"], f"{e['score']:+.4f}")
+    shown = [f"[yellow]note:[/] {meta['note']}"] if "note" in meta else []
+    shown.append(table)
+    if "curve" in meta:
+        ct = Table(title="Faithfulness against circuit size (complement patched)")
+        for col in ("edges", "fraction", "kept", "faithfulness"):
+            ct.add_column(col)
+        c = meta["curve"]
+        for n, frac, kept, f in zip(c["n_edges"], c["fraction"], c["kept"], c["faithfulness"]):
+            ct.add_row(str(n), f"{frac:.4f}", str(int(kept)), f"{f:.3f}")
+        shown.append(ct)
+    return shown, result
+
+
+def _flow(result, config):
+    edges, tokens, pos = result.meta["edges"], result.meta["tokens"], result.meta["position"]
+    table = Table(title=f"Route into position {pos} ({tokens[pos]!r}): {len(result.meta['nodes'])} nodes, "
+                        f"{len(edges)} edges at τ = {config.threshold}")
+    for col in ("source", "target", "weight", "kind"):
+        table.add_column(col)
+    cross = sorted((e for e in edges if e["kind"] == "attn" and e["source"].split("_")[1] != e["target"].split("_")[1]),
+                   key=lambda e: -e["weight"])
+    for e in cross[:15]:
+        src_pos = int(e["source"].split("_")[1])
+        table.add_row(f"{e['source']} ({tokens[src_pos]!r})", e["target"], f"{e['weight']:.3f}", e["kind"])
+    return [table], result
+
+
+def lens_table(result) -> Table:
+    """Table of a one-position lens view (:func:`lmscope.decoding.lens_top`)."""
+    pos = result.meta["position"]
+    name = "Tuned lens" if result.method == "tuned_lens" else "Logit lens"
+    table = Table(title=f"{name} at position {pos} ({result.meta['tokens'][pos]!r})")
+    table.add_column("layer")
+    table.add_column("top tokens (probability)")
+    if "target_prob" in result.extras:
+        table.add_column(f"{result.target['target']!r} rank / prob")
+    for i, label in enumerate(result.axes[0].labels):
+        tops = ", ".join(f"{t!r} {p:.2f}" for t, p in zip(result.meta["top_tokens"][i], result.values[i].tolist()))
+        row = [label, tops]
+        if "target_prob" in result.extras:
+            row.append(f"{int(result.extras['target_rank'][i])} / {float(result.extras['target_prob'][i]):.3f}")
+        table.add_row(*row)
+    return table
+
+
+def _lens(result, config):
+    from lmscope.decoding.logit_lens import lens_top
+
+    return [lens_table(lens_top(result, config.position))], result
+
+
+def eval_table(result) -> Table:
+    table = Table(title=f"Held-out lens quality ({result.params['tokens']} tokens; model CE "
+                        f"{result.meta['ce_model']:.3f} nats)")
+    for col in ("layer", "KL logit", "KL tuned", "CE logit", "CE tuned"):
+        table.add_column(col)
+    for label, row in zip(result.axes[0].labels, result.values.tolist()):
+        table.add_row(label, *(f"{v:.3f}" for v in row))
+    return table
+
+
+def _lens_train(result, config):
+    info = result.meta["lens"]
+    shown = [f"wrote {info['path']} ({info['tokens_seen']} tokens, {info['steps']} steps, "
+             f"{info['world_size']} process(es))"]
+    if result.method == "lens_eval":
+        shown.append(eval_table(result))
+    return shown, result
+
+
+def _lens_eval(result, config):
+    return [eval_table(result)], result
+
+
+def _patchscope(result, config):
+    if config.sweep:
+        table = Table(title=f"Patchscope sweep: probability of {result.target['expected']!r} "
+                            "(rows: source layer, columns: every 5th target layer; top-1 token)")
+        table.add_column("source layer")
+        cols = list(range(0, len(result.axes[1]), 5))
+        for c in cols:
+            table.add_column(f"→{result.axes[1].labels[c]}")
+        for i, label in enumerate(result.axes[0].labels):
+            table.add_row(label, *[f"{result.values[i, c]:.2f} {result.meta['top_tokens'][i][c]!r}" for c in cols])
+    else:
+        table = Table(title=f"Patchscope: {result.target['source']!r} layer {config.layer} pos "
+                            f"{result.meta['source_position']} → target layer {result.params['target_layer']} pos "
+                            f"{result.meta['target_position']}")
+        for col in ("rank", "token", "probability"):
+            table.add_column(col)
+        for r, (t, p) in enumerate(zip(result.meta["top_tokens"], result.values.tolist()), 1):
+            table.add_row(str(r), repr(t), f"{p:.3f}")
+    shown = [table]
+    if "generated" in result.meta:
+        shown.append(f"generated: {result.meta['generated']!r}")
+    return shown, result
+
+
+def _probe(result, config):
+    table = Table(title=f"{config.kind} probe on {result.meta['dataset']} ({result.meta.get('n_examples', '')} "
+                        f"examples, {config.site}, position {config.position}); majority baseline "
+                        f"{result.meta['majority_baseline']:.3f}")
+    for col in ("layer", "accuracy", "± std", "control", "selectivity"):
+        table.add_column(col)
+    for i, label in enumerate(result.axes[0].labels):
+        acc, ctrl, sel = result.values[i].tolist()
+        table.add_row(label, f"{acc:.3f}", f"{float(result.extras['accuracy_std'][i]):.3f}", f"{ctrl:.3f}",
+                      f"{sel:+.3f}")
+    return [table], result
+
+
+def _steer(result, config):
+    from rich.text import Text
+
+    prompt, texts = result.meta["prompt"], result.meta["texts"]
+    return [Text.assemble(("unsteered: ", "bold"), prompt + texts[0]),
+            Text.assemble((f"steered ({config.method}, layer {config.layer}, scale {config.scale}): ", "bold"),
+                          prompt + texts[1])], result
+
+
+def _project(result, config):
+    shown = []
+    if "neuron" in result:
+        res = result["neuron"]
+        table = Table(title=f"Neuron {config.neuron}: tokens its output direction promotes / suppresses")
+        table.add_column("side")
+        table.add_column("tokens (direct logit per unit activation)")
+        for i, side in enumerate(res.axes[0].labels):
+            table.add_row(side, ", ".join(f"{t!r} {v:+.2f}" for t, v in zip(res.meta["tokens"][i], res.values[i].tolist())))
+        return [table], dict(result)
+    for key, title in (("ov", "OV circuit: tokens promoted when attending to"), ("qk", "QK circuit: keys matched by")):
+        res = result[key]
+        table = Table(title=f"Head {config.head} {title} each token")
+        table.add_column("token")
+        table.add_column("top tokens")
+        for i, label in enumerate(res.axes[0].labels):
+            table.add_row(repr(label), ", ".join(repr(t) for t in res.meta["top_tokens"][i]))
+        shown.append(table)
+    return shown, dict(result)
+
+
+def _sae_train(result, config):
+    last = dict(zip(result.axes[1].labels, result.values[-1].tolist()))
+    return [f"trained {config.arch} SAE on {result.params['site']}: L0 {last['l0']:.1f}, FVE {last['fve']:.3f}; "
+            f"wrote {config.out_dir}"], result
+
+
+VIEWS = {"attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
+         "flow": _flow, "lens": _lens, "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
+         "probe": _probe, "steer": _steer, "project": _project, "sae-train": _sae_train}
+
+
+def view(name: str, result, config):
+    """(renderables to print, Result or {name: Result} to write)."""
+    if name in VIEWS:
+        return VIEWS[name](result, config)
+    if isinstance(result, Mapping):
+        return [repr(result)], dict(result)
+    return [top_table(result, 10, f"{result.method} ({result.model})")], result

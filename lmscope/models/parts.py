@@ -1,0 +1,259 @@
+"""The parts an architecture adapter is built from.
+
+An :class:`Adapter` describes one architecture family by composition: the token :class:`Embedding`;
+a :class:`Block` made of a *mixer* (:class:`Attention`; a state-space mixer would be another
+mixer part), an optional :class:`MLP` and its :class:`Norms`; the :class:`Final` norm, unembedding
+and soft-cap; and the :class:`ConfigFields`, the HF config field names read once per family.
+Module paths are dotted attribute paths: global ones relative to the ``*ForCausalLM`` model,
+block ones relative to a decoder block.
+
+The parts a model has decide which site kinds it has (each kind in :data:`lmscope.sites.KINDS`
+names the part it needs): a model without an MLP part has no ``mlp_out`` or ``mlp.post``.
+Nothing here runs a forward pass; the native Hugging Face model always does that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmscope.errors import SiteError, UnsupportedArchitectureError
+from lmscope.models.norms import NORM_KINDS
+from lmscope.sites import KINDS, Site, parse_site
+
+PARTS = ("embedding", "block", "attention", "mlp", "final_norm", "unembedding")
+
+
+@dataclass(frozen=True)
+class ConfigFields:
+    """HF config field names, named once per family (None: the family has no such field).
+
+    ``n_kv_heads`` None means as many key/value heads as query heads. ``norm_kind`` names a config
+    field that chooses the norm kind, for families that let the config choose.
+    """
+
+    d_model: str = "hidden_size"
+    n_heads: str = "num_attention_heads"
+    n_kv_heads: str | None = "num_key_value_heads"
+    n_ctx: str = "max_position_embeddings"
+    parallel: str | None = None  # attention and MLP read the same residual (GPT-NeoX, GPT-J)
+    softcap: str | None = None  # final-logit soft-cap c: logits = c·tanh(z / c)
+    attn_softcap: str | None = None  # attention-score soft-cap (the forward gets it from transformers;
+    # read-outs that recompute scores from q and k need it)
+    sliding_window: str | None = None
+    norm_kind: str | None = None
+
+
+@dataclass(frozen=True)
+class Embedding:
+    tokens: str  # the token-embedding module
+    positions: str | None = None  # absolute position embedding (GPT-2)
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Attention mixer: either separate q/k/v projections or one fused ``qkv`` projection.
+
+    ``qkv_layout``: "blocks" (GPT-2: [q|k|v] over all heads) or "per_head" (NeoX: [q|k|v] per head).
+    """
+
+    module: str  # its output is the attention write before any post-norm
+    o_proj: str  # output projection: its input is z, its output the summed head writes
+    q_proj: str | None = None
+    k_proj: str | None = None
+    v_proj: str | None = None
+    qkv: str | None = None
+    qkv_layout: str | None = None
+    part = "attention"
+
+    def __post_init__(self):
+        separate = None not in (self.q_proj, self.k_proj, self.v_proj)
+        fused = self.qkv is not None and self.qkv_layout in ("blocks", "per_head")
+        if separate == fused:
+            raise ValueError("Attention needs q_proj/k_proj/v_proj, or qkv with qkv_layout 'blocks' or "
+                             "'per_head', not both.")
+
+
+@dataclass(frozen=True)
+class MLP:
+    module: str  # its output is the MLP write before any post-norm
+    down: str  # down projection: its input is mlp.post
+
+
+@dataclass(frozen=True)
+class Norms:
+    """The block's norms (block-relative paths) and the norm kind of the model."""
+
+    kind: str  # "rms", "rms_offset" (Gemma: weight is 1 + w) or "layer"
+    pre_mixer: str
+    pre_mlp: str | None = None
+    post_mixer: str | None = None  # Gemma 2/3: the mixer's write passes through its own norm
+    post_mlp: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in NORM_KINDS:
+            raise ValueError(f"Norm kind {self.kind!r}: use one of {NORM_KINDS}.")
+        if (self.post_mixer is None) != (self.post_mlp is None) and self.pre_mlp is not None:
+            raise ValueError("Give both post-norms (after the mixer and after the MLP) or neither.")
+
+
+@dataclass(frozen=True)
+class Block:
+    mixer: Attention
+    norms: Norms
+    mlp: MLP | None = None
+
+    def __post_init__(self):
+        if (self.mlp is None) != (self.norms.pre_mlp is None):
+            raise ValueError("A block with an MLP names its pre-MLP norm; a block without one names none.")
+
+    @property
+    def post_norms(self) -> bool:
+        return self.norms.post_mixer is not None
+
+    @property
+    def mixer_write(self) -> str:
+        """The module whose output the mixer adds to the residual stream."""
+        return self.norms.post_mixer or self.mixer.module
+
+    @property
+    def mlp_write(self) -> str | None:
+        if self.mlp is None:
+            return None
+        return self.norms.post_mlp or self.mlp.module
+
+
+@dataclass(frozen=True)
+class Final:
+    norm: str
+    unembed: str
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One architecture family, composed of parts. ``linear``: "linear" (weight out x in) or
+    "conv1d" (GPT-2: in x out)."""
+
+    family: str
+    model_types: tuple[str, ...]
+    embedding: Embedding
+    layers: str  # the ModuleList of blocks
+    block: Block
+    final: Final
+    config: ConfigFields = ConfigFields()
+    linear: str = "linear"
+    source: str = ""  # the file that defines the family (for error messages)
+
+    @property
+    def parts(self) -> frozenset[str]:
+        """The parts this adapter has (names from :data:`PARTS`)."""
+        have = {"embedding", "block", "final_norm", "unembedding", self.block.mixer.part}
+        if self.block.mlp is not None:
+            have.add("mlp")
+        return frozenset(have)
+
+    def for_config(self, config) -> Adapter:
+        """This adapter with config-chosen details (the norm kind) resolved."""
+        if self.config.norm_kind is None:
+            return self
+        kind = config_field(config, self.config.norm_kind, self)
+        return dataclasses.replace(self, block=dataclasses.replace(
+            self.block, norms=dataclasses.replace(self.block.norms, kind=kind)))
+
+    # derived module paths, for the model layer (methods ask Model, not these)
+    @property
+    def norm_kind(self) -> str:
+        return self.block.norms.kind
+
+    @property
+    def post_norms(self) -> bool:
+        return self.block.post_norms
+
+    @property
+    def embed(self) -> str:
+        return self.embedding.tokens
+
+    @property
+    def pos_embed(self) -> str | None:
+        return self.embedding.positions
+
+    @property
+    def final_norm(self) -> str:
+        return self.final.norm
+
+    @property
+    def unembed(self) -> str:
+        return self.final.unembed
+
+    @property
+    def attn(self) -> str:
+        return self.block.mixer.module
+
+    @property
+    def o_proj(self) -> str:
+        return self.block.mixer.o_proj
+
+    @property
+    def attn_norm(self) -> str:
+        return self.block.norms.pre_mixer
+
+    @property
+    def attn_write(self) -> str:
+        return self.block.mixer_write
+
+    @property
+    def mlp_write(self) -> str | None:
+        return self.block.mlp_write
+
+    @property
+    def mlp_down(self) -> str | None:
+        return None if self.block.mlp is None else self.block.mlp.down
+
+
+def site_kinds(adapter: Adapter, parallel: bool) -> tuple[str, ...]:
+    """The site kinds a model built from ``adapter`` has (no resid_mid when blocks run in parallel)."""
+    parts = adapter.parts
+    return tuple(k.name for k in KINDS.values() if k.part in parts and not (k.name == "resid_mid" and parallel))
+
+
+def require_kinds(adapter: Adapter, parallel: bool, name: str, kinds, method: str | None = None) -> None:
+    """Raise unless a model ``name`` built from ``adapter`` has every site kind in ``kinds`` (see
+    :meth:`lmscope.models.Model.require`)."""
+    who = method or "This run"
+    for item in kinds:
+        kind = item.kind if isinstance(item, Site) else (item if item in KINDS else parse_site(item).kind)
+        if kind == "resid_mid" and parallel:
+            raise SiteError(f"{who} needs resid_mid, but {name} runs attention and MLP in parallel, so it has no "
+                            "resid_mid; use resid_pre, attn_out or mlp_out.")
+        part = KINDS[kind].part
+        if part not in adapter.parts:
+            block = adapter.block
+            what = f"{block.mixer.part}" + (" + mlp" if block.mlp is not None else " only")
+            raise UnsupportedArchitectureError(
+                f"{who} needs {kind}, which needs the {part} part; {name} ({adapter.family}) has no {part}: its "
+                f"blocks are {what}. Use a method or site that reads only what it has: "
+                f"{', '.join(site_kinds(adapter, parallel))}.")
+
+
+def config_field(config, name: str, adapter: Adapter):
+    """The value of config field ``name``; an error naming the family file if the config lacks it."""
+    if not hasattr(config, name):
+        raise UnsupportedArchitectureError(
+            f"The {adapter.family} adapter reads config field {name!r}, which this "
+            f"{type(config).__name__} lacks. Fix the field name in {adapter.source or 'its family file'}.")
+    return getattr(config, name)
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def linear_weight(module: nn.Module, linear: str) -> torch.Tensor:
+    """The weight as (in, out), whatever the layer's storage convention."""
+    return module.weight.T if linear == "linear" else module.weight

@@ -170,7 +170,7 @@ def test_dla_by_layer_has_attention_entries_only(model):
 
 def test_atp_on_heads_is_the_first_order_taylor_term(model):
     pairs = ATP_PAIRS.subset([0])
-    res = atp(model, pairs, nodes=("head", "resid"))
+    res = atp(model, pairs, nodes=("head", "resid"), direction="noise", normalise=False)
     (base_b, other_b), metric = _setup(model, pairs)
     checks = 0
     for kind, layer, index in [("head", 1, 2), ("head", 0, 3), ("head", 2, 1), ("resid", 1, 4)]:

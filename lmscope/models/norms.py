@@ -45,8 +45,9 @@ def norm_bias(module: nn.Module) -> torch.Tensor | None:
 
 
 def apply_frozen_norm(c: torch.Tensor, scale: torch.Tensor, module: nn.Module, kind: str) -> torch.Tensor:
-    """Map a component ``c`` (..., D) through a norm with its scale frozen (no bias): linear in ``c``."""
+    """Map a component ``c`` (..., D) through a norm with its scale frozen (no bias): linear in ``c``
+    (the norm's weight is read detached: nothing flows back into the model)."""
     c = c.float()
     if kind == "layer":
         c = c - c.mean(dim=-1, keepdim=True)
-    return c * scale * norm_gain(module, kind)
+    return c * scale * norm_gain(module, kind).detach()

@@ -29,7 +29,7 @@ import torch
 from torch.func import functional_call
 
 from lmscope.errors import InputError, SiteError
-from lmscope.models.norms import norm_bias, norm_gain
+from lmscope.models.norms import apply_frozen_norm, norm_bias, norm_gain
 from lmscope.models.parts import get_module
 
 if TYPE_CHECKING:
@@ -87,22 +87,18 @@ def _unembed_module(model: Model):
     return get_module(model.hf, model.adapter.unembed)
 
 
-def _scale(scale, x: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(scale).to(device=x.device, dtype=torch.float32)
-
-
 def frozen_norm(model: Model, module, x: torch.Tensor, scale) -> torch.Tensor:
     """``module`` (a norm of ``model``) applied to x (..., D) with its scale frozen at ``scale`` (1/s, a
-    scalar or (..., 1)): centred for LayerNorm, times 1/s and the gain, no bias. Linear in x; float32."""
-    x = x.float()
-    if model.spec.norm == "layer":
-        x = x - x.mean(dim=-1, keepdim=True)
-    return x * _scale(scale, x) * norm_gain(module, model.spec.norm).detach().to(x.device)
+    scalar or (..., 1)): centred for LayerNorm, times 1/s and the gain, no bias. Linear in x; float32,
+    on the model's device."""
+    x = x.to(model.device)
+    return apply_frozen_norm(x, torch.as_tensor(scale).to(device=x.device, dtype=torch.float32), module,
+                             model.spec.norm)
 
 
 def norm(model: Model, name: str, x: torch.Tensor, scale=None) -> torch.Tensor:
-    """The norm ``name`` applied to x (..., D): live (the module itself, on the model's device) or, with
-    ``scale``, frozen (see :func:`frozen_norm`). float32, no gradient to the model."""
+    """The norm ``name`` applied to x (..., D): live (the module itself) or, with ``scale``, frozen (see
+    :func:`frozen_norm`). float32 on the model's device, no gradient to the model."""
     module = norm_module(model, name)
     if scale is not None:
         return frozen_norm(model, module, x.detach(), scale)
@@ -125,7 +121,7 @@ def unembed(model: Model, resid: torch.Tensor, scale=None, softcap: bool | None 
             if softcap:
                 raise InputError("A read-out with the final norm's scale frozen is linear and gives pre-soft-cap "
                                  "logits; leave softcap out, or pass scale=None for the model's own read-out.")
-            x = frozen_norm(model, final, resid.to(model.device), scale)
+            x = frozen_norm(model, final, resid, scale)
             logits = x @ model.W_U.detach().float()
             return logits if grad else logits.cpu()
         if grad:

@@ -15,7 +15,7 @@ import torch
 from lmscope.models import Model
 from lmscope.models.adapters import get_module
 from lmscope.results import Axis, Result
-from lmscope.sites import site_names
+from lmscope.sites import resolve_count, resolve_position, site_names
 
 
 def residual_logits(model: Model, resid: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,8 @@ def logit_lens(model: Model, prompt: str, target: str | int | None = None, *, k:
     """Top-k tokens and the target's rank and probability after every layer at ``position``."""
     n = model.spec.n_layers
     run = model.run(prompt, cache=["blocks.0.resid_pre", *site_names("resid_post", n)], logits="all")
-    pos = int(run.batch.last_index[0]) if position is None else position % run.batch.input_ids.shape[1]
+    k = resolve_count(k, model.spec.d_vocab, "top tokens per layer")
+    pos = resolve_position(position, run.batch.input_ids.shape[1])
     resid = torch.stack([run["blocks.0.resid_pre"][0, pos]] + [run[f"blocks.{l}.resid_post"][0, pos]
                                                               for l in range(n)])
     probs = residual_logits(model, resid).softmax(dim=-1)  # (n + 1, V)

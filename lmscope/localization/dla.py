@@ -34,7 +34,7 @@ from lmscope.errors import InputError
 from lmscope.models import Model
 from lmscope.models.norms import norm_bias, norm_gain
 from lmscope.models.decompose import decompose_cache, readout_values
-from lmscope.sites import site_names
+from lmscope.sites import resolve_position, site_names
 from lmscope.results import Axis, Result
 
 BY = ("layer", "head", "neuron")
@@ -89,7 +89,7 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
     sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post", *site_names("attn.head_out", n),
              *(site_names("mlp.post" if neurons else "mlp_out", n) if has_mlp else [])]
     run = model.run(prompt, cache=sites, logits="all")
-    pos = int(run.batch.last_index[0]) if position is None else position % run.batch.input_ids.shape[1]
+    pos = resolve_position(position, run.batch.input_ids.shape[1])
     scale = run["final.scale"][0, pos].float().cpu()
     v = effective_directions(model, u, scale)  # (D,)
     const = constant_term(model, u, info)

@@ -283,6 +283,7 @@ class Model:
             return inputs
         if isinstance(inputs, torch.Tensor):
             ids = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
+            ids = self._checked_ids(ids)
             mask = torch.ones_like(ids)
         else:
             prompts = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -304,6 +305,18 @@ class Model:
             for row, m in zip(ids, mask)
         ]
         return Batch(ids, mask, pos, [[self._pretty(t) for t in row] for row in str_tokens], padding_side)
+
+    def _checked_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) as a LongTensor; an error unless they are integers inside the embedding table."""
+        if ids.ndim != 2 or ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise InputError(f"Token ids must be an integer tensor of shape (T,) or (B, T); got {ids.dtype} of shape "
+                             f"{tuple(ids.shape)}. Pass model.encode(text).input_ids or a LongTensor.")
+        n = self.W_E.shape[0]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise TokenError(f"Token id {bad} is outside the vocabulary of {self.name} (0..{n - 1}); pass ids from "
+                             "this model's tokenizer.")
+        return ids.long()
 
     def _pretty(self, token: str) -> str:
         return self.tokenizer.convert_tokens_to_string([token]) if token else token

@@ -27,6 +27,11 @@ class InputError(LmscopeError):
     """Bad user input: empty or too long prompts, mismatched lengths, bad options."""
 
 
+class RangeError(SiteError, InputError):
+    """A layer, head or token position outside what the model or the prompt has (the message gives the
+    valid range). A SiteError (layers and heads are part of a site) and an InputError (bad user input)."""
+
+
 class TokenError(InputError):
     """A target or foil that is not exactly one token (the message says how it splits)."""
 

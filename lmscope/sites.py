@@ -24,6 +24,11 @@ TransformerLens-style names (``blocks.3.hook_resid_pre``, ``blocks.3.attn.hook_z
 shape, the width of one token's vector, the position axis and the head axis follow) and the
 adapter part a model needs to have the site (see :mod:`lmscope.models.parts`). Every other module
 derives what it needs from it.
+
+Layer, head and position indices are checked in one place (:func:`resolve_layers`,
+:func:`resolve_heads`, :func:`resolve_positions`, and :func:`resolve_count` for "top k" counts):
+negative numbers count from the end, and anything outside the model or the prompt raises
+:class:`~lmscope.errors.RangeError` naming the valid range; nothing is wrapped around silently.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import math
 import re
 from dataclasses import dataclass
 
-from lmscope.errors import SiteError
+from collections.abc import Iterable
+
+from lmscope.errors import RangeError, SiteError
 
 # axis symbol -> ModelSpec field giving its size (B, T and S come from the batch)
 _SPEC_AXES = {"D": "d_model", "H": "n_heads", "dh": "d_head", "F": "d_mlp", "V": "d_vocab"}
@@ -174,14 +181,68 @@ def parse_site(name: str | Site, n_layers: int | None = None) -> Site:
             )
         site = Site(kind, int(m.group(1)))
     if site.layer is not None and n_layers is not None:
-        layer = site.layer + n_layers if site.layer < 0 else site.layer
-        if not 0 <= layer < n_layers:
-            raise SiteError(
-                f"Layer {site.layer} is out of range in {site.name!r}: the model has {n_layers} "
-                f"layers (0..{n_layers - 1}; negative numbers count from the end)."
-            )
-        site = Site(site.kind, layer)
+        site = Site(site.kind, resolve_index(site.layer, n_layers, "layer", context=f" in {site.name!r}"))
     return site
+
+
+def resolve_index(index: int, size: int, what: str, owner: str = "the model", context: str = "",
+                  unit: str | None = None) -> int:
+    """``index`` (negative counts from the end) as 0..size-1; RangeError naming the valid range otherwise.
+
+    The message reads "<What> <index> is out of range<context>: <owner> has <size> <unit> (0..size-1; ...)",
+    ``unit`` defaulting to ``what`` + "s".
+    """
+    try:
+        whole = not isinstance(index, bool) and int(index) == index
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
+        raise RangeError(f"{what.capitalize()} {index!r} is not an integer; give a {what} index.")
+    index = int(index)
+    if not -size <= index < size:
+        valid = f"0..{size - 1}; negative numbers count from the end" if size else "there is none"
+        raise RangeError(f"{what.capitalize()} {index} is out of range{context}: {owner} has {size} "
+                         f"{unit or what + 's'} ({valid}). Give a {what} in that range.")
+    return index % size
+
+
+def _indices(values: int | Iterable[int] | None, size: int, what: str, owner: str = "the model",
+             unit: str | None = None) -> list[int]:
+    if values is None:
+        return list(range(size))
+    items = [values] if isinstance(values, int) else list(values)
+    if not items:
+        raise RangeError(f"Give at least one {what} (or none at all for every {what}).")
+    return [resolve_index(v, size, what, owner, unit=unit) for v in items]
+
+
+def resolve_layers(layers: int | Iterable[int] | None, n_layers: int) -> list[int]:
+    """Layer indices 0..n_layers-1 (None: every layer); out of range raises RangeError."""
+    return _indices(layers, n_layers, "layer")
+
+
+def resolve_heads(heads: int | Iterable[int] | None, n_heads: int) -> list[int]:
+    """Head indices 0..n_heads-1 (None: every head); out of range raises RangeError."""
+    return _indices(heads, n_heads, "head")
+
+
+def resolve_positions(positions: int | Iterable[int] | None, n_tokens: int) -> list[int]:
+    """Token positions 0..n_tokens-1 (None: every position); out of range raises RangeError."""
+    return _indices(positions, n_tokens, "position", "the prompt", "tokens")
+
+
+def resolve_position(position: int | None, n_tokens: int) -> int:
+    """One token position (None: the last one); out of range raises RangeError."""
+    if position is None:
+        return n_tokens - 1
+    return resolve_index(position, n_tokens, "position", "the prompt", unit="tokens")
+
+
+def resolve_count(k: int, limit: int, what: str) -> int:
+    """A count of items to show or take, e.g. the top k tokens: 1..limit, else RangeError."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
+        raise RangeError(f"{k!r} {what}: give a whole number from 1 to {limit}.")
+    return k
 
 
 def site_names(kind: str, n_layers: int, layers: list[int] | None = None) -> list[str]:

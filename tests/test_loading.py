@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -231,6 +232,50 @@ def test_folder_without_marker_is_not_trusted(tmp_cache, fake_gguf):
     assert not loading.prepared(str(fake_gguf))
     (folder / loading.MARKER).write_text("{truncated")
     assert not loading.prepared(str(fake_gguf))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "nan-weights", "broken-config"])
+def test_corrupted_cache_under_a_valid_marker_is_rebuilt(tmp_cache, fake_gguf, monkeypatch, capsys, damage):
+    loading.load_hf(str(fake_gguf), progress=False)
+    folder = tmp_cache / loading._gguf_cache_name(fake_gguf.resolve())
+    weights = folder / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "overwritten":
+        weights.write_bytes(b"\x00garbage")
+    elif damage == "nan-weights":  # a well-formed file whose values are not
+        tensors = load_file(weights)
+        tensors["model.norm.weight"][3] = float("nan")
+        save_file(tensors, weights, metadata={"format": "pt"})
+    else:
+        (folder / "config.json").write_text("{broken")
+    assert loading.prepared(str(fake_gguf))  # the marker still vouches for the folder
+    built = []
+    monkeypatch.setattr(loading, "_dequantise", lambda gguf: built.append(gguf) or tiny_pair())
+    model, _, _ = loading.load_hf(str(fake_gguf), progress=False)
+    assert len(built) == 1                   # detected, discarded and rebuilt once
+    assert "is corrupted" in capsys.readouterr().err
+    reference, _ = tiny_pair()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+    assert loading.prepared(str(fake_gguf)) and _work_folders(tmp_cache) == []
+    loading.load_hf(str(fake_gguf), progress=False)
+    assert len(built) == 1                   # the rebuilt folder is trusted and read as it is
+
+
+def test_cache_that_stays_unreadable_names_the_fix(tmp_cache, fake_gguf, monkeypatch):
+    loading.load_hf(str(fake_gguf), progress=False)
+    real = loading._from_pretrained
+
+    def unreadable(where, *args, **kwargs):
+        if where.startswith(str(tmp_cache)):
+            raise OSError("input/output error (simulated)")
+        return real(where, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "_from_pretrained", unreadable)
+    with pytest.raises(ModelNotAvailableError, match=r"cannot be read even after rebuilding it .*simulated.*"
+                                                     r"Delete that folder \(rm -rf '.*'\)"):
+        loading.load_hf(str(fake_gguf), progress=False)
 
 
 def test_concurrent_preparers_keep_the_first(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import free_port
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lmscope.errors import InputError
@@ -338,19 +340,79 @@ class _Poisoned(TensorSource):
             yield b.clone().fill_(float("nan")) if i == 12 and seed == 0 else b
 
 
+def _checkpoint(path):
+    """The JSON part and the tensors of an SAE checkpoint, read without unpickling anything."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["lmscope"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
 def test_failed_run_keeps_last_good_checkpoint(tmp_path):
     x, _ = synthetic(n=4096)
     sae = make_sae("relu", d_in=32, d_sae=64)
     cfg = TrainConfig(tokens=4096 * 2, batch_size=128, checkpoint_every=5)
-    with pytest.raises(TrainingError, match="last good checkpoint"):
+    with pytest.raises(TrainingError, match=r"NaN or infinite values \(128 of 128 rows in the batch of step 12\); the "
+                                            r"data is broken, not the training settings.*last good checkpoint"):
         train(sae, _Poisoned(x), cfg, tmp_path, progress=False)
-    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ck["state"]["step"] == 10
-    assert all(torch.isfinite(v).all() for v in ck["sae"].values())
+    doc, tensors = _checkpoint(tmp_path / "checkpoint.safetensors")
+    assert doc["state"]["step"] == 10
+    assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("sae."))
     assert not (tmp_path / "sae_weights.safetensors").exists()
-    (tmp_path / "checkpoint.pt").write_bytes(b"corrupt")
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"corrupt")
     with pytest.raises(TrainingError, match="corrupted"):
         train(make_sae("relu", d_in=32, d_sae=64), TensorSource(x), cfg, tmp_path, progress=False)
+
+
+def test_non_finite_data_and_loss_are_told_apart(tmp_path):
+    x, _ = synthetic(n=4096)
+    bad = x.clone()
+    bad[7, 3] = float("inf")
+    cfg = TrainConfig(tokens=4096, batch_size=128, checkpoint_every=0)
+    with pytest.raises(TrainingError, match=r"\(1 of 4096 rows in the initial sample\).*not the training settings"):
+        train(make_sae("relu", d_in=32, d_sae=64), TensorSource(bad), cfg, tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
+    # finite data, a learning rate that blows the weights up: the message blames the settings
+    with pytest.raises(TrainingError, match="Lower the learning rate"):
+        train(make_sae("relu", d_in=32, d_sae=64), TensorSource(x),
+              TrainConfig(tokens=4096, batch_size=128, lr=1e30, grad_clip=0, checkpoint_every=0), progress=False)
+
+
+class _Mkdir:
+    """Unpickling this object runs os.mkdir(path): a stand-in for any code in a tampered file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_checkpoints_are_never_unpickled(tmp_path):
+    x, _ = synthetic(n=2048)
+    cfg = TrainConfig(tokens=1024, batch_size=128, checkpoint_every=0)
+    ran = tmp_path / "code-ran"
+    payload = pickle.dumps(_Mkdir(ran))
+    pickle.loads(payload)                 # the payload is live: unpickling it runs code
+    assert ran.is_dir()
+    ran.rmdir()
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"sae": _Mkdir(ran)}, old / "checkpoint.pt")   # a tampered checkpoint of the earlier format
+    with pytest.raises(TrainingError, match="pickled checkpoint of an older lmscope; it is not read"):
+        train(make_sae("relu", d_in=32, d_sae=64), TensorSource(x), cfg, old, progress=False)
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "checkpoint.safetensors").write_bytes(payload)
+    with pytest.raises(TrainingError, match="corrupted or not an lmscope SAE checkpoint"):
+        train(make_sae("relu", d_in=32, d_sae=64), TensorSource(x), cfg, new, progress=False)
+    assert not ran.exists()
+    # the format holds the whole state: a finished run's checkpoint resumes as a no-op with equal weights
+    sae = make_sae("relu", d_in=32, d_sae=64)
+    train(sae, TensorSource(x), cfg, tmp_path / "ok", progress=False)
+    again = make_sae("relu", d_in=32, d_sae=64)
+    state = train(again, TensorSource(x), cfg, tmp_path / "ok", progress=False)
+    assert state.step == cfg.steps
+    for (name, a), b in zip(sae.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 
@@ -407,7 +469,7 @@ def resume_run(data, out, arch, delay=0.0):
 def _run_script(tmp_path, *args, wait=True):
     script = tmp_path / "run_train.py"
     script.write_text(_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, cwd=REPO,
                             stdout=subprocess.PIPE if wait else subprocess.DEVNULL, stderr=subprocess.STDOUT)
     if wait:
@@ -423,7 +485,7 @@ def test_kill_and_resume_gives_same_weights(tmp_path, arch):
     torch.save(x, tmp_path / "x.pt")
     proc = _run_script(tmp_path, tmp_path / "x.pt", tmp_path / "killed", arch, 0.05, wait=False)
     resume_run(tmp_path / "x.pt", tmp_path / "ref", arch)     # the uninterrupted reference, meanwhile
-    ck = tmp_path / "killed" / "checkpoint.pt"
+    ck = tmp_path / "killed" / "checkpoint.safetensors"
     deadline = time.time() + 300
     while not ck.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -431,7 +493,7 @@ def test_kill_and_resume_gives_same_weights(tmp_path, arch):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    killed_at = torch.load(ck, weights_only=False)["state"]["step"]
+    killed_at = _checkpoint(ck)[0]["state"]["step"]
     assert 0 < killed_at < RESUME_STEPS, "the run must be interrupted mid-way for this test to mean anything"
     assert not (tmp_path / "killed" / "sae_weights.safetensors").exists()
     _run_script(tmp_path, tmp_path / "x.pt", tmp_path / "killed", arch)
@@ -460,7 +522,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     x, _ = synthetic(n=4096, d=64, m=256, k=4)
     torch.save(x, tmp_path / "x.pt")
     (tmp_path / "ddp.py").write_text(_DDP)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(free_port()), str(tmp_path / "ddp.py"), str(tmp_path / "x.pt"),
                           str(tmp_path / "ddp")], env=env, cwd=REPO, capture_output=True, timeout=600)

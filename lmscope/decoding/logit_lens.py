@@ -21,7 +21,7 @@ from lmscope import specs
 from lmscope.errors import InputError
 from lmscope.models import Model
 from lmscope.results import Axis, Result
-from lmscope.sites import site_names
+from lmscope.sites import resolve_count, resolve_position, site_names
 
 
 def residual_logits(model: Model, resid: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,9 @@ def logit_lens(model: Model, prompt: str, target: str | int | None = None, *, k:
     """The logit lens over every layer and position (see the module docstring); ``position`` is the
     default position of :func:`lens_top` (last token when None)."""
     n = model.spec.n_layers
+    k = resolve_count(k, model.spec.d_vocab, "top tokens per layer")
     run = model.run(prompt, cache=["blocks.0.resid_pre", *site_names("resid_post", n)], logits="none")
+    resolve_position(position, run.batch.input_ids.shape[1])  # checked now, used by lens_top
     resid = torch.stack([run["blocks.0.resid_pre"][0]] + [run[f"blocks.{l}.resid_post"][0] for l in range(n)])
     return lens_grid(model, resid, lambda h: residual_logits(model, h), run.batch.str_tokens[0], target, k,
                      "logit_lens", {"position": position})
@@ -77,9 +79,7 @@ def lens_top(result: Result, position: int | None = None) -> Result:
     per layer, extras ``target_prob``/``target_rank`` (layers + 1,) with a target."""
     t = result.shape[1]
     position = result.params.get("position") if position is None else position
-    if position is not None and not -t <= position < t:
-        raise InputError(f"position {position} is outside the prompt's {t} tokens (use 0..{t - 1} or negative).")
-    pos = t - 1 if position is None else position % t
+    pos = resolve_position(position, t)
     k = result.extras["top_probs"].shape[-1]
     extras = {}
     if result.target is not None:

@@ -30,6 +30,7 @@ from lmscope.errors import InputError
 from lmscope.interventions import Patch
 from lmscope.models import Model
 from lmscope.results import Axis, Result
+from lmscope.sites import resolve_count
 
 SITES = ("resid_pre", "resid_post", "resid_mid")
 
@@ -107,6 +108,9 @@ def patchscope(model: Model, source: str, layer: int, *, position: int = -1,
     values (k,) probabilities; meta ``top_tokens``, ``generated`` (when ``max_new_tokens`` > 0), the
     source and target tokens and positions.
     """
+    k = resolve_count(k, model.spec.d_vocab, "top tokens")
+    if max_new_tokens < 0:
+        raise InputError(f"max_new_tokens={max_new_tokens}: give 0 (no continuation) or more.")
     (layer,) = resolve_layers(model, [layer])
     (tl,) = resolve_layers(model, [layer if target_layer is None else target_layer])
     tp = target_prompt(target)

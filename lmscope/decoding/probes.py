@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmscope import sites
 from lmscope.errors import InputError
 from lmscope.models import Model
 from lmscope.results import Axis, Result
@@ -62,18 +63,7 @@ def _site_names(model: Model, site: str, layers: Sequence[int]) -> list[str]:
 
 def resolve_layers(model: Model, layers: Sequence[int] | None) -> list[int]:
     """Layers as non-negative indices (negatives count from the end); all layers when None."""
-    n = model.spec.n_layers
-    if layers is None:
-        return list(range(n))
-    out = []
-    for l in layers:
-        if not -n <= int(l) < n:
-            raise InputError(f"Layer {l} is out of range: {model.name} has {n} layers (0..{n - 1}; negative "
-                             "numbers count from the end).")
-        out.append(int(l) % n)
-    if not out:
-        raise InputError("Give at least one layer.")
-    return out
+    return sites.resolve_layers(layers, model.spec.n_layers)
 
 
 def collect(model: Model, texts: Sequence[str], site: str = "resid_post", layers: Sequence[int] | None = None, *,

@@ -32,7 +32,7 @@ import torch
 
 from lmscope.errors import InputError
 from lmscope.models import Model, decompose_cache, readout_values
-from lmscope.sites import site_names
+from lmscope.sites import resolve_position, site_names
 from lmscope.results import Axis, Result
 
 BY = ("layer", "head", "neuron")
@@ -51,7 +51,7 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
     sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post", *site_names("attn.head_out", n),
              *(site_names("mlp.post" if neurons else "mlp_out", n) if has_mlp else [])]
     run = model.run(prompt, cache=sites, logits="all")
-    pos = int(run.batch.last_index[0]) if position is None else position % run.batch.input_ids.shape[1]
+    pos = resolve_position(position, run.batch.input_ids.shape[1])
     direction = model.logit_direction(target, foil, scale=run["final.scale"][0, pos])
     v, const = direction.vector, direction.constant  # (D,): a component c contributes c · v
     info = {"target": model.decode([direction.target_id]), "target_id": direction.target_id}

@@ -32,6 +32,7 @@ import torch
 from lmscope.errors import InputError
 from lmscope.models import Model
 from lmscope.results import Axis, Result
+from lmscope.sites import resolve_position
 
 EPS = 1e-5
 DEFAULT_THRESHOLD = 0.04
@@ -117,11 +118,7 @@ def flow(model: Model, prompt: str, *, position: int | None = None, threshold: f
                          "(the tool's default is 0.04).")
     c = contributions or flow_contributions(model, prompt)
     n, t = c.attn.shape[0], c.attn.shape[1]
-    if position is None:
-        position = t - 1
-    if not -t <= position < t:
-        raise InputError(f"position {position} is out of range for a prompt of {t} tokens.")
-    position %= t
+    position = resolve_position(position, t)
     nodes: dict[str, dict] = {}
     edges: list[dict] = []
 

@@ -47,6 +47,7 @@ from lmscope.localization.metrics import Metric, metric_kind, normalise as _norm
 from lmscope.localization.tasks import PromptPairs
 from lmscope.models import Batch, Model
 from lmscope.results import Axis, Result
+from lmscope.sites import resolve_heads, resolve_layers, resolve_positions
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "head_out")
 _KIND = {"z": "attn.z", "q": "attn.q", "k": "attn.k", "v": "attn.v", "pattern": "attn.pattern",
@@ -170,9 +171,9 @@ def activation_patching(model: Model, pairs: PromptPairs, site: str = "resid_pre
                          f"thing in every prompt); these have lengths {sorted(set(base.lengths.tolist()))}. "
                          "Use prompts from one template (tasks.ioi does this) or sweep heads only.")
     n_layers = model.spec.n_layers
-    layers = list(range(n_layers)) if layers is None else [int(x) % n_layers for x in layers]
-    positions = list(range(t)) if positions is None else [int(p) % t for p in positions]
-    heads = list(range(model.spec.n_heads)) if heads is None else [int(h) for h in heads]
+    layers = resolve_layers(layers, n_layers)
+    positions = resolve_positions(positions, t)
+    heads = resolve_heads(heads, model.spec.n_heads)
     names = [f"blocks.{layer}.{kind}" for layer in layers]
     values = source_values(model, setup, names, source, direction, reference)
 

@@ -35,6 +35,7 @@ from lmscope.errors import InputError
 from lmscope.interventions import Add, Patch
 from lmscope.models import Model
 from lmscope.results import Axis, Result
+from lmscope.sites import resolve_layers
 
 KINDS = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 
@@ -75,11 +76,16 @@ def causal_trace(model: Model, prompt: str, subject: str, target: str | int | No
         raise InputError("samples must be at least 1.")
     if noise <= 0:
         raise InputError("noise must be positive (a multiple of the embedding standard deviation).")
-    window = window or (1 if kind == "hidden" else 10)
+    n_layers = model.spec.n_layers
+    if window is None:
+        window = 1 if kind == "hidden" else min(10, n_layers)
+    if not 1 <= window <= n_layers:
+        raise InputError(f"window={window}: restore between 1 and {n_layers} consecutive layers ({model.name} has "
+                         f"{n_layers}).")
     subj = subject_positions(model, prompt, subject)
     batch = model.encode(prompt)
-    t, n_layers = batch.input_ids.shape[1], model.spec.n_layers
-    layers = list(range(n_layers)) if layers is None else [int(x) % n_layers for x in layers]
+    t = batch.input_ids.shape[1]
+    layers = resolve_layers(layers, n_layers)
     site_kind = KINDS[kind]
     with torch.no_grad():
         clean = model.run(batch, cache=[f"blocks.{l}.{site_kind}" for l in range(n_layers)], logits="last")

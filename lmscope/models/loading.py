@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -86,13 +87,15 @@ def load_hf(
     with _hf_bars(progress):
         if kind == "builtin":
             entry = BUILTIN[target]
-            where, name = str(_prepare_builtin(entry, progress)), entry.name
+            name = entry.name
+            model, tokenizer = _load_cached(name, lambda: _prepare_builtin(entry, progress), torch_dtype, device_map)
         elif kind == "gguf":
             path = Path(target)
-            where, name = str(_prepare_gguf(path, progress)), str(path)
+            name = str(path)
+            model, tokenizer = _load_cached(name, lambda: _prepare_gguf(path, progress), torch_dtype, device_map)
         else:  # a local HF folder or a hub id loads as it is
-            where = name = target
-        model, tokenizer = _from_pretrained(where, torch_dtype, device_map, hub=kind == "hub")
+            name = target
+            model, tokenizer = _from_pretrained(target, torch_dtype, device_map, hub=kind == "hub")
     if device is not None:
         model.to(device)
     model.eval()
@@ -196,6 +199,59 @@ def _from_pretrained(
     except ValueError as e:
         raise UnsupportedArchitectureError(f"transformers cannot build a causal LM from {where}: {e}") from e
     return model, tokenizer
+
+
+def _load_cached(name: str, prepare, dtype: torch.dtype, device_map) -> tuple[PreTrainedModel,
+                                                                         PreTrainedTokenizerBase]:
+    """Load the cache folder that ``prepare()`` returns. A folder that cannot be read (truncated or
+    overwritten weights, a broken config, non-finite weights) is discarded and prepared again, once."""
+    folder = prepare()
+    try:
+        return _read_cached(folder, dtype, device_map)
+    except _UNREADABLE as err:
+        _say(f"The cached copy of {name} at {folder} is corrupted ({_first_line(err)}); rebuilding it.")
+        _discard(folder)
+    folder = prepare()
+    try:
+        return _read_cached(folder, dtype, device_map)
+    except _UNREADABLE as err:
+        raise ModelNotAvailableError(
+            f"The cached copy of {name} at {folder} cannot be read even after rebuilding it ({_first_line(err)}). "
+            f"Delete that folder (rm -rf '{folder}') and load the model again; if that fails, reinstall its "
+            "package (see `lmscope models`)."
+        ) from None
+
+
+_UNREADABLE = (OSError, ValueError, RuntimeError, KeyError, SafetensorError, UnsupportedArchitectureError)
+
+
+def _read_cached(folder: Path, dtype: torch.dtype, device_map) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model, tokenizer = _from_pretrained(str(folder), dtype, device_map, hub=False)
+    bad = _non_finite(model)
+    if bad is not None:
+        raise ValueError(f"the weight {bad} holds NaN or infinite values")
+    return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _non_finite(model: PreTrainedModel) -> str | None:
+    """The name of the first parameter holding NaN or infinite values, or None."""
+    with torch.no_grad():
+        return next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+
+
+def _discard(folder: Path) -> None:
+    """Take a cache folder out of use: rename it aside (atomic), then delete it."""
+    aside = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.rename(folder, aside)
+    except OSError:
+        return  # already gone (a concurrent process discarded or replaced it)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextmanager

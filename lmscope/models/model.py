@@ -23,6 +23,7 @@ from lmscope.models import attention as _attention  # noqa: F401  (registers the
 from lmscope.models import generation as _generation, readout as _readout
 from lmscope.models.families import adapter_for
 from lmscope.models.hooks import HookSession
+from lmscope.models.mixing import run_until as _run_until
 from lmscope.models.norms import norm_eps
 from lmscope.models.parts import Adapter, config_field, get_module, linear_weight, require_kinds, site_kinds
 from lmscope.models.reuse import Expansion, first_position, plan_chunks, shift
@@ -198,7 +199,6 @@ class Model:
         c = self.logit_softcap
         return logits if c is None else torch.tanh(logits / c) * c
 
-    # ------------------------------------------------------------------ read-outs (lmscope.models.readout)
     def unembed(self, resid: torch.Tensor, *, scale=None, softcap: bool | None = None,
                 grad: bool = False) -> torch.Tensor:
         """Logits (..., V) of final residuals (..., D): live final norm, unembedding, soft-cap; with ``scale``
@@ -302,6 +302,7 @@ class Model:
             return inputs
         if isinstance(inputs, torch.Tensor):
             ids = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
+            ids = self._checked_ids(ids)
             mask = torch.ones_like(ids)
         else:
             prompts = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -323,6 +324,18 @@ class Model:
             for row, m in zip(ids, mask)
         ]
         return Batch(ids, mask, pos, [[self._pretty(t) for t in row] for row in str_tokens], padding_side)
+
+    def _checked_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) as a LongTensor; an error unless they are integers inside the embedding table."""
+        if ids.ndim != 2 or ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise InputError(f"Token ids must be an integer tensor of shape (T,) or (B, T); got {ids.dtype} of shape "
+                             f"{tuple(ids.shape)}. Pass model.encode(text).input_ids or a LongTensor.")
+        n = self.W_E.shape[0]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise TokenError(f"Token id {bad} is outside the vocabulary of {self.name} (0..{n - 1}); pass ids from "
+                             "this model's tokenizer.")
+        return ids.long()
 
     def _pretty(self, token: str) -> str:
         return self.tokenizer.convert_tokens_to_string([token]) if token else token
@@ -449,8 +462,7 @@ class Model:
 
     def generate(self, inputs, max_new_tokens: int, interventions: StepInterventions | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy decoding with per-step ``interventions``: new ids (B, n), log-probs (B, n, V); see
-        :func:`lmscope.models.generation.generate`."""
+        """Greedy decoding with per-step ``interventions``: new ids (B, n), log-probs (B, n, V) (see generation)."""
         return _generation.generate(self, inputs, max_new_tokens, interventions)
 
     def sample(self, inputs, max_new_tokens: int, **generate_kwargs) -> torch.Tensor:
@@ -464,9 +476,7 @@ class Model:
 
     def run_until(self, inputs, site: str | Site, padding_side: str = "left") -> torch.Tensor:
         """One site's activations from a forward that stops once the site is known (the blocks above skip)."""
-        from lmscope.models.mixing import run_until
-
-        return run_until(self, self.encode(inputs, padding_side), site)
+        return _run_until(self, self.encode(inputs, padding_side), site)
 
     def _lowest_layer(self, iv: Intervention) -> int:
         site = parse_site(iv.site, self.spec.n_layers)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmscope.interventions import Ablate, Add, Intervention, Knockout, Patch, Scale
-from lmscope.sites import KINDS
+from lmscope.sites import KINDS, resolve_positions
 
 # position axis of each site kind, counted from the right of the site's shape (values may lack
 # the batch axis, so the axis is found from the right)
@@ -96,7 +96,7 @@ class Prefix:
 
 
 def _norm(positions, t: int) -> list[int]:
-    return [p % t for p in positions]
+    return resolve_positions(positions, t)
 
 
 def first_position(iv: Intervention, t: int) -> int:

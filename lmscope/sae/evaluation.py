@@ -27,6 +27,7 @@ variance explained and against loss recovered.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from lmscope.errors import InputError
 from lmscope.interventions import Ablate, Patch
-from lmscope.results import Axis, Result
+from lmscope.results import Axis, Result, atomic_write_bytes
 from lmscope.sae.base import SAE, typical_mask
 from lmscope.sae.io import check_fits
 
@@ -61,6 +62,12 @@ class _Acc:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            raise InputError("The activations to evaluate on hold NaN or infinite values, so every metric would be "
+                             "NaN. Check the model (load it in float32) or the activation store (harvest it again).")
+        if not (bool(torch.isfinite(f).all()) and bool(torch.isfinite(x_hat).all())):
+            raise InputError("The SAE's latents or reconstruction hold NaN or infinite values on finite inputs, so "
+                             "its weights are broken or overflow; re-train it (or re-save it in float32).")
         x, x_hat = x.double(), x_hat.double()
         active = f > 0
         self.n += x.shape[0]
@@ -99,14 +106,31 @@ def density_histogram(density: torch.Tensor) -> tuple[torch.Tensor, int]:
     return counts, int((density == 0).sum())
 
 
+_UNDEFINED = {"gamma": "the reconstructions are orthogonal to the activations (E[x·x̂] = 0)",
+              "gamma_centred": "the centred reconstructions are orthogonal to the centred activations",
+              "ce_recovered": "zero-ablating the site does not change the loss, so there is nothing to recover"}
+
+
 def _result(sae: SAE, values: dict[str, float], acc: _Acc, model_name: str, params: dict) -> Result:
+    """The metrics as a Result; a metric that is undefined (NaN) is named with the reason in
+    ``meta["undefined"]``, and any other non-finite value is an error (never silent NaN)."""
+    undefined = {}
+    for name, value in values.items():
+        if value != value or abs(value) == float("inf"):
+            if name not in _UNDEFINED:
+                raise InputError(f"The SAE evaluation produced {value} for {name}: the model's outputs are not "
+                                 "finite on these contexts. Check the model (load it in float32) and the contexts.")
+            undefined[name] = _UNDEFINED[name]
+    for name in METRICS:
+        if name not in values:
+            undefined[name] = "not computed: the evaluation had no model (activations only)"
     counts, dead = density_histogram(acc.density())
     return Result(torch.tensor([values.get(m, float("nan")) for m in METRICS]), (Axis("metric", METRICS),),
                   method="sae_eval", model=model_name or sae.cfg.model,
                   params={"arch": sae.cfg.arch, "site": sae.cfg.site, "d_sae": sae.cfg.d_sae, **params},
                   extras={"density": acc.density().float(), "density_hist": counts.float(),
                           "hist_edges": HIST_EDGES.clone()},
-                  meta={"dead_latents": dead, "sae_config": sae.cfg.to_dict()})
+                  meta={"dead_latents": dead, "sae_config": sae.cfg.to_dict(), "undefined": undefined})
 
 
 @torch.no_grad()
@@ -209,7 +233,7 @@ def pareto_png(comparison: Result, path: str | os.PathLike) -> Path:
     axes[0].legend()
     fig.suptitle(f"SAE Pareto frontier ({comparison.model})")
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return out
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -86,6 +86,8 @@ def _bad(folder: Path, problem: str) -> InputError:
 def load_sae(path: str | os.PathLike) -> SAE:
     """Load an SAE folder written here or by SAELens (standard, gated, topk, jumprelu)."""
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise _bad(folder, "it is a file, not a folder")
     try:
         cfg = json.loads((folder / CFG_FILE).read_text())
     except FileNotFoundError:

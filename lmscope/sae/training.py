@@ -14,9 +14,11 @@ with ``d``, ``len()`` and ``batches(batch_size, shuffle=, seed=, epochs=)`` yiel
 Initialisation from data: the input scale (``E‖x‖² = d``), b_dec at the geometric median (architectures that
 subtract it), and TopK's ``mse_scale = 1/E‖x − E x‖²``.
 
-Checkpoints (``checkpoint.pt``, atomic) hold everything the next step depends on, and the batch order is a
-pure function of the seed, so a run killed at any point and restarted with the same arguments ends with the
-same weights as an uninterrupted run. A step with a non-finite loss stops the run before anything is written.
+Checkpoints (``checkpoint.safetensors``, atomic; the non-tensor state is JSON in its metadata, so nothing is
+unpickled on resume) hold everything the next step depends on, and the batch order is a pure function of the
+seed, so a run killed at any point and restarted with the same arguments ends with the same weights as an
+uninterrupted run. Non-finite activations (in the initial sample or in a batch) or a non-finite loss stop the
+run before anything is written, with an error that says which of the two it was.
 
 Data parallel: launched under ``torchrun`` (or any initialised ``torch.distributed`` group), every process
 reads the same global batch, computes the loss on its rows ``rank::world`` and gradients are averaged with an
@@ -25,7 +27,6 @@ all-reduce before the step (what DDP does), so 2 processes follow the 1-process 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save as save_tensors
 from tqdm.auto import tqdm
 
 from lmscope.errors import InputError, LmscopeError
@@ -42,7 +45,11 @@ from lmscope.results import atomic_write_bytes
 from lmscope.sae.base import SAE, typical_mask
 from lmscope.sae.io import save_sae
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"   # pickled checkpoints of earlier versions: refused, never unpickled
+CHECKPOINT_FORMAT = "lmscope-sae-checkpoint/1"
+_META_KEY = "lmscope"
+_STATE_TENSORS = ("since_fired", "fired_window")
 
 
 class TrainingError(LmscopeError):
@@ -171,11 +178,21 @@ def init_from_data(sae: SAE, source, cfg: TrainConfig) -> float:
         if got >= n:
             break
     sample = torch.cat(rows)[:n]
+    _check_finite(sample, "the initial sample")
     sae.scale.fill_(math.sqrt(sae.cfg.d_in / sample.pow(2).sum(1).mean().clamp_min(1e-12).item()))
     sample = sample * sae.scale
     if sae.apply_b_dec_to_input:
         sae.b_dec.copy_(geometric_median(sample))
     return 1.0 / (sample - sample.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12).item()
+
+
+def _check_finite(x_ND: torch.Tensor, where: str) -> None:
+    bad = ~torch.isfinite(x_ND).all(dim=-1)
+    if bool(bad.any()):
+        raise TrainingError(f"The activation data holds NaN or infinite values ({int(bad.sum())} of {x_ND.shape[0]} "
+                            f"rows in {where}); the data is broken, not the training settings. Harvest the store "
+                            "again (with a float32 model), or leave those rows out. The last good checkpoint, if any, "
+                            "was kept.")
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -219,27 +236,58 @@ def resample_dead(sae: SAE, opt: torch.optim.Adam, x_BD: torch.Tensor, dead_F: t
 
 
 def _save_checkpoint(path: Path, sae: SAE, opt, state: TrainState, cfg: TrainConfig) -> None:
-    buf = io.BytesIO()
-    torch.save({"sae": sae.state_dict(), "sae_config": sae.cfg.to_dict(), "opt": opt.state_dict(),
-                "train_config": asdict(cfg), "state": asdict(state)}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    """One safetensors file: the tensors, plus everything else as JSON in its metadata (nothing pickled)."""
+    tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+    opt_sd = opt.state_dict()
+    opt_scalars: dict[str, dict] = {}
+    for pid, entries in opt_sd["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{pid}.{key}"] = value
+            else:
+                opt_scalars.setdefault(str(pid), {})[key] = value
+    plain = asdict(state)
+    for key in _STATE_TENSORS:
+        value = plain.pop(key)
+        if value is not None:
+            tensors[f"state.{key}"] = value
+    doc = {"format": CHECKPOINT_FORMAT, "sae_config": sae.cfg.to_dict(), "train_config": asdict(cfg),
+           "opt_param_groups": opt_sd["param_groups"], "opt_scalars": opt_scalars, "state": plain}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    atomic_write_bytes(path, save_tensors(tensors, metadata={_META_KEY: json.dumps(doc)}))
 
 
 def _load_checkpoint(path: Path, sae: SAE, opt, cfg: TrainConfig) -> TrainState:
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(ck, dict) or "sae" not in ck:
-            raise ValueError("not an lmscope SAE checkpoint")
+        with safe_open(str(path), framework="pt") as f:
+            doc = json.loads((f.metadata() or {})[_META_KEY])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if doc.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem for the user
         raise TrainingError(f"The checkpoint {path} is corrupted or not an lmscope SAE checkpoint ({err}). "
                             "Delete it to start over, or point --out at another folder.") from None
-    if ck["sae_config"] != sae.cfg.to_dict() or ck["train_config"] != asdict(cfg):
+    # JSON turns tuples into lists: compare through the same round trip
+    if doc["sae_config"] != json.loads(json.dumps(sae.cfg.to_dict())) or \
+            doc["train_config"] != json.loads(json.dumps(asdict(cfg))):
         raise TrainingError(f"The checkpoint {path} was written by a run with other settings "
-                            f"({ck['sae_config']}, {ck['train_config']}). Resume with the same arguments or use "
+                            f"({doc['sae_config']}, {doc['train_config']}). Resume with the same arguments or use "
                             "another output folder.")
-    sae.load_state_dict(ck["sae"])
-    opt.load_state_dict(ck["opt"])
-    return TrainState(**ck["state"])
+    try:
+        sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        opt_state: dict[int, dict] = {}
+        for name, value in tensors.items():
+            if name.startswith("opt."):
+                _, pid, key = name.split(".", 2)
+                opt_state.setdefault(int(pid), {})[key] = value
+        for pid, entries in doc["opt_scalars"].items():
+            opt_state.setdefault(int(pid), {}).update(entries)
+        opt.load_state_dict({"state": opt_state, "param_groups": doc["opt_param_groups"]})
+        state = TrainState(**doc["state"], **{k: tensors.get(f"state.{k}") for k in _STATE_TENSORS})
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise TrainingError(f"The checkpoint {path} is incomplete or damaged ({type(err).__name__}: {err}). "
+                            "Delete it to start over, or point --out at another folder.") from None
+    return state
 
 
 def _all_reduce_(t: torch.Tensor, world: int, mean: bool = False) -> torch.Tensor:
@@ -262,6 +310,10 @@ def train(sae: SAE, source, cfg: TrainConfig, out_dir: str | os.PathLike | None 
     out = Path(out_dir) if out_dir is not None else None
     ck_path = out / CHECKPOINT if out is not None else None
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas)
+    if out is not None and resume and (out / LEGACY_CHECKPOINT).exists() and not ck_path.exists():
+        raise TrainingError(f"{out / LEGACY_CHECKPOINT} is a pickled checkpoint of an older lmscope; it is not read "
+                            "(unpickling a file can run code). Delete it to start over, or point --out at another "
+                            "folder.")
     if ck_path is not None and resume and ck_path.exists():
         state = _load_checkpoint(ck_path, sae, opt, cfg)
     else:
@@ -282,10 +334,12 @@ def train(sae: SAE, source, cfg: TrainConfig, out_dir: str | os.PathLike | None 
     resample_on = cfg.resample_every and getattr(sae, "unit_norm_decoder", False) and sae.cfg.arch == "relu"
     while state.step < n_steps:
         try:
-            x = next(batches) * sae.scale
+            x = next(batches)
         except StopIteration:
             raise TrainingError(f"The activation source ran out after {state.step} steps; it holds {len(source)} "
                                 f"rows for {cfg.tokens} tokens. Harvest more or lower --tokens.") from None
+        _check_finite(x, f"the batch of step {state.step}")
+        x = x * sae.scale
         step = state.step
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg)

@@ -41,7 +41,8 @@ def generation_table(result) -> Table:
 
 
 def attribute(prompt: str = typer.Option(..., help="The prompt."),
-              target: str = typer.Option(None, help="Target token (mind the leading space), e.g. ' Mary'."),
+              target: str = typer.Option(None, help="Target token (mind the leading space), e.g. ' Mary' "
+                                                    "(default: the model's top prediction)."),
               foil: str = typer.Option(None, help="Foil token for a contrastive target (target − foil)."),
               method: str = typer.Option("integrated-gradients", help=METHOD_HELP),
               metric: str = typer.Option(None, help="logit | probability | log_probability (with --generate: "
@@ -60,8 +61,6 @@ def attribute(prompt: str = typer.Option(..., help="The prompt."),
         raise InputError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}.")
     if steps is not None and method != "integrated-gradients":
         raise InputError("--steps applies to integrated-gradients only; drop it or use that method.")
-    if target is None and method not in MIXING_METHODS and generate is None:
-        raise InputError(f"{method} explains a target token: add --target ' Mary' (mind the leading space).")
     kwargs = {}
     if steps is not None:
         kwargs["steps"] = steps

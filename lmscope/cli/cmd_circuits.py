@@ -29,7 +29,8 @@ def atp(clean: str = typer.Option(None, help="Clean prompt (the behaviour is pre
         corrupt: str = typer.Option(None, help="Corrupted prompt of the same token length."),
         target: str = typer.Option(None, help="Target token, e.g. ' Mary'."),
         foil: str = typer.Option(None, help="Foil token, e.g. ' John' (metric: logit difference)."),
-        task: str = typer.Option(None, help="Instead of one pair: a built-in task (ioi | induction)."),
+        task: str = typer.Option(None, help="Instead of one pair: a built-in task (ioi | induction; default ioi "
+                                            "when no pair is given)."),
         n: int = typer.Option(20, help="Prompts of the task."),
         node: str = typer.Option("head", help="Node kind written to --json: head | mlp | neuron | resid "
                                               "(with --star also head_q | head_k | head_v)."),
@@ -42,13 +43,18 @@ def atp(clean: str = typer.Option(None, help="Clean prompt (the behaviour is pre
     from lmscope.localization.atp import atp as run_atp
     from lmscope.localization.tasks import pair
 
+    given = any(value is not None for value in (clean, corrupt, target, foil))
+    if not task and given and not (clean and corrupt and target):
+        raise InputError("A prompt pair needs all of --clean, --corrupt and --target (and --foil for a logit "
+                         "difference); or leave them out and give --task ioi|induction.")
+    task = task or (None if given else "ioi")
+    if task is not None and task not in TASKS:
+        raise InputError(f"--task {task!r}: choose one of {TASKS}.")
+    kinds = list(NODES) + (["head_q", "head_k", "head_v"] if star else [])
+    if node not in kinds:
+        raise InputError(f"--node {node!r}: choose one of {', '.join(kinds)}.")
     m = load_model(model)
-    if task:
-        pairs = _task_pairs(m, task, n, seed)
-    elif clean and corrupt and target:
-        pairs = pair(clean, corrupt, target, foil)
-    else:
-        raise InputError("Give --clean, --corrupt and --target (and --foil), or --task ioi|induction.")
+    pairs = _task_pairs(m, task, n, seed) if task else pair(clean, corrupt, target, foil)
     metric = "logit_diff" if pairs.foils[0] is not None else "logprob"
     nodes = [k for k in NODES if k != "resid"] if task and len(set(pairs.lengths(m))) > 1 else list(NODES)
     results = run_atp(m, pairs, nodes=nodes, direction="denoise" if denoise else "noise", metric=metric,
@@ -84,6 +90,10 @@ def circuit(task: str = typer.Option("ioi", help="ioi | induction"),
     from lmscope.localization.circuits import evaluate_masks, extract, faithfulness_curve
     from lmscope.localization.eap import eap
 
+    if task not in TASKS:
+        raise InputError(f"--task {task!r}: choose one of {TASKS}.")
+    if edges is not None and edges < 1:
+        raise InputError(f"--edges {edges}: give a circuit size of at least 1 edge (or leave it out for --fraction).")
     if method not in ("eap", "eap-ig", "clean-corrupted", "acdc"):
         raise InputError(f"--method {method!r}: choose eap, eap-ig, clean-corrupted or acdc.")
     if not 0 < fraction <= 1:

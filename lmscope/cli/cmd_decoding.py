@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lmscope.cli.common import (HtmlOpt, JsonOpt, ModelOpt, PngOpt, console, friendly, load_model, out,
+from lmscope.cli.common import (HtmlOpt, JsonOpt, ModelOpt, PngOpt, at_least, console, friendly, load_model, out,
                                 write_result)
 from lmscope.errors import InputError
 
@@ -68,15 +68,16 @@ def lens(ctx: typer.Context,
         raise InputError(f"--kind {kind!r}: use 'logit' or 'tuned'.")
     if kind == "tuned" and lens_path is None:
         raise InputError("--kind tuned needs --lens DIR (train one with `lmscope lens train --out DIR`).")
+    from lmscope.decoding.tuned_lens import TunedLens, tuned_lens
+
+    lens = TunedLens.load(lens_path) if kind == "tuned" else None   # an unreadable lens fails before loading
     m = load_model(model)
-    if kind == "logit":
+    if lens is None:
         from lmscope.decoding import logit_lens
 
         result = logit_lens(m, prompt, target, k=k, position=position)
     else:
-        from lmscope.decoding.tuned_lens import TunedLens, tuned_lens
-
-        result = tuned_lens(m, prompt, TunedLens.load(lens_path, m), target, k=k, position=position)
+        result = tuned_lens(m, prompt, lens, target, k=k, position=position)
     out.print(lens_table(result))
     write_result(result, json, html, png)
 
@@ -102,8 +103,8 @@ def train(tokens: int = typer.Option(..., help="Training tokens (steps = tokens 
     rank = int(os.environ.get("RANK", "0"))
     cfg = TunedLensConfig(tokens=tokens, context=context, batch_contexts=batch, optimizer=optimizer, lr=lr,
                           seed=seed)
-    m = load_model(model)
     text = load_corpus(corpus)
+    m = load_model(model)
     chosen = [item for group in layers or [] for item in group.split(",") if item.strip()] or None
     lens = train_tuned_lens(m, text, cfg, layers=chosen, progress=rank == 0)
     if rank != 0:
@@ -123,11 +124,17 @@ def evaluate(lens_path: Path = typer.Option(None, "--lens", help="Tuned lens fol
              context: int = typer.Option(128, help="Tokens per context."),
              model: str = ModelOpt, json: Path = JsonOpt, html: Path = HtmlOpt, png: Path = PngOpt):
     """Held-out KL to the final distribution and next-token CE per layer, tuned lens beside the logit lens."""
+    from lmscope.data import load_corpus
     from lmscope.decoding.tuned_lens import TunedLens, evaluate_lens
 
+    at_least(tokens, "--tokens")
+    at_least(context, "--context", 2)
+    lens = None if lens_path is None else TunedLens.load(lens_path)
+    text = load_corpus(corpus)
     m = load_model(model)
-    lens = None if lens_path is None else TunedLens.load(lens_path, m)
-    result = evaluate_lens(m, lens, corpus, tokens=tokens, context=context, progress=True)
+    if lens is not None:
+        lens.check_model(m)
+    result = evaluate_lens(m, lens, text, tokens=tokens, context=context, progress=True)
     out.print(eval_table(result))
     write_result(result, json, html, png)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lmscope.cli.common import HtmlOpt, JsonOpt, ModelOpt, PngOpt, console, friendly, load_model, out, write_result
+from lmscope.cli.common import (HtmlOpt, JsonOpt, ModelOpt, PngOpt, at_least, console, friendly, load_model, out,
+                                write_result)
 from lmscope.errors import InputError
 
 
@@ -141,13 +142,14 @@ def steer(positive: str = typer.Option(..., help="Positive prompt, e.g. ' Love'.
     from lmscope.decoding.steering import actadd_vector, direction_from_texts, generate
     from lmscope.results import Axis, Result
 
+    if method not in ("actadd", "mean"):
+        raise InputError(f"--method {method!r}: use actadd or mean.")
+    at_least(max_new_tokens, "--max-new-tokens")
     m = load_model(model)
     if method == "actadd":
         vec = actadd_vector(m, positive, negative, layer)
-    elif method == "mean":
-        vec = direction_from_texts(m, [positive], [negative], layer)
     else:
-        raise InputError(f"--method {method!r}: use actadd or mean.")
+        vec = direction_from_texts(m, [positive], [negative], layer)
     plain = generate(m, prompt, max_new_tokens=max_new_tokens)
     steered = generate(m, prompt, vec, layer, scale=scale, max_new_tokens=max_new_tokens)
     out.print(f"[bold]unsteered:[/] {prompt}{plain.texts[0]}", markup=True, highlight=False)
@@ -166,7 +168,8 @@ def steer(positive: str = typer.Option(..., help="Positive prompt, e.g. ' Love'.
 def project(head: str = typer.Option(None, help="Head as LAYER.HEAD, e.g. 5.3."),
             neuron: str = typer.Option(None, help="Neuron as LAYER.NEURON, e.g. 10.1234."),
             tokens: str = typer.Option(None, help="Comma-separated input tokens for a head (mind leading spaces), "
-                                                  "e.g. ' Paris, London'. Default: a few common words."),
+                                                  "e.g. ' Paris, London'. Default: those of a few common words "
+                                                  "that are single tokens for the model."),
             k: int = typer.Option(10, help="Tokens per row."),
             model: str = ModelOpt, json: Path = JsonOpt, html: Path = HtmlOpt, png: Path = PngOpt):
     """Weight projections: a head's OV/QK circuits or a neuron's output direction in vocabulary space."""
@@ -174,11 +177,11 @@ def project(head: str = typer.Option(None, help="Head as LAYER.HEAD, e.g. 5.3.")
 
     if (head is None) == (neuron is None):
         raise InputError("Give exactly one of --head LAYER.HEAD or --neuron LAYER.NEURON.")
+    layer, index = _pair(neuron, "neuron") if neuron is not None else _pair(head, "head")
     m = load_model(model)
     if neuron is not None:
-        layer, n = _pair(neuron, "neuron")
-        result = neuron_tokens(m, layer, n, k=k)
-        table = Table(title=f"Neuron {layer}.{n}: tokens its output direction promotes / suppresses")
+        result = neuron_tokens(m, layer, index, k=k)
+        table = Table(title=f"Neuron {layer}.{index}: tokens its output direction promotes / suppresses")
         table.add_column("side")
         table.add_column("tokens (direct logit per unit activation)")
         for i, side in enumerate(result.axes[0].labels):
@@ -187,13 +190,11 @@ def project(head: str = typer.Option(None, help="Head as LAYER.HEAD, e.g. 5.3.")
         out.print(table)
         write_result(result, json, html, png)
         return
-    layer, h = _pair(head, "head")
-    words = [" the", " Paris", " cat", " John", " 1", " and"] if tokens is None else [
-        t for t in tokens.split(",") if t]
-    ov = ov_circuit(m, layer, h, words, k=k)
-    qk = qk_circuit(m, layer, h, words, k=k)
+    words = None if tokens is None else [t for t in tokens.split(",") if t]
+    ov = ov_circuit(m, layer, index, words, k=k)
+    qk = qk_circuit(m, layer, index, words, k=k)
     for res, title in ((ov, "OV circuit: tokens promoted when attending to"), (qk, "QK circuit: keys matched by")):
-        table = Table(title=f"Head {layer}.{h} {title} each token")
+        table = Table(title=f"Head {layer}.{index} {title} each token")
         table.add_column("token")
         table.add_column("top tokens")
         for i, label in enumerate(res.axes[0].labels):

@@ -39,7 +39,9 @@ def method_function(method: str):
 def attribute(model: Model, prompt: str, target=None, foil=None, *, method: str = "integrated-gradients",
               generate: int | None = None, generate_kwargs: dict | None = None, **kwargs) -> Result:
     """Attribute ``target`` (or ``target − foil``) at the last position to the prompt's tokens, or with
-    ``generate=N`` every one of N generated tokens (greedy, or ``generate_kwargs``) to the tokens before it."""
+    ``generate=N`` every one of N generated tokens (greedy, or ``generate_kwargs``) to the tokens before it.
+
+    A target method without a ``target`` explains the model's own top prediction at that position."""
     method = method.replace("_", "-")
     fn = method_function(method)
     if generate is not None:
@@ -55,6 +57,10 @@ def attribute(model: Model, prompt: str, target=None, foil=None, *, method: str 
                              "alti-logit or a gradient/occlusion method for contrastive attribution.")
         position = kwargs.pop("position", None)
         return token_scores(fn(model, prompt, **kwargs), position)
+    if target is None:
+        from lmscope.attribution.targets import top_token
+
+        target = top_token(model, prompt, kwargs.get("position"))
     return fn(model, prompt, target, foil, **kwargs)
 
 

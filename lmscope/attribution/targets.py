@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmscope import sites
 from lmscope.errors import InputError
 from lmscope.models import Model
 from lmscope.results import Axis, Result
@@ -73,14 +74,16 @@ def resolve_target(model: Model, target: str | int, foil: str | int | None = Non
     return Target(t, f, metric, position, model.decode([t]), None if f is None else model.decode([f]))
 
 
+def top_token(model: Model, prompt: str, position: int | None = None) -> int:
+    """The id of the model's top-1 next token after ``prompt`` (read at ``position``, default the last)."""
+    with torch.no_grad():
+        logits = model.run(prompt, logits="all").logits[0]
+    return int(logits[resolve_position(position, logits.shape[0])].argmax())
+
+
 def resolve_position(position: int | None, n_tokens: int) -> int:
-    """A non-negative position inside a sequence of ``n_tokens``; an error naming the range otherwise."""
-    if position is None:
-        return n_tokens - 1
-    if not -n_tokens <= position < n_tokens:
-        raise InputError(f"position {position} is outside the prompt's {n_tokens} tokens "
-                         f"(use 0..{n_tokens - 1} or a negative index).")
-    return position % n_tokens
+    """A non-negative position inside a sequence of ``n_tokens`` (None: the last); RangeError otherwise."""
+    return sites.resolve_position(position, n_tokens)
 
 
 def logit_vector(model: Model, target: Target, scale: torch.Tensor) -> torch.Tensor:

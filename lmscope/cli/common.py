@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from lmscope.errors import LmscopeError
+from lmscope.errors import InputError, LmscopeError
 
 console = Console(stderr=True)
 out = Console()
@@ -22,25 +25,79 @@ HtmlOpt = typer.Option(None, "--html", help="Write an interactive, self-containe
 PngOpt = typer.Option(None, "--png", help="Write a PNG plot here.")
 
 
+# options naming something a command writes: checked before the command does any work
+OUTPUT_FILES = {"json": "--json", "html": "--html", "png": "--png"}
+OUTPUT_FOLDERS = {"out_dir": "--out"}
+
+
 def friendly(fn):
-    """Turn lmscope errors into a one-line message and exit code 2 (no traceback)."""
+    """Check the command's output paths first, then run it; lmscope errors become one line on stderr and
+    exit code 2 (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            for name, flag in OUTPUT_FILES.items():
+                if kwargs.get(name) is not None:
+                    check_output(kwargs[name], flag)
+            for name, flag in OUTPUT_FOLDERS.items():
+                if kwargs.get(name) is not None:
+                    check_output(kwargs[name], flag, folder=True)
             return fn(*args, **kwargs)
         except LmscopeError as err:
-            console.print(f"[bold red]error:[/] {err}")
+            console.print(f"[bold red]error:[/] {escape(' '.join(str(err).split()))}", soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
 
 
+def check_output(path: Path, flag: str, *, folder: bool = False) -> None:
+    """Fail before any work if ``path`` cannot be written: it must not be a folder (a file for ``folder``),
+    and its nearest existing parent must be a folder this process can create files in."""
+    path = Path(path).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path} is a file, not a folder; give a folder path (new or existing).")
+    if not folder and path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; give a file path such as {path / ('result' + _suffix(flag))}.")
+    parent = path if folder and path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path} cannot be written: {parent} is a file, not a folder. Choose another path.")
+    if not _can_create_in(parent):
+        raise InputError(f"{flag} {path} cannot be written: the folder {parent} is read-only for this user. "
+                         "Choose a writable folder.")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried for real: permission bits do not bind root, and
+    read-only mounts or special file systems do not show in them)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def at_least(value: int | None, flag: str, low: int = 1) -> None:
+    """A count option must be at least ``low`` (None: not given)."""
+    if value is not None and value < low:
+        raise InputError(f"{flag} {value}: give {low} or more.")
+
+
+def _suffix(flag: str) -> str:
+    return {"--json": ".json", "--html": ".html", "--png": ".png"}.get(flag, "")
+
+
 def load_model(spec: str | None):
+    """Load a model behind a spinner (transformers' per-weight bars stay hidden; a first use that
+    dequantises a GGUF still shows its bar)."""
     import lmscope
 
     with console.status(f"Loading {spec or 'smollm2-135m'}…"):
-        return lmscope.load(spec)
+        return lmscope.load(spec, progress=False)
 
 
 def write_result(result, json_path: Path | None, html: Path | None = None, png: Path | None = None) -> None:

@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lmscope.results import Axis, Result
+from lmscope.results import Axis, Result, atomic_write_bytes
 
 
 def next_tokens(model, prompt: str, k: int = 10) -> Result:
@@ -69,7 +69,7 @@ def run_demo(prompt: str, out_dir: Path, model_spec: str | None, out: Console, c
         ("Direct logit attribution by MLP layer", mlp),
     ], title=f"lmscope demo — {model.name}: {prompt!r}")
     report = out_dir / "report.html"
-    report.write_text(page, encoding="utf-8")
+    atomic_write_bytes(report, page.encode("utf-8"))
     for name, res in (("next_tokens", nxt), ("logit_lens", lens), ("dla_head", by_head), ("dla_layer", by_layer)):
         res.save_json(out_dir / f"{name}.json")
     by_head.to_png(out_dir / "dla_head.png")

@@ -33,19 +33,34 @@ import torch
 from lmscope.errors import InputError
 from lmscope.models import Model
 from lmscope.results import Axis, Result
+from lmscope.sites import resolve_count, resolve_index
 
 
 def _layer_head(model: Model, layer: int, head: int | None = None) -> tuple[int, int | None]:
-    n = model.spec.n_layers
-    if not -n <= layer < n:
-        raise InputError(f"Layer {layer} is out of range: {model.name} has {n} layers (0..{n - 1}).")
-    if head is not None and not 0 <= head < model.spec.n_heads:
-        raise InputError(f"Head {head} is out of range: {model.name} has {model.spec.n_heads} heads per layer "
-                         f"(0..{model.spec.n_heads - 1}).")
-    return layer % n, head
+    layer = resolve_index(layer, model.spec.n_layers, "layer", model.name)
+    if head is not None:
+        head = resolve_index(head, model.spec.n_heads, "head", model.name, unit="heads per layer")
+    return layer, head
 
 
-def _token_ids(model: Model, tokens: Sequence[str | int]) -> list[int]:
+COMMON_WORDS = (" the", " Paris", " cat", " John", " 1", " and")
+
+
+def common_tokens(model: Model, words: Sequence[str] = COMMON_WORDS) -> list[int]:
+    """Ids of those ``words`` that are one known token for ``model`` (the default inputs of the OV and QK
+    read-outs: a word that splits, such as SmolLM2's ' 1', or maps to the unknown token is left out)."""
+    unk = model.tokenizer.unk_token_id
+    ids = [i[0] for i in (model.tokenizer.encode(w, add_special_tokens=False) for w in words)
+           if len(i) == 1 and i[0] != unk]
+    if not ids:
+        raise InputError(f"None of {list(words)} is a single token for {model.name}; give the input tokens "
+                         "explicitly (tokens=[...], or --tokens on the command line).")
+    return list(dict.fromkeys(ids))
+
+
+def _token_ids(model: Model, tokens: Sequence[str | int] | None) -> list[int]:
+    if tokens is None:
+        return common_tokens(model)
     if not tokens:
         raise InputError("Give at least one input token, e.g. ' Paris'.")
     return [model.token_id(t) for t in tokens]
@@ -78,14 +93,16 @@ def ov_outputs(model: Model, layer: int, head: int, ids: Sequence[int]) -> torch
 
 
 def _top_table(model: Model, scores: torch.Tensor, k: int, largest: bool = True):
-    k = min(k, scores.shape[-1])
+    k = min(resolve_count(k, model.spec.d_vocab, "top tokens"), scores.shape[-1])
     top = scores.topk(k, dim=-1, largest=largest)
     names = [[model.decode([i]) for i in row] for row in top.indices.tolist()]
     return top.values, top.indices, names
 
 
-def ov_circuit(model: Model, layer: int, head: int, tokens: Sequence[str | int], *, k: int = 10) -> Result:
-    """Top-k tokens the OV circuit of head (layer, head) promotes for each input token.
+def ov_circuit(model: Model, layer: int, head: int, tokens: Sequence[str | int] | None = None, *,
+               k: int = 10) -> Result:
+    """Top-k tokens the OV circuit of head (layer, head) promotes for each input token
+    (default: :func:`common_tokens`).
 
     values (input_token, rank): direct logits; meta ``top_tokens`` and ``top_ids``; extras
     ``bottom`` (input_token, rank), the most suppressed tokens' logits (names in meta ``bottom_tokens``).
@@ -119,8 +136,10 @@ def qk_scores(model: Model, layer: int, head: int, query_ids: Sequence[int], key
         return q @ k.T / model.spec.d_head ** 0.5
 
 
-def qk_circuit(model: Model, layer: int, head: int, tokens: Sequence[str | int], *, k: int = 10) -> Result:
-    """Top-k key tokens (over the vocabulary) that each query token's QK circuit scores highest.
+def qk_circuit(model: Model, layer: int, head: int, tokens: Sequence[str | int] | None = None, *,
+               k: int = 10) -> Result:
+    """Top-k key tokens (over the vocabulary) that each query token's QK circuit scores highest
+    (query tokens default to :func:`common_tokens`).
 
     values (query_token, rank): scores q·k/sqrt(dh); meta ``top_tokens``, ``top_ids``.
     """
@@ -157,9 +176,7 @@ def vector_tokens(model: Model, vector: torch.Tensor, *, k: int = 10, method: st
 def neuron_tokens(model: Model, layer: int, neuron: int, *, k: int = 10) -> Result:
     """Tokens neuron (layer, neuron)'s output direction promotes and suppresses (per unit activation)."""
     layer, _ = _layer_head(model, layer)
-    if not 0 <= neuron < model.spec.d_mlp:
-        raise InputError(f"Neuron {neuron} is out of range: {model.name} has {model.spec.d_mlp} neurons per "
-                         f"layer (0..{model.spec.d_mlp - 1}).")
+    neuron = resolve_index(neuron, model.spec.d_mlp, "neuron", model.name, unit="neurons per layer")
     with torch.no_grad():
         w = model.W_out(layer)[neuron].float()
         if model.spec.post_norms:

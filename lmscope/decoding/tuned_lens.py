@@ -31,15 +31,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import nn
 from tqdm.auto import tqdm
 
 from lmscope.errors import InputError
-from lmscope.results import Axis, Result
+from lmscope.results import Axis, Result, atomic_write_bytes
+from lmscope.sites import resolve_count, resolve_position
 
 WEIGHTS = "tuned_lens.safetensors"
 CONFIG = "tuned_lens.json"
+LENS_FORMAT = "lmscope-tuned-lens/1"
 
 
 def layer_labels(n_layers: int) -> tuple[str, ...]:
@@ -150,10 +153,11 @@ class TunedLens(nn.Module):
         """Write ``tuned_lens.safetensors`` and ``tuned_lens.json`` into ``out_dir``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, out / WEIGHTS)
-        cfg = {"format": "lmscope-tuned-lens/1", "model": self.model_name, "fingerprint": self.fingerprint,
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        atomic_write_bytes(out / WEIGHTS, save_tensors(tensors))
+        cfg = {"format": LENS_FORMAT, "model": self.model_name, "fingerprint": self.fingerprint,
                "d_model": self.d_model, "n_layers": self.n_layers, "trained": list(self.trained), "info": self.info}
-        (out / CONFIG).write_text(json.dumps(cfg, indent=1))
+        atomic_write_bytes(out / CONFIG, json.dumps(cfg, indent=1).encode())
         return out
 
     @classmethod
@@ -161,12 +165,19 @@ class TunedLens(nn.Module):
         """Read a saved lens (folder or its json); with ``model``, check that it was trained for it."""
         path = Path(path)
         folder = path.parent if path.suffix in (".json", ".safetensors") else path
-        if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
+        if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
             raise InputError(f"{path} holds no tuned lens ({CONFIG} and {WEIGHTS}); train one with "
                              "`lmscope lens train --out DIR`.")
-        cfg = json.loads((folder / CONFIG).read_text())
-        lens = cls(cfg["d_model"], cfg["n_layers"], cfg["model"], cfg["fingerprint"], tuple(cfg["trained"]))
-        lens.load_state_dict(load_file(folder / WEIGHTS))
+        try:
+            cfg = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+            if not isinstance(cfg, dict) or cfg.get("format", LENS_FORMAT) != LENS_FORMAT:
+                raise ValueError(f"not an lmscope tuned-lens config (format {LENS_FORMAT!r})")
+            lens = cls(int(cfg["d_model"]), int(cfg["n_layers"]), cfg["model"], cfg["fingerprint"],
+                       tuple(cfg["trained"]))
+            lens.load_state_dict(load_file(folder / WEIGHTS))
+        except Exception as err:  # noqa: BLE001 - JSON, key, shape and safetensors errors mean the same here
+            raise InputError(f"{folder} is not a readable tuned lens ({type(err).__name__}: {err}); train it again "
+                             "with `lmscope lens train --out DIR`.") from None
         lens.info = cfg.get("info", {})
         if model is not None:
             lens.check_model(model)
@@ -375,6 +386,8 @@ def tuned_lens(model, prompt: str, lens: TunedLens, target: str | int | None = N
     lens.check_model(model)
     sites = hidden_sites(model.spec.n_layers)
     run = model.run(prompt, cache=sites, logits="none")
+    k = resolve_count(k, model.spec.d_vocab, "top tokens per layer")
+    resolve_position(position, run.batch.input_ids.shape[1])  # checked now, used by lens_top
     with torch.no_grad():
         hs = torch.stack([lens.translate(run[s][0], i) for i, s in enumerate(sites)])  # (L + 1, T, D)
         return lens_grid(model, hs, lambda h: decode(model, h), run.batch.str_tokens[0], target, k, "tuned_lens",

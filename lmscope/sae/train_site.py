@@ -19,6 +19,7 @@ from lmscope.errors import InputError
 from lmscope.models import Model
 from lmscope.results import Axis, Result
 from lmscope.sae.io import ARCHS
+from lmscope.sites import GLOBAL_KINDS
 
 _COEFF = {"relu": "l1", "gated": "l1", "jumprelu": "l0"}
 LOGGED = ("loss", "l0", "fve")
@@ -31,7 +32,7 @@ class SAETrainConfig:
     arch: str = specs.option(help="relu | gated | topk | jumprelu", flags=("--arch",))
     out_dir: str = specs.option(help="Output folder (SAE files, checkpoint, log).", flags=("--out",))
     site: str = specs.option("resid_post", "Site kind (resid_post, mlp_out, attn.z, ...) or full name.")
-    layer: int | None = specs.option(None, "Layer of the site.")
+    layer: int | None = specs.option(None, "Layer of the site (default: the middle layer).")
     latents: int = specs.option(4608, "Number of latents (dictionary size).")
     k: int | None = specs.option(None, "TopK: active latents per token (default 32).")
     l1: float | None = specs.option(None, "Sparsity coefficient (L1 for relu/gated, L0 for jumprelu).",
@@ -47,7 +48,14 @@ class SAETrainConfig:
 
     def __post_init__(self):
         if self.arch not in ARCHS:
-            raise InputError(f"Unknown SAE architecture {self.arch!r}; use one of {', '.join(ARCHS)}.")
+            raise InputError(f"Unknown SAE architecture {self.arch!r} (--arch); use one of {', '.join(ARCHS)}.")
+        for name, low in (("latents", 1), ("tokens", 1), ("batch_size", 1), ("context", 2)):
+            if getattr(self, name) < low:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: give at least {low}.")
+        if self.store is not None:
+            from lmscope.data import ActivationStore
+
+            ActivationStore(self.store)  # a folder that is not a store fails now, not after loading the model
 
     def arch_fields(self) -> dict:
         if self.arch == "topk":
@@ -57,8 +65,11 @@ class SAETrainConfig:
         return {}
 
 
-def site_name(site: str, layer: int | None) -> str:
-    return site if site.startswith("blocks.") or layer is None else f"blocks.{layer}.{site}"
+def site_name(site: str, layer: int | None, n_layers: int) -> str:
+    """A full site name from ``site`` and ``layer`` (default: the middle layer)."""
+    if site.startswith("blocks.") or site in GLOBAL_KINDS:
+        return site
+    return f"blocks.{n_layers // 2 if layer is None else layer}.{site}"
 
 
 def train_site_sae(model: Model, corpus, config: SAETrainConfig) -> Result:
@@ -76,7 +87,7 @@ def train_site_sae(model: Model, corpus, config: SAETrainConfig) -> Result:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    name = parse_site(site_name(config.site, config.layer), model.spec.n_layers).name
+    name = parse_site(site_name(config.site, config.layer, model.spec.n_layers), model.spec.n_layers).name
     fields, sp, out_dir = config.arch_fields(), model.spec, Path(config.out_dir)
     make_sae(config.arch, d_in=sp.d_model, d_sae=config.latents, **fields)  # fail on bad options before harvesting
     cfg = TrainConfig(tokens=config.tokens, batch_size=config.batch_size, lr=config.lr, seed=config.seed)

@@ -93,9 +93,7 @@ class AttributeConfig:
 
 def run_attribute(model: Model, prompt: specs.Prompt, config: AttributeConfig) -> Result:
     """Which input tokens drive a prediction: a token heat map and the JSON result."""
-    method, generate = config.method, config.generate
-    if prompt.target is None and method not in MIXING_METHODS and generate is None:
-        raise InputError(f"{method} explains a target token: add --target ' Mary' (mind the leading space).")
+    method, generate = config.method, config.generate  # no target: the model's top prediction is explained
     kwargs = {}
     if config.steps is not None:
         kwargs["steps"] = config.steps

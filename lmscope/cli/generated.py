@@ -39,7 +39,7 @@ INPUT_OPTIONS: dict[str, dict[str, tuple]] = {
         "foil": (("--foil",), Optional[str], None, "Competing token, e.g. ' John'; metric: logit(target) − "
                                                    "logit(foil)."),
         "task": (("--task",), Optional[str], None, "Instead of one pair: a built-in task (ioi | induction | "
-                                                   "factual)."),
+                                                   "factual; default ioi when no pair is given)."),
         "n": (("--n",), int, 20, "Prompts of the task."),
         "seed": (("--seed",), int, 0, "Seed of the task generator."),
     },
@@ -155,8 +155,11 @@ def build_inputs(spec: specs.MethodSpec, kw: dict, model) -> Any:
     if kind == "pairs":
         from lmscope.localization.tasks import pair, task_pairs
 
-        if given.get("task"):
-            return task_pairs(model, given["task"], given.get("n", 20), given.get("seed", 0))
+        parts = [given.get(k) for k in ("clean", "corrupt", "target", "foil")]
+        task = given.get("task") or (None if any(p is not None for p in parts) or "task" not in input_keys(spec)
+                                     else "ioi")  # nothing given: the IOI task
+        if task:
+            return task_pairs(model, task, given.get("n", 20), given.get("seed", 0))
         if given.get("clean") and given.get("corrupt") and given.get("target"):
             return pair(given["clean"], given["corrupt"], given["target"], given.get("foil"))
         offer = "--clean, --corrupt and --target (and --foil)"

@@ -208,9 +208,6 @@ def _layer_index(text: str, what: str) -> tuple[int, int]:
         raise InputError(f"--{what} {text!r}: write LAYER.INDEX, e.g. 3.5.") from None
 
 
-DEFAULT_WORDS = (" the", " Paris", " cat", " John", " 1", " and")
-
-
 @dataclass(frozen=True)
 class ProjectConfig:
     """Weight projections of one head or one neuron."""
@@ -218,7 +215,8 @@ class ProjectConfig:
     head: str | None = specs.option(None, "Head as LAYER.HEAD, e.g. 5.3.")
     neuron: str | None = specs.option(None, "Neuron as LAYER.NEURON, e.g. 10.1234.")
     tokens: str | None = specs.option(None, "Comma-separated input tokens for a head (mind leading spaces), e.g. "
-                                            "' Paris, London'. Default: a few common words.")
+                                            "' Paris, London'. Default: those of a few common words that are single tokens "
+                                            "for the model.")
     k: int = specs.option(10, "Tokens per row.")
 
     def __post_init__(self):
@@ -233,7 +231,7 @@ def run_project(model: Model, inputs: None, config: ProjectConfig) -> ResultSet:
         layer, n = _layer_index(config.neuron, "neuron")
         return ResultSet({"neuron": neuron_tokens(model, layer, n, k=config.k)}, "project", model.name)
     layer, h = _layer_index(config.head, "head")
-    words = list(DEFAULT_WORDS) if config.tokens is None else [t for t in config.tokens.split(",") if t]
+    words = None if config.tokens is None else [t for t in config.tokens.split(",") if t]  # None: common_tokens
     return ResultSet({"ov": ov_circuit(model, layer, h, words, k=config.k),
                       "qk": qk_circuit(model, layer, h, words, k=config.k)}, "project", model.name)
 

@@ -77,7 +77,8 @@ def timing(model, n_prompts: int = 4) -> None:
         torch.autograd.grad(metric(run.logits), [run.cache["embed"]])
 
     sides = {"forward_backward": forward_backward_full, "forward_backward_activations": forward_backward_acts,
-             "lmscope": lambda: atp(model, pairs, nodes=("head",), batch_size=n_prompts)["head"].values,
+             "lmscope": lambda: atp(model, pairs, nodes=("head",), direction="noise",
+                                    batch_size=n_prompts)["head"].values,
              "plain_atp": lambda: plain_atp_heads(model, clean, corrupt, targets, foils)}
     times, out = interleaved(sides, rounds=max(5, common.ROUNDS))
     all_nodes = interleaved({"lmscope_all_nodes": lambda: atp(model, pairs, nodes=("head", "mlp", "neuron", "resid"),
@@ -155,12 +156,12 @@ def plain_mlp_importances(model, prompt) -> tuple[torch.Tensor, torch.Tensor]:
 def ranking(model, n_prompts: int = 50) -> None:
     pairs = ioi(model, n_prompts, seed=0)
     t0 = time.perf_counter()
-    exact = exact_head_effects(model, pairs, batch_size=10)
+    exact = exact_head_effects(model, pairs, direction="noise", batch_size=10)
     t_exact = time.perf_counter() - t0
     t0 = time.perf_counter()
-    est = atp(model, pairs, nodes=("head",), batch_size=10)["head"]
+    est = atp(model, pairs, nodes=("head",), direction="noise", batch_size=10)["head"]
     t_atp = time.perf_counter() - t0
-    star = atp_star(model, pairs, nodes=("head",), batch_size=10)
+    star = atp_star(model, pairs, nodes=("head",), direction="noise", batch_size=10)
     rho = spearman(est.values, exact.values)
     rho_abs = spearman(est.values.abs(), exact.values.abs())
     # AtP*: the QK-fixed query/key/value estimates, and GradDrop magnitudes, against |exact|

@@ -101,18 +101,20 @@ def main() -> None:
                               "forward_only": forward}, warmup=["forward_only"])
     lens, (A, b, plain_kl) = out["lmscope"], out["plain"]
     tokens = lens.info["steps"] * batch * (context - 1)
-    # The step-0 KL is the logit lens's (translators zero): float32 log-softmax over 49,152 words either way,
-    # ~1e-6 relative. The step-1 KL follows one AdamW step, whose first update is ±lr per entry (m/√v = sign g):
-    # entries with near-zero gradients can take either sign in two implementations, which moves the KL by ~1e-4
-    # relative at most. 1e-3 relative catches a wrong loss, gradient or schedule (each changes it by ≥ 1%).
+    # The KL sums ~25M float32 terms per step (508 tokens × 49,152 words) in another order on each side: seen
+    # 1.4e-4 relative at step 0, where both are the logit lens. 1e-3 relative catches a wrong loss, gradient or
+    # schedule (each changes the step-1 KL by ≥ 1%).
     checks = [check("mean KL per step vs plain tuned-lens training", lens.info["mean_kl_per_step"], plain_kl,
-                    atol=1e-6, rtol=1e-3, why="float32 KL over 49,152 words; first AdamW step is ±lr per entry, so "
-                                              "near-zero gradients may flip: ~1e-4 relative")]
+                    atol=1e-6, rtol=1e-3, why="float32 sums of ~25M terms per step in another order: seen 1.4e-4 "
+                                              "relative at step 0 (the logit lens on both sides)")]
+    # AdamW's first update is ±lr per entry (m/√v = sign g): the few entries whose gradient is at rounding level
+    # (seen 2 of 10M) may move the other way, so compare the translators as a whole, ‖W − W_ref‖ / ‖W_ref‖ (seen
+    # ~1e-5). 1e-3 catches a wrong learning rate, schedule or gradient, each of which is off by ≥ 10%.
     trained = torch.stack([lens.translators[i].weight.detach() for i in lens.trained])
-    # every entry moved by at most 2·lr (two AdamW steps of ±lr); agreement to well under lr shows the same update
-    checks.append(check("translator weights vs plain training", trained, A, atol=5e-5,
-                        why="two AdamW steps move each entry by ≤ 2e-4; entries with near-zero gradients may differ "
-                            "in sign, 5e-5 (a quarter of lr) allows that only for a gradient sign flip at noise level"))
+    checks.append(check("translator weights vs plain training, relative Frobenius difference",
+                        float((trained - A).norm() / A.norm()), 0.0, atol=1e-3,
+                        why="first AdamW step is ±lr per entry, so rounding-level gradients (seen 2 of 10M entries) "
+                            "may flip; relative norm of the difference seen ~1e-5"))
     work = {"lmscope": f"train_tuned_lens(): {steps} steps of {batch} × {context} tokens: a forward caching every "
                        "hidden state, then for each of the 30 translators the frozen norm + unembedding forward and "
                        "backward in 512-token chunks, the KL gradient formed directly (softmax − p)",

@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -123,7 +124,10 @@ def record(name: str, *, work: dict[str, str], checks: list[dict] = (), timings:
     """Append one benchmark record to results/<name>.jsonl and print it; failed checks are remembered."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     checks = list(checks)
-    row = {"bench": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.machine(),
+    import lmscope
+
+    row = {"bench": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "lmscope": _provenance(lmscope.__file__),
+           "machine": platform.machine(),
            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "loadavg": [round(x, 2) for x in os.getloadavg()], "rounds": ROUNDS, "work": work}
     if timings:
@@ -138,6 +142,17 @@ def record(name: str, *, work: dict[str, str], checks: list[dict] = (), timings:
         fh.write(json.dumps(row) + "\n")
     print(json.dumps(row, indent=1), flush=True)
     return row
+
+
+def _provenance(init_file: str) -> str:
+    """Where the benched lmscope came from: its checkout folder and commit (``+`` when it has local changes)."""
+    root = Path(init_file).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty=+"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{root} {commit}".strip()
 
 
 def failures() -> list[str]:

@@ -3,6 +3,7 @@
 Each writes JSON lines to bench/results/<name>.jsonl (or $LMSCOPE_BENCH_OUT). Every bench compares
 lmscope's output with a reference; the run goes on through all named benches and then exits non-zero
 when a check failed or a bench raised, listing them. BENCH_ROUNDS sets the timing rounds (default 3).
+The lmscope benched is this checkout's (its root goes first on the import path).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+HERE = Path(__file__).resolve().parent
+# bench this checkout's lmscope, not whichever copy is installed (an editable install may point elsewhere)
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import common  # noqa: E402
 

@@ -18,6 +18,8 @@ HERE = Path(__file__).resolve().parent
 # bench this checkout's lmscope, not whichever copy is installed (an editable install may point elsewhere)
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
+import torch  # noqa: E402
+
 import common  # noqa: E402
 
 BENCHES = {
@@ -36,7 +38,8 @@ if __name__ == "__main__":
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
         try:
-            importlib.import_module(BENCHES[name]).main()
+            with torch.enable_grad():  # a bench may switch gradients off globally; the next one starts afresh
+                importlib.import_module(BENCHES[name]).main()
         except Exception:  # noqa: BLE001 - report it, run the other benches, fail at the end
             traceback.print_exc()
             crashed.append(f"{name}: raised (traceback above)")

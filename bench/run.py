@@ -1,13 +1,26 @@
 """Run every benchmark (or those named): `python bench/run.py [sites] [batched]`.
-Each writes JSON lines to bench/results/<name>.jsonl (or $LMSCOPE_BENCH_OUT)."""
+
+Each writes JSON lines to bench/results/<name>.jsonl (or $LMSCOPE_BENCH_OUT). Every bench compares
+lmscope's output with a reference; the run goes on through all named benches and then exits non-zero
+when a check failed or a bench raised, listing them. BENCH_ROUNDS sets the timing rounds (default 3).
+The lmscope benched is this checkout's (its root goes first on the import path).
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
+import time
+import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+HERE = Path(__file__).resolve().parent
+# bench this checkout's lmscope, not whichever copy is installed (an editable install may point elsewhere)
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
 
 BENCHES = {
     "sites": "bench_sites", "batched": "bench_batched", "attribution": "bench_attribution",
@@ -17,8 +30,20 @@ BENCHES = {
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        sys.exit(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHES)}")
+    crashed = []
     for name in names:
-        if name not in BENCHES:
-            sys.exit(f"unknown benchmark {name!r}; choose from {sorted(BENCHES)}")
-        print(f"== {name}")
-        importlib.import_module(BENCHES[name]).main()
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            with torch.enable_grad():  # a bench may switch gradients off globally; the next one starts afresh
+                importlib.import_module(BENCHES[name]).main()
+        except Exception:  # noqa: BLE001 - report it, run the other benches, fail at the end
+            traceback.print_exc()
+            crashed.append(f"{name}: raised (traceback above)")
+        print(f"== {name} took {time.perf_counter() - t0:.0f} s", flush=True)
+    problems = crashed + common.failures()
+    if problems:
+        sys.exit("bench failures:\n  " + "\n  ".join(problems))

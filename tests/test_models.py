@@ -230,7 +230,8 @@ def test_mean_and_resample_ablation(tiny_llama):
     torch.testing.assert_close(res[site], ref[rows])
 
 
-def test_run_sets_equals_separate_runs(tiny):
+@pytest.mark.parametrize("reuse", [True, False])  # reuse=False: the benches' "lmscope without reuse" figures
+def test_run_sets_equals_separate_runs(tiny, reuse):
     clean = tiny.run(PROMPTS, cache=["blocks.1.resid_pre", "blocks.0.attn.z"])
     sets = [
         [],
@@ -241,8 +242,8 @@ def test_run_sets_equals_separate_runs(tiny):
     ]
     sites = ["blocks.2.resid_post", "blocks.0.resid_pre", "blocks.1.attn.pattern"]
     for chunk in (2, 3, None):
-        batched = tiny.run_sets(PROMPTS, sets, cache=sites, logits="all", chunk_size=chunk)
-        last = tiny.run_sets(PROMPTS, sets, logits="last", chunk_size=chunk).logits
+        batched = tiny.run_sets(PROMPTS, sets, cache=sites, logits="all", chunk_size=chunk, reuse=reuse)
+        last = tiny.run_sets(PROMPTS, sets, logits="last", chunk_size=chunk, reuse=reuse).logits
         assert batched.logits.shape[:2] == (len(sets), len(PROMPTS))
         for i, ivs in enumerate(sets):
             single = tiny.run(PROMPTS, interventions=ivs, cache=sites)

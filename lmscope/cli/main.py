@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lmscope.cli import cmd_sae, generated
+from lmscope.cli import cmd_clamp, cmd_sae, generated
 from lmscope.cli.common import DEMO_PROMPT, ModelOpt, console, friendly, out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -46,6 +46,7 @@ def demo(prompt: str = typer.Option(DEMO_PROMPT, help="The prompt to explain."),
 
 
 cmd_sae.register(app)
+cmd_clamp.register(app)
 generated.register(app, {"sae": cmd_sae.sae_app})  # one command per registered method spec
 
 

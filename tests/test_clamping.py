@@ -40,8 +40,10 @@ def test_sampler_is_bursty_with_relabelled_pairs():
     train_pairs = {tuple(sorted(p)) for p in ids[:, [1, 3]].tolist()}
     held = {tuple(sorted(p)) for p in _batch(200, "heldout_labels")["ids"][:, [1, 3]].tolist()}
     assert train_pairs <= set(TASK.label_pairs("train")) and held <= set(TASK.label_pairs("heldout_labels"))
-    assert len(TASK.label_pairs("train")) == 8 and len(TASK.label_pairs("heldout_labels")) == 2 and not train_pairs & held
-    assert (_batch(50, "new_classes")["ids"][:, 4] >= TASK.exemplar_id(torch.tensor(TASK.classes), torch.tensor(0))).all()
+    assert len(TASK.label_pairs("train")) == 8 and len(TASK.label_pairs("heldout_labels")) == 2
+    assert not train_pairs & held
+    first_new = TASK.exemplar_id(torch.tensor(TASK.classes), torch.tensor(0))
+    assert (_batch(50, "new_classes")["ids"][:, 4] >= first_new).all()
     assert (tgt < TASK.labels).all() and len(set(tgt.tolist())) == TASK.labels
 
 

@@ -61,7 +61,8 @@ def test_pattern_scores_match_loops_and_ideal_patterns():
 
 def _previous_token_model():
     """Tiny attention-only model whose head 0.1 attends to the previous token by construction: W_Q = W_K = 0 and
-    biases q = c·e_k, k = c·R(θ_k)e_k in every RoPE plane k, so q_i·k_j = c² Σ_k cos((j − i + 1)θ_k), largest at j = i − 1."""
+    biases q = c·e_k, k = c·R(θ_k)e_k in every RoPE plane k, so q_i·k_j = c² Σ_k cos((j − i + 1)θ_k), largest at
+    j = i − 1."""
     m = make_tiny("attn_only")  # biases on, d_head 8
     hf, dh = m.hf, m.spec.d_head
     attn = hf.model.layers[0].self_attn

@@ -47,7 +47,8 @@ def test_vocab_projection_and_concepts_by_hand(tiny_llama):
 
 def test_report_shapes(tiny_llama, tmp_path):
     corpus = tmp_path / "c.txt"
-    corpus.write_text("\n\n".join(["the cat sat on the mat and the dog ran", "when Mary and John went to the store"] * 6))
+    docs = ["the cat sat on the mat and the dog ran", "when Mary and John went to the store"] * 6
+    corpus.write_text("\n\n".join(docs))
     res = neuron_report(tiny_llama, str(corpus), NeuronsConfig(layer=1, show=3, k=2, contexts=4, context=8,
                                                                 window=3), progress=False)
     top = res["top_activations"]

@@ -82,12 +82,13 @@ class HeadsConfig:
 
 # ------------------------------------------------------------------------------------------------ probes
 def repeated_tokens(model: Model, n: int, batch: int, seed: int = 0) -> torch.Tensor:
-    """(batch, 1 + 2n) ids ``[BOS] R R`` (no BOS when the tokenizer has none), R uniform over ordinary tokens."""
+    """(batch, 1 + 2n) ids ``[BOS] R R`` (no BOS when the tokenizer has none), R uniform over the tokens that are
+    not special tokens."""
     g = torch.Generator().manual_seed(seed)
-    special = set(model.tokenizer.all_special_ids)
-    low = max(special) + 1 if special and max(special) < 1000 else 0
-    r = torch.randint(low, model.spec.d_vocab if low < model.spec.d_vocab else low + 1, (batch, n), generator=g)
-    r = r.clamp(max=model.W_E.shape[0] - 1)
+    ordinary = torch.ones(model.W_E.shape[0], dtype=torch.bool)
+    ordinary[[i for i in model.tokenizer.all_special_ids if i < len(ordinary)]] = False
+    pool = ordinary.nonzero()[:, 0]
+    r = pool[torch.randint(len(pool), (batch, n), generator=g)]
     bos = model.tokenizer.bos_token_id
     parts = ([torch.full((batch, 1), bos)] if bos is not None else []) + [r, r]
     return torch.cat(parts, dim=1)
@@ -261,7 +262,9 @@ def head_atlas(model: Model, config: HeadsConfig | None = None, *, progress: boo
     # 5. evidence for the top heads
     meta = {"repeated_tokens": {"n": config.n, "loss_first_copy": first, "loss_second_copy": second,
                                 "chance_induction": 1.0 / (config.n + off)},
-            "successor_sequences": [name for _, name in succ], "top_heads": {}, "evidence": {}}
+            "successor_sequences": [name for _, name in succ], "top_heads": {}, "evidence": {},
+            "successor_chance": sum((len(run) - 1) / len(run) for run, _ in succ)
+            / max(1, sum(len(run) - 1 for run, _ in succ))}
     extras = {}
     for name in ROLES:
         flat = scores[r[name]].flatten()

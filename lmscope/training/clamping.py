@@ -104,8 +104,10 @@ def evaluate(model: Model, cond: Conditions, task: FewShotTask, batch: dict[str,
     return {"loss": loss, "accuracy": acc, "strength": strength.tolist()}
 
 
-def train_clamped(config: ClampConfig, *, progress: bool = True) -> tuple[Model, Result]:
-    """Train the testbed under ``config``'s clamps; the model and its curves (series × step)."""
+def train_clamped(config: ClampConfig, *, progress: bool = True, on_eval=None) -> tuple[Model, Result]:
+    """Train the testbed under ``config``'s clamps; the model and its curves (series × step).
+
+    ``on_eval(step, row)``, optional, is called after each evaluation with that row of the curves."""
     task = config.task()
     cond = config.conditions()
     model = new_testbed(task, config.seed)
@@ -121,6 +123,8 @@ def train_clamped(config: ClampConfig, *, progress: bool = True) -> tuple[Model,
         tr, ho = (evaluate(model, cond, task, evals[s]) for s in ("train", "heldout_labels"))
         steps.append(step)
         rows.append([tr["loss"], tr["accuracy"], ho["loss"], ho["accuracy"], *tr["strength"]])
+        if on_eval is not None:
+            on_eval(step, rows[-1])
 
     record(0)
     for step in tqdm(range(1, config.steps + 1), desc=f"clamp {cond.label}", disable=not progress):

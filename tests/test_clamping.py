@@ -157,19 +157,21 @@ def test_config_validation():
 
 def test_short_run_shows_the_plateau_and_the_drop_and_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("LMSCOPE_CACHE", str(tmp_path / "cache"))
-    cfg = ClampConfig(steps=SHORT_STEPS, lr=SHORT_LR, classes=SHORT_CLASSES, eval_every=SHORT_EVERY, eval_batch=256,
+    cfg = ClampConfig(steps=SHORT_STEPS, lr=SHORT_LR, classes=SHORT_CLASSES, eval_every=SHORT_EVERY, eval_batch=128,
                       seed=0, out_dir=str(tmp_path / "m"))
     model, res = train_clamped(cfg, progress=False)
-    loss = res.sel(series="loss").values
+    loss = res.sel(series="loss").values.tolist()
     ln2 = math.log(2)
     steps = [int(s) for s in res.axes[1].labels]
-    # a plateau: some evaluation after the start sits near ln 2 ...
-    plateau = [i for i, v in enumerate(loss.tolist()) if abs(v - ln2) < 0.15 and steps[i] > 0]
-    assert plateau, loss
-    # ... and later the loss falls below 0.4·ln 2, with a layer-1 head's induction strength rising
-    assert res.meta["speed_step"] is not None and res.meta["speed_step"] > steps[plateau[0]]
+    speed = res.meta["speed_step"]
+    assert loss[0] > 1.4  # near ln 5: any of the 5 labels
+    # the plateau: before the drop, evaluations sit near ln 2 (the two labels in context), far from ln 5 and 0
+    plateau = [s for s, v in zip(steps, loss) if 0 < s and (speed is None or s < speed) and 0.6 < v < 1.1]
+    assert len(plateau) >= 2, loss
+    # the drop: the loss falls below 0.4·ln 2 and stays low; a layer-2 head's induction strength rises with it
+    assert speed is not None and speed > plateau[-1] and max(loss[-3:]) < 0.4 * ln2, loss
     strength = torch.stack([res.sel(series=f"strength.H{h}").values for h in range(8)])
-    assert strength[:, -1].max() > 0.5 and strength[:, 0].abs().max() < 0.2
+    assert strength[:, -1].max() > 0.4 and strength[:, 0].abs().max() < 0.1
     loaded = lmscope.load(res.meta["model_dir"], progress=False)
     b = TASK.sample(8, torch.Generator().manual_seed(1))  # any ids of the same vocabulary layout
     ids = b["ids"].clamp(max=loaded.spec.d_vocab - 3)
@@ -177,7 +179,8 @@ def test_short_run_shows_the_plateau_and_the_drop_and_loads(tmp_path, monkeypatc
     save_model(model, tmp_path / "again")
 
 
-SHORT_STEPS, SHORT_LR, SHORT_CLASSES, SHORT_EVERY = 600, 3e-3, 50, 25
+# the fast CI schedule: 4 classes, lr 3e-3 (measured: loss ≈ 0.96 at steps 20-40, below 0.4·ln 2 from step 120)
+SHORT_STEPS, SHORT_LR, SHORT_CLASSES, SHORT_EVERY = 200, 3e-3, 4, 20
 
 
 def test_cli_run_and_plot(tmp_path):

@@ -13,6 +13,10 @@ training interventions applied): loss and accuracy on training sequences and on 
 each layer-1 head's induction strength (query attention to the correct label minus the other label).
 **Speed** is the first evaluation step with training loss < 0.4·ln 2.
 
+Differences from the paper: the data (Gaussian prototypes, see :mod:`lmscope.training.fewshot`); the
+clamp runs keep all eight layer-2 heads unless ``single_head`` is given (the paper's clamp runs use the
+single head 1:3 with the others ablated: ``single_head="1.3"``); the fast schedule.
+
 The result is a :class:`~lmscope.results.Result` of curves (series × step); the trained model is a plain
 lmscope model (``save_model``/``lmscope.load``), so every inference method runs on it.
 """

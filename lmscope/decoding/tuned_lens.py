@@ -266,8 +266,13 @@ def _kl_backward(p_target: torch.Tensor, logits: torch.Tensor, weight: float) ->
 
 
 def train_tuned_lens(model, corpus="default", config: TunedLensConfig = TunedLensConfig(), *, layers=None,
-                     contexts: torch.Tensor | None = None, progress: bool = True) -> TunedLens:
+                     contexts: torch.Tensor | None = None, init: TunedLens | None = None,
+                     progress: bool = True) -> TunedLens:
     """Train a tuned lens for ``model`` on the train split of ``corpus`` (or on given (N, T) ``contexts``).
+
+    Training starts from zero translators (the logit lens) or, with ``init``, from a copy of that lens
+    (e.g. the least-squares fit of :func:`lmscope.decoding.lens_fit.fit_lens_least_squares`; ``init``
+    itself is left unchanged, and its layers are the ones trained).
 
     Under ``torchrun`` (torch.distributed initialised, or WORLD_SIZE > 1 in the environment: then a
     gloo process group is created), every rank must see the same data; each takes an equal slice
@@ -291,7 +296,11 @@ def train_tuned_lens(model, corpus="default", config: TunedLensConfig = TunedLen
         raise InputError(f"{len(contexts)} contexts are fewer than one batch of {config.batch_contexts}.")
 
     torch.manual_seed(config.seed)
-    lens = TunedLens.for_model(model, layers)
+    lens = TunedLens.for_model(model, layers if init is None else [layer_labels(init.n_layers)[i]
+                                                                    for i in init.trained])
+    if init is not None:
+        init.check_model(model)
+        lens.load_state_dict(init.state_dict())
     module = nn.parallel.DistributedDataParallel(lens) if world > 1 else lens
     opt, sched = config.make_optimizer([p for p in lens.parameters() if p.requires_grad], steps)
     per_rank = config.batch_contexts // world
@@ -329,7 +338,7 @@ def train_tuned_lens(model, corpus="default", config: TunedLensConfig = TunedLen
         del module
         if created:
             dist.destroy_process_group()
-    lens.info = {"config": asdict(config), "steps": steps, "world_size": world, "tokens_seen": steps *
+    lens.info = {**({} if init is None else init.info), "config": asdict(config), "steps": steps, "world_size": world, "tokens_seen": steps *
                  config.batch_contexts * config.context, "mean_kl_per_step": losses}  # rank 0's share under DDP
     return lens
 

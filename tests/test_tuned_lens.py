@@ -253,3 +253,20 @@ def test_kl_fine_tuning_from_least_squares_keeps_the_init_and_lowers_kl(tiny_lla
     assert (ev_ls.values[:-1, 1] < ev_ls.values[:-1, 0]).all(), ev_ls.values
     assert float(ev_kl.values[:-1, 1].mean()) < float(ev_ls.values[:-1, 1].mean())
     assert tuned.info["lstsq"]["tokens"] == ls.info["lstsq"]["tokens"] and tuned.trained == ls.trained
+
+
+def test_train_workflow_reports_both_stages(tiny_llama, tmp_path):
+    from lmscope.decoding.lens_training import TrainLensConfig, train_lens
+
+    m, corpus = tiny_llama, _corpus()
+    both = train_lens(m, corpus, TrainLensConfig(tokens=16 * 4 * 3, out_dir=str(tmp_path / "a"), context=16, batch=4,
+                                                 lr=3e-3, lstsq_tokens=16 * 40, eval_tokens=16 * 8))
+    ls_only = train_lens(m, corpus, TrainLensConfig(tokens=0, out_dir=str(tmp_path / "b"), context=16, batch=4,
+                                                    lstsq_tokens=16 * 40, eval_tokens=16 * 8))
+    assert both.meta["lens"]["lstsq"]["tokens"] == ls_only.meta["lens"]["lstsq"]["tokens"] == 40 * 15
+    torch.testing.assert_close(both.extras["kl_lstsq"], ls_only.values[:, 1])  # same fit, evaluated alike
+    assert not torch.equal(both.values[:, 1], ls_only.values[:, 1])  # the KL stage moved the lens
+    back = TunedLens.load(tmp_path / "b", m)
+    torch.testing.assert_close(evaluate_lens(m, back, corpus, tokens=16 * 8, context=16).values, ls_only.values)
+    with pytest.raises(InputError, match="Nothing to train"):
+        TrainLensConfig(tokens=0, out_dir="x", lstsq_tokens=0)

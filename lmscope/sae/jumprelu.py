@@ -11,9 +11,9 @@ gradient to z through the L0 term. Unit-norm decoder rows; b_dec is not subtract
 Inputs are normalised to ``E‖x‖² = d_in`` (not 1 as in Gemma Scope), where pre-activations are O(1).
 The paper's ε = θ₀ = 0.001 are on the unit scale; on this scale pre-activations are √d_in times larger,
 so the same kernel and start would be ε = θ₀ = 0.001·√d_in (0.024 for d_in = 576). The defaults differ
-on purpose: ε = 0.2, θ₀ = 0.5, because θ only moves through the few pre-activations inside the kernel
-window, and with a 0.024-wide window θ barely moves in the short runs a CPU affords (on synthetic data
-the wider defaults recover the true dictionary and the L0 follows λ). For the paper's settings pass
+on purpose: ε = 0.2, θ₀ = 0.5. θ gets gradient only from pre-activations inside the kernel window, so a
+narrow window makes θ move slowly, and the runs a CPU affords are short; on synthetic data the wider
+defaults recover the true dictionary and the L0 follows λ (not re-measured against the paper's values). For the paper's settings pass
 ``bandwidth=0.001 * d_in ** 0.5, threshold_init=0.001 * d_in ** 0.5`` and train for longer.
 """
 

@@ -63,10 +63,20 @@ class Moments:
         cxy = self.sxy / self.n - mx[:, :, None] * my[None, None, :]
         diag = cxx.diagonal(dim1=1, dim2=2)
         reg = ridge * diag.mean(-1).clamp_min(1e-30)
-        w = torch.linalg.solve(cxx + reg[:, None, None] * torch.eye(cxx.shape[-1], dtype=cxx.dtype), cxy)
+        a = cxx + reg[:, None, None] * torch.eye(cxx.shape[-1], dtype=cxx.dtype)
+        # one symmetric positive-definite solve per layer (batched LU failed inside MKL on these matrices)
+        w = torch.stack([_spd_solve(a[i], cxy[i]) for i in range(len(a))])
         shift_x, shift_y = self.shift_x.double().squeeze(1), self.shift_y.double()
         c = (my + shift_y)[None] - ((mx + shift_x)[:, None, :] @ w).squeeze(1)
         return w, c
+
+
+def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a⁻¹ b for symmetric positive semi-definite a; the minimum-norm least-squares solution when a is singular."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, chol)
+    return torch.linalg.lstsq(a, b, driver="gelsd").solution
 
 
 def fit_lens_least_squares(model, corpus="default", *, tokens: int = 2**16, context: int = 128,

@@ -110,13 +110,20 @@ def fit_lens_least_squares(model, corpus="default", *, tokens: int = 2**16, cont
             if target == "normed":
                 y = y * y.pow(2).mean(-1, keepdim=True).add(1e-12).rsqrt()
             moments.add(xs, y)
+    return lens_from_moments(lens, moments, ridge, {"context": int(contexts.shape[1]), "target": target})
+
+
+def lens_from_moments(lens: TunedLens, moments: Moments, ridge: float, info: dict | None = None) -> TunedLens:
+    """Set ``lens``'s trained translators to the least-squares maps of ``moments`` (inputs in the order of
+    ``lens.trained``) and record the fit in ``lens.info["lstsq"]``; returns the lens."""
     w, c = moments.solve(ridge)
+    if w.shape[0] != len(lens.trained):
+        raise InputError(f"The moments hold {w.shape[0]} inputs but the lens trains {len(lens.trained)} layers.")
     with torch.no_grad():
-        eye = torch.eye(model.spec.d_model, dtype=torch.float64)
+        eye = torch.eye(lens.d_model, dtype=torch.float64)
         for k, i in enumerate(lens.trained):
             t = lens.translators[i]
             t.weight.copy_((w[k].T - eye).to(t.weight.dtype))  # Linear computes h·weightᵀ: weight = Wᵀ − I
             t.bias.copy_(c[k].to(t.bias.dtype))
-    lens.info = {"lstsq": {"tokens": moments.n, "context": int(contexts.shape[1]), "ridge": ridge,
-                           "target": target}}
+    lens.info = {"lstsq": {"tokens": moments.n, "ridge": ridge, **(info or {})}}
     return lens

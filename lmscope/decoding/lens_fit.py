@@ -13,9 +13,10 @@ fixed shift, the sums in float64), so 10⁵–10⁶ tokens cost forward passes o
 parameterisation the translator is A_l = W_l − I, b_l = c_l; the KL objective can then fine-tune it
 (:func:`lmscope.decoding.tuned_lens.train_tuned_lens` with ``init``).
 
-``target="normed"`` (the default) regresses onto h^L / rms(h^L), what the final norm sees before its
-weight: the final norm removes the scale anyway, and without it the few tokens and channels with
-very large residual norms dominate the squared error. ``target="raw"`` is Din et al.'s h^L.
+``target="raw"`` (the default) is Din et al.'s h^L. ``target="normed"`` regresses onto h^L / rms(h^L),
+what the final norm sees before its weight (the final norm removes the scale anyway, and this keeps the
+few tokens with very large residual norms from dominating the squared error). Chosen by measurement:
+on SmolLM2-135M the two were within a few percent of each other in held-out KL, raw slightly lower.
 
 Shapes: hidden states (k, N, D) per batch; moments (k, D, D); the result is a :class:`TunedLens`.
 """
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from lmscope.decoding.tuned_lens import TunedLens, hidden_sites
 from lmscope.errors import InputError
 
-TARGETS = ("normed", "raw")
+TARGETS = ("raw", "normed")
 
 
 class Moments:
@@ -80,7 +81,7 @@ def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def fit_lens_least_squares(model, corpus="default", *, tokens: int = 2**16, context: int = 128,
-                           batch_contexts: int = 8, layers=None, ridge: float = 1e-4, target: str = "normed",
+                           batch_contexts: int = 8, layers=None, ridge: float = 1e-4, target: str = "raw",
                            contexts: torch.Tensor | None = None, progress: bool = True) -> TunedLens:
     """A tuned lens whose translators are the least-squares maps from each hidden state to the last one.
 

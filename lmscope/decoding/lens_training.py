@@ -39,8 +39,8 @@ class TrainLensConfig:
     eval_tokens: int = specs.option(0, "Also evaluate on this many held-out tokens (0: skip).")
     lstsq_tokens: int = specs.option(2**15, "Tokens for the least-squares start (forward passes only; 0: start at "
                                             "the logit lens).")
-    lstsq_target: str = specs.option("normed", "Least-squares target: the last block's output divided by its RMS "
-                                               "(normed) or as is (raw, Din et al.).", choices=TARGETS)
+    lstsq_target: str = specs.option("raw", "Least-squares target: the last block's output as is (raw, Din et al.) "
+                                            "or divided by its RMS (normed).", choices=TARGETS)
     ridge: float = specs.option(1e-4, "Least-squares ridge, relative to the mean variance of each layer's input.")
 
     def __post_init__(self):

@@ -19,7 +19,7 @@ lr = lr_scale·(1−0.9), weight decay 1e-3, linear decay to zero) and AdamW (th
 short warm-up, linear decay), which is stable at the small budgets a CPU affords.
 
 A least-squares start (:mod:`lmscope.decoding.lens_fit`, Din et al. 2023: forward passes and second
-moments only) gets most of the way at a fraction of the cost of KL training, which runs the unembedding
+moments only) costs a fraction of KL training, which runs the unembedding
 forward and backward for every hidden state of every token; ``train_tuned_lens(init=...)`` fine-tunes it.
 
 Shapes: hidden states (..., D); translators (D, D) + (D,) per hidden state 0..n_layers−1; logits (..., V).

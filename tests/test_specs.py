@@ -69,6 +69,7 @@ def _cases(tmp, corpus):
     from lmscope.decoding.lens_training import TrainLensConfig, train_lens
     from lmscope.localization import activation_patching, atp, causal_trace, dla, flow
     from lmscope.localization.find_circuit import CircuitConfig, find_circuit
+    from lmscope.localization.path_patching import path_patching
     from lmscope.sae.train_site import SAETrainConfig, train_site_sae
 
     lens_cfg = {"tokens": 128, "context": 16, "batch": 4, "seed": 1, "lr": 0.01}
@@ -84,6 +85,9 @@ def _cases(tmp, corpus):
                   lambda m: causal_trace(m, P, "Mary", samples=2)),
         "atp": ([PAIR, PAIR2], {"nodes": ["head", "mlp"]}, lambda m: atp(m, _pairs(PAIR, PAIR2), nodes=("head", "mlp"))),
         "circuit": ([PAIR, PAIR2], {"edges": 20}, lambda m: find_circuit(m, _pairs(PAIR, PAIR2), CircuitConfig(edges=20))),
+        "path-patching": ([PAIR, PAIR2], {"receivers": "2.1,2.3", "senders": "0.0,1.2,mlp1", "receiver_input": "v"},
+                          lambda m: path_patching(m, _pairs(PAIR, PAIR2), [(2, 1), (2, 3)],
+                                                  senders=[(0, 0), (1, 2), ("mlp", 1)], receiver_input="v")),
         "flow": ({"prompt": P}, {"threshold": 0.05}, lambda m: flow(m, P, threshold=0.05)),
         "lens": ({"prompt": P, "target": "Mary"}, {"k": 3}, lambda m: logit_lens(m, P, "Mary", k=3)),
         "lens-train": (corpus, {**lens_cfg, "out_dir": str(tmp / "lens_json")},

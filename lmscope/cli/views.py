@@ -12,7 +12,8 @@ from rich.table import Table
 
 from lmscope.cli.common import top_table
 
-NO_PLOT = ("circuit", "flow", "lens-train", "sae-train", "sae-eval", "sae-features", "sae-compare")
+NO_PLOT = ("circuit", "flow", "lens-train", "sae-train", "sae-eval", "sae-features",
+           "sae-compare")
 SAE_SHOWN = ("l0", "fve", "gamma", "gamma_centred", "ce_recovered", "delta_ce", "dead_frac", "dense_frac", "tokens")
 
 

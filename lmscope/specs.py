@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import pkgutil
 import types
 import typing
 from collections.abc import Callable
@@ -43,6 +44,7 @@ RESULT_KINDS = ("result", "resultset")
 FAMILIES = ("attribution", "localization", "decoding", "sae")
 _REGISTRY: dict[str, MethodSpec] = {}
 _INPUT_PARSERS: dict[str, Callable[[Any, Any], Any]] = {}
+_LOADED: list[bool] = []  # set once every family module is imported
 
 
 def option(default: Any = MISSING, help: str = "", *, choices: tuple | None = None, flags: tuple[str, ...] = (),
@@ -151,9 +153,15 @@ def register_input(kind: str, parser: Callable[[Any, Any], Any]) -> None:
 
 
 def load_all() -> None:
-    """Import every method family, so that all specs are registered."""
+    """Import every module of every method family, so that all specs are registered (a new method file
+    registers itself: nothing else needs to import it)."""
+    if _LOADED:
+        return
     for family in FAMILIES:
-        importlib.import_module(f"lmscope.{family}")
+        package = importlib.import_module(f"lmscope.{family}")
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+    _LOADED.append(True)
 
 
 def all_specs() -> list[MethodSpec]:

@@ -31,7 +31,7 @@ class SAETrainConfig:
     """Options of :func:`train_site_sae`."""
 
     arch: str = specs.option(help="relu | gated | topk | jumprelu", flags=("--arch",))
-    out_dir: str = specs.option(help="Output folder (SAE files, checkpoint, log).", flags=("--out",))
+    out_dir: str = specs.option(help="Output folder (SAE files, checkpoint, log).", flags=("--out",), output="folder")
     site: str = specs.option("resid_post", "Site kind (resid_post, mlp_out, attn.z, ...) or full name.")
     layer: int | None = specs.option(None, "Layer of the site (default: the middle layer).")
     latents: int = specs.option(4608, "Number of latents (dictionary size).")

@@ -68,6 +68,8 @@ def _cases(tmp, corpus):
     from lmscope.decoding import evaluate_lens, logit_lens, ov_circuit, patchscope, qk_circuit
     from lmscope.decoding.lens_training import TrainLensConfig, train_lens
     from lmscope.localization import activation_patching, atp, causal_trace, dla, flow
+    from lmscope.localization.flow import FlowGraphConfig, run_flow_graph
+    from lmscope.localization.flow_node import FlowNodeConfig, run_flow_node
     from lmscope.localization.find_circuit import CircuitConfig, find_circuit
     from lmscope.sae.train_site import SAETrainConfig, train_site_sae
 
@@ -85,6 +87,9 @@ def _cases(tmp, corpus):
         "atp": ([PAIR, PAIR2], {"nodes": ["head", "mlp"]}, lambda m: atp(m, _pairs(PAIR, PAIR2), nodes=("head", "mlp"))),
         "circuit": ([PAIR, PAIR2], {"edges": 20}, lambda m: find_circuit(m, _pairs(PAIR, PAIR2), CircuitConfig(edges=20))),
         "flow": ({"prompt": P}, {"threshold": 0.05}, lambda m: flow(m, P, threshold=0.05)),
+        "flow-graph": ({"prompt": P}, {"floor": 0.02}, lambda m: run_flow_graph(m, specs.Prompt(P), FlowGraphConfig(0.02))),
+        "flow-node": ({"prompt": P, "target": "Mary"}, {"component": "resid_post", "layer": 1},
+                      lambda m: run_flow_node(m, specs.Prompt(P, "Mary"), FlowNodeConfig("resid_post", 1))),
         "lens": ({"prompt": P, "target": "Mary"}, {"k": 3}, lambda m: logit_lens(m, P, "Mary", k=3)),
         "lens-train": (corpus, {**lens_cfg, "out_dir": str(tmp / "lens_json")},
                        lambda m: train_lens(m, corpus, TrainLensConfig(**lens_cfg, out_dir=str(tmp / "lens_py")))),

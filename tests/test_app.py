@@ -235,6 +235,12 @@ def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
         page.click("text.token[data-position='5']")
         at5 = flow(tiny_llama, P, position=5, threshold=0.01, contributions=c)
         assert int(page.get_attribute("#graph", "data-edges")) == len(at5.meta["edges"])
+        # verify in place: the number the library computes for this graph
+        page.click("#verify")
+        page.wait_for_selector("#verify-out[data-faithfulness]")
+        lib = specs.run_json(tiny_llama, "flow-verify", P, {"threshold": 0.01, "position": 5})
+        assert float(page.get_attribute("#verify-out", "data-faithfulness")) == pytest.approx(float(lib.values[3]),
+                                                                                                abs=1e-6)
         # an attention edge: head shares, attention map and contribution map, promoted tokens
         page.locator("path.edge.attn").first.click()
         page.wait_for_selector("#head-detail[data-head]")

@@ -99,3 +99,55 @@ def test_state_node_is_the_logit_lens(tiny, component):
         assert int(res.axes[0].labels[r]) == int((probs[1] > probs[1][i]).sum()) + 1
     tid = m.token_id("Mary")
     assert res.meta["target"]["rank"] == int((probs[1] > probs[1][tid]).sum()) + 1
+
+
+def _plain_hook_metric(m, prompt, replace, pos, tid):
+    """The target logit at ``pos`` with attention/MLP outputs replaced through plain torch hooks:
+    ``replace[(kind, layer)]`` = (value (T, D), positions)."""
+    handles = []
+
+    def hook(kind, layer):
+        def fn(mod, args, out):
+            if (kind, layer) not in replace:
+                return out
+            value, positions = replace[(kind, layer)]
+            x = out[0] if isinstance(out, tuple) else out
+            x = x.clone()
+            x[0, positions] = value[positions]
+            return (x, *out[1:]) if isinstance(out, tuple) else x
+        return fn
+
+    for layer, block in enumerate(m.hf.model.layers):
+        handles.append(block.self_attn.register_forward_hook(hook("attn", layer)))
+        handles.append(block.mlp.register_forward_hook(hook("mlp", layer)))
+    try:
+        with torch.no_grad():
+            return float(m.forward(m.encode(prompt)).logits[0, pos, tid])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("corrupt", [None, "when John and Mary went to the store Mary gave a drink to"])
+def test_flow_verify_against_plain_hooks(tiny_llama, corrupt):
+    from lmscope.localization.flow_verify import kept_blocks
+
+    m, tau = tiny_llama, 0.04
+    cfg = {"threshold": tau} if corrupt is None else {"threshold": tau, "corrupt": corrupt}
+    res = specs.run_json(m, "flow-verify", {"prompt": P, "target": "Mary"}, cfg)
+    tid, t, n = m.token_id("Mary"), len(m.to_str_tokens(P)), m.spec.n_layers
+    pos = t - 1
+    sites = [f"blocks.{l}.{k}" for l in range(n) for k in ("attn_out", "mlp_out")]
+    src = m.run(P if corrupt is None else corrupt, cache=sites)
+    value = {(k[:-4], l): (src[f"blocks.{l}.{k}"][0].mean(0).expand(t, -1) if corrupt is None
+                           else src[f"blocks.{l}.{k}"][0]) for l in range(n) for k in ("attn_out", "mlp_out")}
+    kept = kept_blocks(flow_mod.flow(m, P, threshold=tau))
+    assert res.meta["kept"] == kept and kept["attn"] and kept["mlp"]
+    keep = {("attn", l, i) for l, i in kept["attn"]} | {("mlp", l, i) for l, i in kept["mlp"]}
+    outside = {key: (v, [i for i in range(t) if (key[0], key[1], i) not in keep]) for key, v in value.items()}
+    everything = {key: (v, list(range(t))) for key, v in value.items()}
+    clean = _plain_hook_metric(m, P, {}, pos, tid)
+    graph = _plain_hook_metric(m, P, outside, pos, tid)
+    none = _plain_hook_metric(m, P, everything, pos, tid)
+    torch.testing.assert_close(res.values[:3], torch.tensor([clean, graph, none]), atol=1e-4, rtol=1e-4)
+    assert float(res.values[3]) == pytest.approx((graph - none) / (clean - none), abs=1e-4)

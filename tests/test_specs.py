@@ -70,6 +70,7 @@ def _cases(tmp, corpus):
     from lmscope.localization import activation_patching, atp, causal_trace, dla, flow
     from lmscope.localization.flow import FlowGraphConfig, run_flow_graph
     from lmscope.localization.flow_node import FlowNodeConfig, run_flow_node
+    from lmscope.localization.flow_verify import FlowVerifyConfig, run_flow_verify
     from lmscope.localization.find_circuit import CircuitConfig, find_circuit
     from lmscope.sae.train_site import SAETrainConfig, train_site_sae
 
@@ -90,6 +91,8 @@ def _cases(tmp, corpus):
         "flow-graph": ({"prompt": P}, {"floor": 0.02}, lambda m: run_flow_graph(m, specs.Prompt(P), FlowGraphConfig(0.02))),
         "flow-node": ({"prompt": P, "target": "Mary"}, {"component": "resid_post", "layer": 1},
                       lambda m: run_flow_node(m, specs.Prompt(P, "Mary"), FlowNodeConfig("resid_post", 1))),
+        "flow-verify": ({"prompt": P, "target": "Mary"}, {"threshold": 0.05},
+                        lambda m: run_flow_verify(m, specs.Prompt(P, "Mary"), FlowVerifyConfig(0.05))),
         "lens": ({"prompt": P, "target": "Mary"}, {"k": 3}, lambda m: logit_lens(m, P, "Mary", k=3)),
         "lens-train": (corpus, {**lens_cfg, "out_dir": str(tmp / "lens_json")},
                        lambda m: train_lens(m, corpus, TrainLensConfig(**lens_cfg, out_dir=str(tmp / "lens_py")))),

@@ -107,6 +107,8 @@
       t.addEventListener("click", () => { state.position = i; state.target = null; drawGraph(); });
     });
     drawPredictions();
+    $("verify-out").textContent = "";
+    $("verify-out").removeAttribute("data-faithfulness");
     const ms = performance.now() - t0;
     $("graph-stats").textContent = `${nodes.size} nodes, ${edges.length} edges, drawn in ${ms.toFixed(0)} ms`;
     svg.setAttribute("data-edges", edges.length);
@@ -124,6 +126,18 @@
       s.addEventListener("click", () => { state.target = state.target === tok ? null : tok; drawPredictions(); saveUrl();
         if (state.selected && state.selected.kind === "state") selectNode(state.selected.key); });
     });
+  }
+
+  async function verify() {
+    const out = $("verify-out");
+    out.textContent = "…";
+    const inputs = state.target === null ? state.prompt : { prompt: state.prompt, target: state.target };
+    const res = await api("flow-verify", inputs, { threshold: state.threshold, position: state.position });
+    const [clean, graph, none, faith] = res.values;
+    out.textContent = `faithfulness ${faith === null ? "—" : faith.toFixed(3)} (logit of ${JSON.stringify(res.target.target)}: ` +
+      `clean ${clean.toFixed(2)}, graph only ${graph.toFixed(2)}, nothing ${none.toFixed(2)}; ` +
+      `${(100 * res.meta.kept_fraction).toFixed(1)}% of blocks kept)`;
+    out.setAttribute("data-faithfulness", faith);
   }
 
   // ------------------------------------------------------------------ inspector
@@ -291,6 +305,7 @@
     $("run").addEventListener("click", () => { state.position = null; state.selected = null; runGraph(); });
     $("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter") $("run").click(); });
     $("attr-run").addEventListener("click", attributionTab);
+    $("verify").addEventListener("click", verify);
     showTab(state.tab);
     await runGraph();
     if (node && !node.includes("->")) await selectNode(node);

@@ -251,6 +251,34 @@ def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
         page.locator("rect.node.mlp").first.click()
         page.wait_for_selector("#neurons tr:nth-child(2)")
         shared = page.url
+        # two prompts: the patching heat map is the library's, a clicked cell shows its value and causal cone
+        page.click("button.tab[data-tab='pairs']")
+        page.fill("#corrupt", P.replace("John gave", "Mary gave"))
+        page.fill("#pair-target", "Mary")
+        page.fill("#pair-foil", "John")
+        page.click("#pair-run")
+        page.wait_for_selector("#pair-output svg.heatmap")
+        lib = specs.run_json(tiny_llama, "patch", [{"clean": P, "corrupt": P.replace("John gave", "Mary gave"),
+                                                     "target": "Mary", "foil": "John"}], {"site": "resid_pre"})
+        assert page.locator("#pair-output rect.heat-cell").count() == lib.values.numel()
+        page.click("#pair-output rect[data-i='1'][data-j='8']")
+        assert float(page.get_attribute("#pair-cell", "data-value")) == pytest.approx(float(lib.values[1, 8]), abs=1e-6)
+        assert page.locator("#pair-output rect.cone").count() == (lib.shape[0] - 1) * (lib.shape[1] - 8) - 1
+        page.screenshot(path=str(shots / "app-pairs.png"))
+        # attribution of every method side by side; DLA by layer, head and neuron
+        page.click("button.tab[data-tab='attribution']")
+        page.fill("#attr-target", "Mary")
+        page.click("#attr-run")
+        n_methods = len(specs.get("attribute").config.__dataclass_fields__["method"].metadata["choices"])
+        page.wait_for_function(f"document.querySelectorAll('#attr-output .attr-row').length === {n_methods}",
+                               timeout=120_000)
+        page.click("button.tab[data-tab='dla']")
+        page.fill("#dla-target", "Mary")
+        page.fill("#dla-foil", "John")
+        page.click("#dla-run")
+        page.wait_for_selector("#dla-output div[data-by='neuron'] svg")
+        assert page.locator("#dla-output svg").count() == 3
+        page.click("button.tab[data-tab='graph']")
         # the URL restores the view
         page2 = browser.new_page(viewport={"width": 1400, "height": 900})
         page2.goto(shared)

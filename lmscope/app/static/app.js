@@ -282,6 +282,46 @@
     }
   }
 
+  async function pairsTab() {
+    const out = $("pair-output"), cell = $("pair-cell"), toks = $("pair-tokens");
+    out.innerHTML = ""; cell.textContent = ""; toks.innerHTML = "";
+    const site = $("pair-site").value;
+    const pair = { clean: $("prompt").value, corrupt: $("corrupt").value, target: $("pair-target").value,
+      foil: $("pair-foil").value || null };
+    let res;
+    try { res = await api("patch", [pair], { site }); } catch (err) { V.html("p", { class: "error" }, err.message, out); return; }
+    const a = res.axes;
+    if (a[1].name === "position") {  // the two prompts side by side, differing tokens marked
+      toks.textContent = "positions: " + a[1].labels.join("  ");
+    }
+    const svg = V.heatmap(res.values, a[0].labels, a[1].labels, { title: `patching ${site}: ${res.meta.metric || ""}`,
+      onclick: (i, j, v) => {
+        svg.querySelectorAll(".heat-cell").forEach((r) => {
+          const ri = +r.dataset.i, rj = +r.dataset.j;
+          r.classList.toggle("picked", ri === i && rj === j);
+          r.classList.toggle("cone", a[1].name === "position" && ri >= i && rj >= j && !(ri === i && rj === j));
+        });
+        cell.textContent = `patching ${a[0].name} ${a[0].labels[i]}, ${a[1].name} ${a[1].labels[j]} from the clean run: ` +
+          (v === null ? "—" : v.toFixed(3));
+        cell.setAttribute("data-value", v);
+      } });
+    out.appendChild(svg);
+    out.appendChild(V.result(res).querySelector("a"));
+  }
+
+  async function dlaTab() {
+    const out = $("dla-output");
+    out.innerHTML = "";
+    const inputs = { prompt: $("prompt").value, target: $("dla-target").value };
+    if ($("dla-foil").value) inputs.foil = $("dla-foil").value;
+    for (const by of ["layer", "head", "neuron"]) {
+      const box = V.html("div", { "data-by": by }, null, out);
+      V.html("h4", {}, `by ${by}`, box);
+      try { box.appendChild(V.result(await api("dla", inputs, { by }))); }
+      catch (err) { V.html("p", { class: "error" }, err.message, box); }
+    }
+  }
+
   function showTab(tab) {
     state.tab = tab;
     document.querySelectorAll(".tab-body").forEach((s) => { s.hidden = s.id !== `tab-${tab}`; });
@@ -306,6 +346,8 @@
     $("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter") $("run").click(); });
     $("attr-run").addEventListener("click", attributionTab);
     $("verify").addEventListener("click", verify);
+    $("pair-run").addEventListener("click", pairsTab);
+    $("dla-run").addEventListener("click", dlaTab);
     showTab(state.tab);
     await runGraph();
     if (node && !node.includes("->")) await selectNode(node);

@@ -37,7 +37,8 @@
     rows.forEach((r, i) => {
       r.forEach((v, j) => {
         const rect = el("rect", { x: left + j * cell, y: top + i * cell, width: cell, height: cell,
-          fill: v === null ? "#eee" : color(v, max), class: "heat-cell" }, svg);
+          fill: v === null ? "#eee" : color(v, max), class: "heat-cell", "data-i": i, "data-j": j }, svg);
+        if (opts.onclick) { rect.style.cursor = "pointer"; rect.addEventListener("click", () => opts.onclick(i, j, v)); }
         el("title", {}, rect).textContent = `${rowLabels[i]} / ${colLabels[j]}: ${v === null ? "—" : (+v).toFixed(4)}`;
       });
       if (cell >= 9) el("text", { x: left - 3, y: top + i * cell + cell * 0.75, "text-anchor": "end", "font-size": 10 }, svg)
@@ -80,7 +81,14 @@
     const box = html("div", { class: "result" });
     const axes = doc.axes || [];
     if (axes.length === 1) box.appendChild(bars(doc.values.slice(0, 60), axes[0].labels.slice(0, 60), {}));
-    else if (axes.length === 2) box.appendChild(heatmap(doc.values, axes[0].labels, axes[1].labels, {}));
+    else if (axes.length === 2 && doc.values.length * doc.values[0].length > 4000) {  // too many cells: the top 40
+      const flat = [];
+      doc.values.forEach((r, i) => r.forEach((v, j) => { if (v !== null) flat.push([v, `${axes[0].name} ${axes[0].labels[i]} ${axes[1].name} ${axes[1].labels[j]}`]); }));
+      flat.sort((x, y) => Math.abs(y[0]) - Math.abs(x[0]));
+      const top = flat.slice(0, 40);
+      html("p", {}, `the 40 largest of ${flat.length} (by |value|):`, box);
+      box.appendChild(bars(top.map((x) => x[0]), top.map((x) => x[1]), { left: 190 }));
+    } else if (axes.length === 2) box.appendChild(heatmap(doc.values, axes[0].labels, axes[1].labels, {}));
     else if (axes.length === 3) {
       const first = doc.values[0];
       html("p", {}, `${axes[0].name} ${axes[0].labels[0]} of ${axes[0].labels.length}:`, box);

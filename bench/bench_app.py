@@ -109,7 +109,10 @@ def screenshot(path: str, prompt: str) -> None:
         page = browser.new_page(viewport={"width": 1500, "height": 1000})
         page.goto(url)
         page.wait_for_selector("body[data-ready='1']", timeout=300_000)
-        page.locator("path.edge.attn").last.click()
+        k = page.evaluate("""() => { const g = window.lmscope, last = g.graph.meta.tokens.length - 1;
+            let best = -1; g.edges.forEach((e, i) => { if (e.kind === 'attn' && e.target.endsWith('_' + last) &&
+              (best < 0 || e.weight > g.edges[best].weight)) best = i; }); return best; }""")
+        page.locator(f"path[data-edge='{k}']").click()
         page.wait_for_selector("#head-detail[data-head]", timeout=120_000)
         page.screenshot(path=path)
         browser.close()

@@ -230,7 +230,13 @@ def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
         page.eval_on_selector("#threshold", "el => { el.value = '0.01'; el.dispatchEvent(new Event('input')); }")
         low = flow(tiny_llama, P, threshold=0.01, contributions=c)
         assert int(page.get_attribute("#graph", "data-edges")) == len(low.meta["edges"]) > len(want.meta["edges"])
-        assert float(page.get_attribute("#graph", "data-draw-ms")) < 100
+        # drawing time: the median of 5 redraws (a bound loose enough for a loaded CI machine; quiet: a few ms)
+        draws = page.evaluate("""() => { const ms = []; for (let k = 0; k < 5; k++) {
+            document.getElementById('threshold').dispatchEvent(new Event('input'));
+            ms.push(+document.getElementById('graph').getAttribute('data-draw-ms')); }
+            return ms.sort((a, b) => a - b)[2]; }""")
+        print(f"graph redraw median {draws:.1f} ms")
+        assert draws < 100
         # another position by clicking its token
         page.click("text.token[data-position='5']")
         at5 = flow(tiny_llama, P, position=5, threshold=0.01, contributions=c)
@@ -288,3 +294,15 @@ def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
         assert page2.get_attribute("#graph", "data-edges") == str(len(at5.meta["edges"]))
         browser.close()
     assert not errors, errors
+
+
+def test_a_full_queue_answers_503(tiny_llama):
+    from lmscope.app.server import HTTPError
+
+    app = App(tiny_llama, max_queue=1)
+    app.waiting = 1  # one job already waits for the model
+    with pytest.raises(HTTPError) as err:
+        app.run({"method": "flow", "inputs": P})
+    assert err.value.status == 503 and "waiting" in str(err.value)
+    app.waiting = 0
+    assert app.run({"method": "flow", "inputs": P})["meta"]["cached"] is False

@@ -20,6 +20,12 @@ Post-norm models use each head's write with the block's post-norm scale frozen; 
 (default p = last position), keep incoming edges with importance > τ (default 0.04, the tool's),
 renormalise the kept edges of each node to sum to 1 (the tool's default) and continue from their
 sources, layer by layer down to the embeddings. Shapes: T tokens, L layers, H heads.
+
+Memory: the per-head parts of the attention decomposition (T(T+1)/2 causal pairs × H × D) are formed in
+blocks of at most ``CHUNK_FLOATS`` floats and reduced to their (T, T, H) importances at once, so the
+T²·H·D tensor is never held. ``flow-graph`` returns the full graph (every edge above a floor, all
+positions), from which :func:`route` gives the route into any position at any threshold without a new
+forward (the app's slider).
 """
 
 from __future__ import annotations

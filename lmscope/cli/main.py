@@ -59,8 +59,10 @@ def app_cmd(model: str = ModelOpt,
     from lmscope.cli.common import load_model
     from lmscope.errors import InputError
 
-    if not 0 <= port <= 65535 or max_tokens < 1 or requests < 0:
-        raise InputError("--port must be 0..65535, --max-tokens at least 1 and --requests at least 0.")
+    if not 0 <= port <= 65535:
+        raise InputError(f"--port {port}: give a port from 0 to 65535 (0: any free port).")
+    if max_tokens < 1 or requests < 0:
+        raise InputError("--max-tokens must be at least 1 and --requests at least 0.")
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning: binding {host} lets anyone who reaches this machine run the model "
                       "through the app; use the default 127.0.0.1 unless you mean it.[/yellow]")

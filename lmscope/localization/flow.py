@@ -77,13 +77,14 @@ def flow_contributions(model: Model, prompt: str, layers: list[int] | None = Non
     model.require(["attn_out", "mlp_out"], "Information flow routes")
     s = model.spec
     h_n = s.n_heads
+    every = layers is None
     layers = resolve_layers(layers, s.n_layers)
     sites = [f"blocks.{l}.{k}" for l in layers for k in
              ("attn.v", "attn.pattern", "resid_pre", "attn_out", "mlp_out", "resid_post")]
     if s.post_norms:
         sites += [f"blocks.{l}.attn.head_out" for l in layers]  # records the frozen post-norm factors
     with torch.no_grad():
-        run = model.run(prompt, cache=sites, logits="all")
+        run = model.run(prompt, cache=sites, logits="all" if every else "none")
     if run.batch.input_ids.shape[0] != 1:
         raise InputError("flow_contributions takes one prompt.")
     t = run.batch.input_ids.shape[1]
@@ -118,9 +119,11 @@ def flow_contributions(model: Model, prompt: str, layers: list[int] | None = Non
             mprox = mprox / mprox.sum(-1, keepdim=True)
             mlp.append(mprox[:, 0])
             mlp_res.append(mprox[:, 1])
-    top = run.logits[0].float().softmax(-1).topk(min(TOP_PREDICTIONS, s.d_vocab), dim=-1)
+    top_ids = top_probs = None
+    if every:  # the model's own predictions come with the whole graph
+        top_probs, top_ids = run.logits[0].float().softmax(-1).topk(min(TOP_PREDICTIONS, s.d_vocab), dim=-1)
     return FlowContributions(torch.stack(attn), torch.stack(attn_res), torch.stack(mlp), torch.stack(mlp_res),
-                             run.batch.str_tokens[0], top.indices, top.values)
+                             run.batch.str_tokens[0], top_ids, top_probs)
 
 
 def node_id(component: str, layer: int, pos: int) -> str:

@@ -247,6 +247,11 @@ def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
         lib = specs.run_json(tiny_llama, "flow-verify", P, {"threshold": 0.01, "position": 5})
         assert float(page.get_attribute("#verify-out", "data-faithfulness")) == pytest.approx(float(lib.values[3]),
                                                                                                 abs=1e-6)
+        # the graph exports its Result JSON: the library's flow-graph Result
+        with page.expect_download() as dl:
+            page.click("#graph-export")
+        exported = json.loads(Path(dl.value.path()).read_text())
+        assert _plain(exported) == json.loads(json.dumps(_plain(specs.run_json(tiny_llama, "flow-graph", P).to_dict())))
         # an attention edge: head shares, attention map and contribution map, promoted tokens
         page.locator("path.edge.attn").first.click()
         page.wait_for_selector("#head-detail[data-head]")

@@ -351,6 +351,13 @@
     $("attr-run").addEventListener("click", attributionTab);
     $("verify").addEventListener("click", verify);
     $("graph").addEventListener("click", onGraphClick);
+    $("graph-export").addEventListener("click", () => {  // the flow-graph Result as the API returned it
+      $("graph-export").href = URL.createObjectURL(new Blob([JSON.stringify(state.graph)], { type: "application/json" }));
+    });
+    $("graph-svg").addEventListener("click", () => {
+      const svg = new XMLSerializer().serializeToString($("graph"));
+      $("graph-svg").href = URL.createObjectURL(new Blob([svg], { type: "image/svg+xml" }));
+    });
     $("pair-run").addEventListener("click", pairsTab);
     $("dla-run").addEventListener("click", dlaTab);
     showTab(state.tab);

@@ -151,3 +151,15 @@ def test_flow_verify_against_plain_hooks(tiny_llama, corrupt):
     none = _plain_hook_metric(m, P, everything, pos, tid)
     torch.testing.assert_close(res.values[:3], torch.tensor([clean, graph, none]), atol=1e-4, rtol=1e-4)
     assert float(res.values[3]) == pytest.approx((graph - none) / (clean - none), abs=1e-4)
+
+
+def test_head_and_neuron_nodes_on_every_family(tiny):
+    """GQA, post-norms (Gemma), Conv1D (GPT-2), parallel blocks (NeoX): the head maps are the graph's numbers,
+    each pattern row sums to 1, and the neuron shares are the largest of a distribution over neurons."""
+    res = specs.run_json(tiny, "flow-node", P, {"component": "attn_heads", "layer": 2, "position": 10, "k": 2})
+    torch.testing.assert_close(res.values, flow_contributions(tiny, P, [2]).attn[0].permute(2, 0, 1))
+    torch.testing.assert_close(res.extras["pattern"].sum(-1), torch.ones(res.shape[:2]), atol=1e-5, rtol=0)
+    assert len(res.meta["promotes"]) == tiny.spec.n_heads and all(len(r) == 2 for r in res.meta["promotes"])
+    neurons = specs.run_json(tiny, "flow-node", P, {"component": "mlp_neurons", "layer": 0, "position": 4, "k": 5})
+    v = neurons.values
+    assert (v[:-1] >= v[1:]).all() and 0 < float(v.sum()) <= 1 + 1e-6

@@ -182,12 +182,14 @@ def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
         def _guard(self, fn) -> None:
             try:
                 fn()
+                return
             except HTTPError as err:
                 self._json(err.status, {"error": str(err), "status": err.status})
             except (LmscopeError, InputError, TypeError, ValueError, KeyError, IndexError) as err:
                 self._json(400, {"error": str(err) or type(err).__name__, "status": 400})
             except Exception as err:  # noqa: BLE001 - a bug: say so, keep serving
                 self._json(500, {"error": f"{type(err).__name__}: {err}", "status": 500})
+            self.close_connection = True  # the body of a refused request may be unread
 
         def do_GET(self):
             def get():

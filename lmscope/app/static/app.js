@@ -136,7 +136,10 @@
     const out = $("verify-out");
     out.textContent = "…";
     const inputs = state.target === null ? state.prompt : { prompt: state.prompt, target: state.target };
-    const res = await api("flow-verify", inputs, { threshold: state.threshold, position: state.position });
+    const config = { threshold: state.threshold, position: state.position };
+    if ($("verify-corrupt").checked) config.corrupt = $("corrupt").value;
+    let res;
+    try { res = await api("flow-verify", inputs, config); } catch (err) { out.textContent = err.message; return; }
     const [clean, graph, none, faith] = res.values;
     out.textContent = `faithfulness ${faith === null ? "—" : faith.toFixed(3)} (logit of ${JSON.stringify(res.target.target)}: ` +
       `clean ${clean.toFixed(2)}, graph only ${graph.toFixed(2)}, nothing ${none.toFixed(2)}; ` +

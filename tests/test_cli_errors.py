@@ -151,6 +151,8 @@ CASES = [
      r"--html /proc/lmscope-out/x\.html cannot be written: the folder /proc is read-only"),
     ("output is a folder", [*_DLA, "--png", "{W}/empty"], r"--png .*empty is a folder; give a file path"),
     ("--out is a file", ["demo", "--out", "{W}/a-file"], r"--out .*a-file is a file, not a folder"),
+    ("sae --out is a file", ["sae", "train", "--arch", "topk", "--out", "{W}/a-file"],
+     r"--out .*a-file is a file, not a folder"),
     ("features html in /proc", ["sae", "features", "{W}/narrow-sae", "--html", "/proc/f.html"],
      r"read-only"),
 ]

@@ -39,7 +39,8 @@ class HTTPError(Exception):
 
 
 def _file_fields(spec: specs.MethodSpec) -> list[str]:
-    return [f.name for f in specs.fields_of(spec.config) if "path" in f.name or f.name in ("out", "folder", "dir")]
+    words = ("path", "dir", "folder", "html", "png", "store", "file")
+    return [f.name for f in specs.fields_of(spec.config) if f.name == "out" or any(w in f.name for w in words)]
 
 
 def served_specs() -> dict[str, specs.MethodSpec]:

@@ -1,7 +1,7 @@
 """``lmscope`` command line: one command per job; every method command writes ``--json PATH``.
 
-The method commands are generated from the spec registry (:mod:`lmscope.cli.generated`); the commands
-here and in ``cmd_sae.py`` (listing models, the demo, managing SAE files) are not methods.
+The method commands are generated from the spec registry (:mod:`lmscope.cli.generated`), ``sae train |
+eval | features | compare`` included; the commands here (listing models, the demo) are not methods.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lmscope.cli import cmd_sae, generated
+from lmscope.cli import generated
 from lmscope.cli.common import DEMO_PROMPT, ModelOpt, console, friendly, out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -82,8 +82,9 @@ def app_cmd(model: str = ModelOpt,
         server.server_close()
 
 
-cmd_sae.register(app)
-generated.register(app, {"sae": cmd_sae.sae_app})  # one command per registered method spec
+sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders: train, evaluate, inspect, compare.")
+app.add_typer(sae_app, name="sae")
+generated.register(app, {"sae": sae_app})  # one command per registered method spec
 
 
 def main() -> None:  # pragma: no cover - console entry point

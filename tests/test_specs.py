@@ -86,6 +86,9 @@ def _cases(tmp, corpus, saes=("",)):
     from lmscope.decoding import evaluate_lens, logit_lens, ov_circuit, patchscope, qk_circuit
     from lmscope.decoding.lens_training import TrainLensConfig, train_lens
     from lmscope.localization import activation_patching, atp, causal_trace, dla, flow
+    from lmscope.localization.flow import FlowGraphConfig, run_flow_graph
+    from lmscope.localization.flow_node import FlowNodeConfig, run_flow_node
+    from lmscope.localization.flow_verify import FlowVerifyConfig, run_flow_verify
     from lmscope.localization.find_circuit import CircuitConfig, find_circuit
     from lmscope.localization.path_patching import path_patching
     from lmscope.sae import SAEFeaturesConfig, SAEFolders, compare, run_sae_features
@@ -109,6 +112,11 @@ def _cases(tmp, corpus, saes=("",)):
                           lambda m: path_patching(m, _pairs(PAIR, PAIR2), [(2, 1), (2, 3)],
                                                   senders=[(0, 0), (1, 2), ("mlp", 1)], receiver_input="v")),
         "flow": ({"prompt": P}, {"threshold": 0.05}, lambda m: flow(m, P, threshold=0.05)),
+        "flow-graph": ({"prompt": P}, {"floor": 0.02}, lambda m: run_flow_graph(m, specs.Prompt(P), FlowGraphConfig(0.02))),
+        "flow-node": ({"prompt": P, "target": "Mary"}, {"component": "resid_post", "layer": 1},
+                      lambda m: run_flow_node(m, specs.Prompt(P, "Mary"), FlowNodeConfig("resid_post", 1))),
+        "flow-verify": ({"prompt": P, "target": "Mary"}, {"threshold": 0.05},
+                        lambda m: run_flow_verify(m, specs.Prompt(P, "Mary"), FlowVerifyConfig(0.05))),
         "lens": ({"prompt": P, "target": "Mary"}, {"k": 3}, lambda m: logit_lens(m, P, "Mary", k=3)),
         "lens-train": (corpus, {**lens_cfg, "out_dir": str(tmp / "lens_json")},
                        lambda m: train_lens(m, corpus, TrainLensConfig(**lens_cfg, out_dir=str(tmp / "lens_py")))),

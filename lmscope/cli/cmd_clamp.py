@@ -21,7 +21,7 @@ clamp_app = typer.Typer(no_args_is_help=True, help="Clamping testbed: watch an i
 
 @friendly
 def run_cmd(steps: int = typer.Option(3000, help="Training steps (the paper: 6e5 at lr 1e-5)."),
-            lr: float = typer.Option(1e-3, help="Adam learning rate (the paper: 1e-5)."),
+            lr: float = typer.Option(3e-3, help="Adam learning rate (the paper: 1e-5)."),
             seed: int = typer.Option(0, help="Seed of initialisation and data."),
             classes: int = typer.Option(50, help="Training classes."),
             labels: int = typer.Option(5, help="Labels."),

@@ -47,6 +47,11 @@ class ModelSpec:
     softcap: float | None = None  # final-logit soft-cap: logits = c·tanh(logits / c)
     attn_softcap: float | None = None  # attention-score soft-cap (Gemma 2)
     sliding_window: int | None = None
+    d_inner: int = 0  # state-space mixer channels E (0 without one)
+    d_state: int = 0  # state size N per channel
+
+
+NO_CONTEXT_LIMIT = 1 << 20  # n_ctx of a recurrent model, whose config names no context length
 
 
 @dataclass
@@ -113,16 +118,19 @@ class Model:
         def read(name: str | None, default=None):
             return default if name is None else config_field(c, name, a)
 
-        n_heads = read(f.n_heads)
-        d_head = linear_weight(get_module(self.block(0), a.block.mixer.o_proj), a.linear).shape[0] // n_heads
+        n_heads = read(f.n_heads, 0)
+        ssm = a.block.mixer.part == "ssm"
+        d_head = 0 if ssm else linear_weight(get_module(self.block(0), a.block.mixer.o_proj), a.linear).shape[0] // n_heads
+        d_inner, d_state = _ssm_sizes(get_module(self.block(0), a.block.mixer.module)) if ssm else (0, 0)
         d_mlp = 0 if a.block.mlp is None else linear_weight(get_module(self.block(0), a.block.mlp.down),
                                                             a.linear).shape[0]
         return ModelSpec(
             family=a.family, n_layers=len(self._blocks()), n_heads=n_heads, n_kv_heads=read(f.n_kv_heads) or n_heads,
-            d_model=read(f.d_model), d_head=d_head, d_mlp=d_mlp, d_vocab=self.W_U.shape[1], n_ctx=read(f.n_ctx),
+            d_model=read(f.d_model), d_head=d_head, d_mlp=d_mlp, d_vocab=self.W_U.shape[1],
+            n_ctx=read(f.n_ctx, NO_CONTEXT_LIMIT),
             norm=a.block.norms.kind, post_norms=a.block.post_norms, parallel=bool(read(f.parallel, False)),
             softcap=_cap(read(f.softcap)), attn_softcap=_cap(read(f.attn_softcap)),
-            sliding_window=read(f.sliding_window),
+            sliding_window=read(f.sliding_window), d_inner=d_inner, d_state=d_state,
         )
 
     # ------------------------------------------------------------------ parts and site kinds
@@ -225,6 +233,7 @@ class Model:
 
     def W_O(self, layer: int) -> torch.Tensor:
         """(H, dh, D) per-head output projection."""
+        self.require(["attn.z"], "W_O (per-head output projection)")
         w = linear_weight(get_module(self.block(layer), self.adapter.o_proj), self.adapter.linear)
         return w.reshape(self.spec.n_heads, self.spec.d_head, self.spec.d_model)
 
@@ -233,6 +242,7 @@ class Model:
 
     def _qkv(self, layer: int, which: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(D, heads*dh) weight and bias of q (0), k (1) or v (2), before GQA expansion."""
+        self.require(["attn.q"], "Per-head query/key/value weights")
         a, s, block = self.adapter.block.mixer, self.spec, self.block(layer)
         linear = self.adapter.linear
         if a.qkv is None:
@@ -289,6 +299,12 @@ class Model:
     def b_out(self, layer: int) -> torch.Tensor | None:
         self.require(["mlp.post"], "b_out (the MLP output bias)")
         return getattr(get_module(self.block(layer), self.adapter.mlp_down), "bias", None)
+
+    def ssm_out_proj(self, layer: int):
+        """The output projection of a state-space block (E -> D), as a callable module (for ROME on ``out_proj``
+        and the load check)."""
+        self.require(["ssm_out"], "ssm_out_proj")
+        return get_module(self.block(layer), self.adapter.block.mixer.out_proj)
 
     def head_writes(self, layer: int, z: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
         """Each head's write (B, T, H, D) from z (B, T, H, dh); ``factor`` (B, T, D) is a frozen post-norm."""
@@ -408,7 +424,8 @@ class Model:
         cache = [parse_site(s, self.spec.n_layers) for s in cache]
         lowest = [min([self._lowest_layer(iv) for iv in ivs], default=self.spec.n_layers) for ivs in sets]
         keep = 1 if logits == "last" and padding_side == "left" and Site("logits") not in cache else 0
-        reuse = reuse and not cache and logits in ("last", "none") and batch.padding_side == "left"
+        reuse = reuse and not cache and logits in ("last", "none") and batch.padding_side == "left" \
+            and "attention" in self.parts  # prefix reuse carries keys/values; a state-space model has a state
         if reuse:
             start = [min([first_position(iv, t) for iv in ivs], default=t - 1) for ivs in sets]
             start = [min(p, t - 1) for p in start]
@@ -483,6 +500,11 @@ class Model:
         if site.kind == "embed":
             return 0
         return self.spec.n_layers if site.layer is None else site.layer
+
+
+def _ssm_sizes(mixer) -> tuple[int, int]:
+    """(E, N) of a state-space mixer: its channels and state size (from ``A_log``, E x N)."""
+    return tuple(mixer.A_log.shape)
 
 
 def _cap(value) -> float | None:

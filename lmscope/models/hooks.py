@@ -95,8 +95,8 @@ class HookSession:
     def wants(self, site: Site) -> bool:
         return site in self.cache_sites or site in self.ivs
 
-    def process(self, site: Site, x: torch.Tensor) -> torch.Tensor:
-        """Apply this site's interventions to ``x`` and cache it if asked; return the new value."""
+    def apply(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with this site's interventions applied (nothing cached)."""
         ivs = self.ivs.get(site)
         if ivs:
             x = x.clone()
@@ -105,6 +105,11 @@ class HookSession:
                     x = iv.apply(x)
                 else:
                     x[rows] = iv.apply(x[rows])
+        return x
+
+    def process(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        """Apply this site's interventions to ``x`` and cache it if asked; return the new value."""
+        x = self.apply(site, x)
         if site in self.cache_sites:
             self._store(site.name, x)
         return x

@@ -115,7 +115,7 @@ def _state_interventions(session: HookSession, layer: int, states: torch.Tensor,
         t = states.shape[1]
         touched = sorted({p % t for _, iv in ivs for p in (range(t) if iv.positions is None else iv.positions)})
         for p in touched:
-            delta = (_applied(ivs, states) - states)[:, p]
+            delta = (session.apply(site, states) - states)[:, p]
             if delta.abs().max() > 0:
                 step = torch.zeros_like(states[:, p:])
                 step[:, 0] = delta
@@ -123,17 +123,6 @@ def _state_interventions(session: HookSession, layer: int, states: torch.Tensor,
     if site in session.cache_sites:
         session._store(site.name, states)
     return states
-
-
-def _applied(ivs, x: torch.Tensor) -> torch.Tensor:
-    """``x`` with the interventions ``ivs`` ((rows, intervention) pairs) applied, nothing cached."""
-    x = x.clone()
-    for rows, iv in ivs:
-        if rows is None:
-            x = iv.apply(x)
-        else:
-            x[rows] = iv.apply(x[rows])
-    return x
 
 
 def knockout_pairs(ko: Knockout, t: int) -> dict[int, list[int]]:

@@ -39,8 +39,10 @@ from lmscope.models import Model
 from lmscope.results import Axis, Result
 from lmscope.sites import resolve_layers
 
-KINDS = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out",
-         "ssm": "ssm_out", "ssm_s": "ssm.out", "gate": "ssm.gate"}  # the last three: state-space models (Mamba)
+KINDS = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+
+
+KINDS.update(ssm="ssm_out", ssm_s="ssm.out", gate="ssm.gate")  # state-space models (Mamba): write, scan output, gate
 
 
 def subject_positions(model: Model, prompt: str, subject: str) -> list[int]:

@@ -32,7 +32,7 @@ from lmscope import specs
 import torch
 
 from lmscope.errors import InputError
-from lmscope.models import Model, decompose_cache, decomposition_sites, readout_values
+from lmscope.models import Model, decompose_cache, readout_values
 from lmscope.sites import resolve_position, site_names
 from lmscope.results import Axis, Result
 
@@ -51,9 +51,9 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
         model.require(["attn.head_out"], "DLA by head")
     has_mlp = "mlp" in model.parts  # an attention-only model has no MLP components
     n = model.spec.n_layers
-    sites = [*decomposition_sites(model, neurons)] if by == "layer" else \
-        ["embed", "final.scale", f"blocks.{n - 1}.resid_post", *site_names("attn.head_out", n),
-         *(site_names("mlp.post" if neurons else "mlp_out", n) if has_mlp else [])]
+    writes = "ssm_out" if "ssm" in model.parts else "attn.head_out"  # a state-space block writes once
+    sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post", *site_names(writes, n),
+             *(site_names("mlp.post" if neurons else "mlp_out", n) if has_mlp else [])]
     run = model.run(prompt, cache=sites, logits="all")
     pos = resolve_position(position, run.batch.input_ids.shape[1])
     direction = model.logit_direction(target, foil, scale=run["final.scale"][0, pos])

@@ -1,6 +1,6 @@
 """The model access layer: the only code in lmscope that knows model internals."""
 
-from lmscope.models.decompose import Decomposition, decompose, decompose_cache, decomposition_sites, readout_values
+from lmscope.models.decompose import Decomposition, decompose, decompose_cache, readout_values
 from lmscope.models.edges import EdgeGraph, edge_forward, edge_graph, upstream_values
 from lmscope.models.loading import list_models
 from lmscope.models.mixing import block_outputs, embed_parts
@@ -9,7 +9,7 @@ from lmscope.models.readout import LogitDirection
 from lmscope.sites import Site, parse_site
 
 __all__ = ["Batch", "Decomposition", "EdgeGraph", "LogitDirection", "Model", "ModelSpec", "RunOutput", "Site",
-           "StepInterventions", "block_outputs", "decompose", "decompose_cache", "decomposition_sites", "edge_forward", "edge_graph",
+           "StepInterventions", "block_outputs", "decompose", "decompose_cache", "edge_forward", "edge_graph",
            "embed_parts", "list_models", "load", "parse_site", "readout_values", "upstream_values"]
 
 

@@ -46,7 +46,7 @@ class TrainedModel:
     n_heads: int = 4  # llama
     n_facts: int = 96
     corpus_chars: int = 1_500_000
-    steps: int = 600
+    steps: int = 300
     batch: int = 16
     context: int = 64
     lr: float = 2e-3

@@ -149,12 +149,12 @@ def train_small_lm(entry: TrainedModel, corpus: list[str] | None = None, progres
             opt, lambda s: min((s + 1) / warm, max(0.0, (entry.steps - s) / max(1, entry.steps - warm))))
         g = torch.Generator().manual_seed(entry.seed)
         n_fact = entry.batch // 4  # a quarter of every batch are fact windows
+        loss_of = _loss_function(model, tokenizer, entry)
         losses = []
         for _ in tqdm(range(entry.steps), desc=f"training {entry.name}", disable=not progress):
             rows = [_window(text_ids, entry.context, g) for _ in range(entry.batch - n_fact)]
             rows += [_window(fact_ids, entry.context, g) for _ in range(n_fact)]
-            ids = torch.stack(rows)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = loss_of(torch.stack(rows))
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -166,6 +166,25 @@ def train_small_lm(entry: TrainedModel, corpus: list[str] | None = None, progres
                                   "corpus_tokens": len(text_ids), "fact_tokens": len(fact_ids)}
     finally:
         torch.set_num_threads(threads)
+
+
+def _loss_function(model, tokenizer, entry: TrainedModel):
+    """ids -> next-token loss. Mamba runs through lmscope's explicit mixer path (the same function, held to
+    the native forward by the load check): on CPU, transformers' reference scan takes its backward through
+    one indexing step per token and is several times slower."""
+    if entry.architecture != "mamba":
+        return lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss
+    from lmscope.models.hooks import HookSession
+    from lmscope.models.model import Model
+
+    wrapped = Model(model, tokenizer, entry.name, check=False)
+    sites = [f"blocks.{layer}.ssm.y" for layer in range(entry.n_layers)]
+
+    def loss(ids):
+        with HookSession(wrapped, sites, grad=True):
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    return loss
 
 
 def _window(ids: torch.Tensor, context: int, g: torch.Generator) -> torch.Tensor:

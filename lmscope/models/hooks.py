@@ -170,7 +170,7 @@ class HookSession:
                 raise RuntimeError("Prefix reuse needs attention keys and values; a state-space model has none.")
             self._explicit_mixers(explicit)
         for layer in () if self.ssm else range(m.spec.n_layers) if every else sorted(explicit):
-            attn = get_module(m.block(layer), a.attn)
+            attn = get_module(m.block(layer), a.block.mixer.module)
             if getattr(attn, ATTN_ATTR, None) is not None:
                 raise RuntimeError("Another lmscope hook session is active on this model; nest runs instead.")
             setattr(attn, ATTN_ATTR, self._attention(layer, layer in explicit))
@@ -180,17 +180,17 @@ class HookSession:
             if kinds & {"embed", "resid_pre", "resid_mid"}:
                 self._hook_pre(block, self._block_pre(layer))
             if kinds & {"attn.z", "attn.head_out"}:
-                self._hook_pre(get_module(block, a.o_proj), self._o_proj_pre(layer))
+                self._hook_pre(get_module(block, a.block.mixer.o_proj), self._o_proj_pre(layer))
             if kinds & {"attn_out", "attn.head_out", "resid_mid"}:
-                self._hook_fwd(get_module(block, a.attn_write), self._attn_write(layer))
+                self._hook_fwd(get_module(block, a.block.mixer_write), self._attn_write(layer))
             if "mlp.post" in kinds:
-                self._hook_pre(get_module(block, a.mlp_down), self._mlp_down_pre(layer))
+                self._hook_pre(get_module(block, a.block.mlp.down), self._mlp_down_pre(layer))
                 if m.spec.post_norms:
-                    self._hook_fwd(get_module(block, a.mlp_write), self._mlp_write_scale(layer))
+                    self._hook_fwd(get_module(block, a.block.mlp_write), self._mlp_write_scale(layer))
             if "mlp_out" in kinds:
-                self._hook_fwd(get_module(block, a.mlp_write), self._site_output(Site("mlp_out", layer)))
+                self._hook_fwd(get_module(block, a.block.mlp_write), self._site_output(Site("mlp_out", layer)))
             if "ssm_out" in kinds:
-                self._hook_fwd(get_module(block, a.mixer), self._site_output(Site("ssm_out", layer)))
+                self._hook_fwd(get_module(block, a.block.mixer.module), self._site_output(Site("ssm_out", layer)))
             if "resid_post" in kinds:
                 self._hook_fwd(block, self._site_output(Site("resid_post", layer)))
         if Site("final.scale") in wanted:
@@ -201,7 +201,7 @@ class HookSession:
     def _explicit_mixers(self, layers) -> None:
         """Run the state-space mixer of ``layers`` through lmscope's explicit path (see :mod:`lmscope.models.ssm`)."""
         for layer in sorted(layers):
-            mixer = get_module(self.model.block(layer), self.model.adapter.mixer)
+            mixer = get_module(self.model.block(layer), self.model.adapter.block.mixer.module)
             if "forward" in mixer.__dict__:
                 raise RuntimeError("Another lmscope hook session is active on this model; nest runs instead.")
             mixer.forward = explicit_mixer(self, layer, mixer)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -355,6 +356,8 @@ def evaluate_lens(model, lens: TunedLens | None = None, corpus="default", *, con
     On the held-out split of ``corpus`` (or given contexts), first position of each context left
     out. Values (n_layers + 1, 4): columns kl_logit, kl_tuned, ce_logit, ce_tuned (nats, mean per
     token); without a lens the tuned columns equal the logit ones. meta["ce_model"] is the model's CE.
+    extras["bits_per_byte"] holds the same table in bits per UTF-8 byte of the predicted tokens (nats /
+    ln 2 / meta["bytes_per_token"]), comparable across tokenizers (Paulo et al. 2024 report Mamba's lens KL so).
     """
     if lens is not None:
         lens.check_model(model)
@@ -365,7 +368,7 @@ def evaluate_lens(model, lens: TunedLens | None = None, corpus="default", *, con
     n = model.spec.n_layers
     indices = tuple(range(n + 1))
     sums = torch.zeros(n + 1, 4, dtype=torch.float64)
-    n_kl = n_ce = 0
+    n_kl = n_ce = n_bytes = 0
     ce_model = 0.0
     starts = range(0, len(contexts), batch_contexts)
     for b in tqdm(starts, desc="evaluate lens", disable=not progress):
@@ -376,6 +379,7 @@ def evaluate_lens(model, lens: TunedLens | None = None, corpus="default", *, con
             nxt = torch.cat([ids[:, 2:], torch.full((len(ids), 1), -100)], 1).reshape(-1)  # next token, -100: none
             valid = nxt != -100
             ce_model += float(F.nll_loss(target[valid], nxt[valid], reduction="sum"))
+            n_bytes += sum(len(model.decode([i]).encode("utf-8")) for i in nxt[valid].tolist())
             for i in indices:
                 for col, h in ((0, hs[i]), (1, hs[i] if lens is None else lens.translate(hs[i], i))):
                     logp = decode(model, h).log_softmax(-1)
@@ -384,10 +388,13 @@ def evaluate_lens(model, lens: TunedLens | None = None, corpus="default", *, con
             n_kl += len(ids) * t
             n_ce += int(valid.sum())
     values = torch.cat([sums[:, :2] / n_kl, sums[:, 2:] / n_ce], 1).float()
+    bytes_per_token = n_bytes / max(n_ce, 1)
     return Result(values, (Axis("layer", layer_labels(n)), Axis("metric", ("kl_logit", "kl_tuned", "ce_logit",
                                                                              "ce_tuned"))),
-                  "lens_eval", model.name, None, {"tokens": n_kl, "context": contexts.shape[1]}, {},
-                  {"ce_model": ce_model / max(n_ce, 1), "lens": None if lens is None else lens.info.get("config")})
+                  "lens_eval", model.name, None, {"tokens": n_kl, "context": contexts.shape[1]},
+                  {"bits_per_byte": values / math.log(2) / max(bytes_per_token, 1e-9)},
+                  {"ce_model": ce_model / max(n_ce, 1), "lens": None if lens is None else lens.info.get("config"),
+                   "bytes_per_token": bytes_per_token})
 
 
 def tuned_lens(model, prompt: str, lens: TunedLens, target: str | int | None = None, *, k: int = 5,

@@ -11,6 +11,8 @@ embeddings instead (an earlier default here; on SmolLM2 it is a different scale)
 * ``kind="hidden"``: the block output (``resid_post``) at one layer and position;
 * ``kind="mlp"`` / ``"attn"``: the MLP / attention output at one position over a window of
   ``window`` consecutive layers centred on the layer (10 in the paper).
+* State-space models (Mamba; Sen Sharma et al. 2024): ``kind="ssm"`` (the block's write o),
+  ``"ssm_s"`` (the scan output s) and ``"gate"`` (the gate g), windowed like ``mlp``/``attn``.
 
 The same noise is used for every cell of one trace (seeded), as in the reference code. The result
 is a heat map over layer × position of the restored probability; ``extras`` hold the indirect
@@ -42,6 +44,9 @@ from lmscope.sites import resolve_layers
 
 KINDS = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 NOISE_BASES = ("subjects", "vocab")
+
+
+KINDS.update(ssm="ssm_out", ssm_s="ssm.out", gate="ssm.gate")  # state-space models (Mamba): write, scan output, gate
 
 
 def subject_positions(model: Model, prompt: str, subject: str) -> list[int]:
@@ -106,6 +111,7 @@ def causal_trace(model: Model, prompt: str, subject: str, target: str | int | No
     n_layers = model.spec.n_layers
     if window is None:
         window = 1 if kind == "hidden" else min(10, n_layers)
+    model.require([KINDS[kind]], f"Causal tracing of {kind}")
     if not 1 <= window <= n_layers:
         raise InputError(f"window={window}: restore between 1 and {n_layers} consecutive layers ({model.name} has "
                          f"{n_layers}).")
@@ -161,7 +167,7 @@ class TraceConfig:
     """Causal tracing of a factual prompt (the target defaults to the clean top-1 token)."""
 
     subject: str = specs.option(help="Subject text as written in the prompt, e.g. 'The Eiffel Tower'.")
-    kind: str = specs.option("hidden", "hidden | mlp | attn", choices=tuple(KINDS))
+    kind: str = specs.option("hidden", "hidden | mlp | attn; Mamba: ssm | ssm_s | gate", choices=tuple(KINDS))
     samples: int = specs.option(10, "Noised copies.")
     noise: float = specs.option(3.0, "Noise std as a multiple of σ, the std of subject embeddings (Meng et al.).")
     noise_basis: str = specs.option("subjects", "σ over subject embeddings (this subject and the built-in "
@@ -183,4 +189,4 @@ def run_trace(model: Model, prompt: specs.Prompt, config: TraceConfig) -> Result
 
 
 specs.register(specs.MethodSpec("trace", "localization", "prompt", TraceConfig, run_trace,
-                                sites=("embed", "resid_post", "mlp_out", "attn_out"), cli_inputs=("text", "target")))
+                                sites=("embed", "resid_post"), cli_inputs=("text", "target")))

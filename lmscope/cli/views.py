@@ -244,6 +244,20 @@ def _sae_train(result, config):
             f"wrote {config.out_dir}"], result
 
 
+def _heads(result, config):
+    from lmscope.behaviors.heads import atlas_grid
+
+    rep = result.meta["repeated_tokens"]
+    table = Table(title=f"Head atlas of {result.model}: top heads per role")
+    for col in ("role", "top heads (score)"):
+        table.add_column(col)
+    for role, tops in result.meta["top_heads"].items():
+        table.add_row(role, ", ".join(f"{h} {v:.3f}" for h, v in tops))
+    note = (f"[BOS] R R with n = {rep['n']}: loss {rep['loss_first_copy']:.2f} on the first copy, "
+            f"{rep['loss_second_copy']:.2f} on the second (induction chance ≈ {rep['chance_induction']:.3f})")
+    return [table, note], {"grid": atlas_grid(result), "atlas": result}
+
+
 def sae_metrics_table(rows: list[tuple[str, list[float]]], metrics, title: str) -> Table:
     table = Table(title=title)
     table.add_column("sae")
@@ -287,7 +301,7 @@ def _sae_compare(result, config):
 VIEWS = {"attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
          "flow": _flow, "lens": _lens, "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
          "probe": _probe, "steer": _steer, "project": _project, "sae-train": _sae_train,
-         "sae-eval": _sae_eval, "sae-features": _sae_features, "sae-compare": _sae_compare}
+         "sae-eval": _sae_eval, "sae-features": _sae_features, "sae-compare": _sae_compare, "heads": _heads}
 
 
 def view(name: str, result, config):

@@ -38,7 +38,7 @@ from lmscope.errors import InputError
 
 INPUT_KINDS = ("prompt", "pairs", "corpus", "labelled", "none")
 RESULT_KINDS = ("result", "resultset")
-FAMILIES = ("attribution", "localization", "decoding", "sae")
+FAMILIES = ("attribution", "localization", "decoding", "sae", "editing")
 _REGISTRY: dict[str, MethodSpec] = {}
 _INPUT_PARSERS: dict[str, Callable[[Any, Any], Any]] = {}
 

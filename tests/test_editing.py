@@ -256,3 +256,21 @@ def test_edit_defaults_to_the_traced_layer(tiny_llama, corpus, tmp_path, monkeyp
     assert res.meta["traced"] and res.meta["layer"] == choose_layer(tiny_llama, FACT)
     assert res.extras["indirect_effect"].shape == (tiny_llama.spec.n_layers,)
     assert list(tmp_path.rglob("mom2.safetensors"))  # C was cached for the traced layer
+
+
+def test_object_scores_and_the_value_loss_read_the_right_positions(tiny_llama):
+    from lmscope.editing import object_scores
+
+    prompt, one, two = "the cat sat on the", " mat", " big tree"
+    lp, hit = object_scores(tiny_llama, [(prompt, one), (prompt, two), ("when Mary", " and")])
+    ref = torch.log_softmax(tiny_llama.run(prompt, logits="last").logits[0].float(), -1)
+    assert float(lp[0]) == pytest.approx(float(ref[tiny_llama.token_id("mat")]), abs=1e-4)
+    ref2 = torch.log_softmax(tiny_llama.run(prompt + " big", logits="last").logits[0].float(), -1)
+    assert float(lp[1]) == pytest.approx(float(ref[tiny_llama.token_id("big")] + ref2[tiny_llama.token_id("tree")]) / 2,
+                                         abs=1e-4)
+    assert bool(hit[0]) == (int(ref.argmax()) == tiny_llama.token_id("mat"))
+    # v*'s first NLL (δ = 0) is the unedited model's mean NLL of the target over the prompts
+    k = compute_key(tiny_llama, FACT, 1, ("{}",))
+    _, info = compute_value(tiny_llama, FACT, 1, k, ("{}",), RomeSettings(steps=1))
+    base = torch.log_softmax(tiny_llama.run(FACT.prompt, logits="last").logits[0].float(), -1)
+    assert info["nll"][0] == pytest.approx(-float(base[tiny_llama.token_id("tree")]), abs=1e-4)

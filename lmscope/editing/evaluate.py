@@ -46,7 +46,7 @@ def object_scores(model: Model, pairs: Sequence[tuple[str, str]]) -> tuple[torch
     logp = torch.log_softmax(logits, -1)
     means, hits = [], []
     for i, o in enumerate(spans):
-        pos = torch.arange(t - len(o) - 1, t - 1)
+        pos = torch.arange(t - len(o), t)  # the last prompt token predicts o[0]
         ids = torch.tensor(o)
         means.append(float(logp[i, pos, ids].mean()))
         hits.append(bool((logp[i, pos].argmax(-1).cpu() == ids).all()))

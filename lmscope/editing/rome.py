@@ -177,8 +177,8 @@ def compute_value(model: Model, fact: Fact, layer: int, k_star: torch.Tensor, tm
     t = batch.input_ids.shape[1]
     pos = _positions(batch, all_rows, idx + kl_idx)
     n, nt = len(rows), len(tgt)
-    # logits at position t-nt-1+j predict target token j (rows end with the prompt + target[:-1])
-    pred_pos = torch.arange(t - nt - 1, t - 1)
+    # rows end with the prompt + target[:-1], so the logits at position t-nt+j predict target token j
+    pred_pos = torch.arange(t - nt, t)
     tgt_t = torch.tensor(tgt)
     kl_pos = torch.tensor(pos[n:])
     v_init = mem.weight() @ k_star

@@ -239,7 +239,8 @@ def test_trace_curve_reads_the_last_subject_token(tiny_llama):
     from lmscope.localization import causal_trace
 
     curve = trace_curve(tiny_llama, FACT, samples=3, window=1)
-    full = causal_trace(tiny_llama, FACT.prompt, FACT.subject, kind="mlp", samples=3, window=1, noise=3.0, seed=1)
+    full = causal_trace(tiny_llama, FACT.prompt, FACT.subject, kind="mlp", samples=3, window=1, noise=3.0, seed=1,
+                        noise_basis="vocab")
     last = tiny_llama.to_str_tokens(FACT.prompt).index("John")
     torch.testing.assert_close(curve.values, full.extras["indirect_effect"][:, last])
     assert curve.meta["layer"] == int(full.extras["indirect_effect"][:, last].argmax())

@@ -83,6 +83,7 @@ def _sae_evals(m, dirs, corpus):
 def _cases(tmp, corpus, saes=("",)):
     """name -> (inputs JSON, config JSON, direct Python call (model) -> Result / ResultSet / tensor)."""
     from lmscope.attribution import attribute
+    from lmscope.behaviors import HeadsConfig, NeuronsConfig, head_atlas, neuron_report
     from lmscope.decoding import evaluate_lens, logit_lens, ov_circuit, patchscope, qk_circuit
     from lmscope.decoding.lens_training import TrainLensConfig, train_lens
     from lmscope.localization import activation_patching, atp, causal_trace, dla, flow
@@ -137,6 +138,12 @@ def _cases(tmp, corpus, saes=("",)):
         "edit": ({"prompt": P, "target": "tree"}, edit_cfg,
                  lambda m: edit_fact(m, Prompt(P, "tree"), EditConfig(**edit_cfg))),
         "edit-eval": (None, eval_cfg, lambda m: evaluate_edits(m, None, EditEvalConfig(**eval_cfg))),
+        "heads": (None, {"n": 6, "batch": 2, "texts": 2, "context": 8, "probe_tokens": 20, "corpus": corpus},
+                  lambda m: head_atlas(m, HeadsConfig(n=6, batch=2, texts=2, context=8, probe_tokens=20,
+                                                      corpus=corpus), progress=False)),
+        "neurons": (corpus, {"layer": 1, "show": 3, "k": 2, "contexts": 4, "context": 8},
+                    lambda m: neuron_report(m, corpus, NeuronsConfig(layer=1, show=3, k=2, contexts=4, context=8),
+                                            progress=False)),
         "sae-eval": ({"saes": saes[0], "corpus": corpus}, {"contexts": 2},
                      lambda m: _sae_evals(m, saes[:1], corpus)[0]),
         "sae-features": ({"saes": saes[:1], "corpus": corpus}, {"top": 2, "latents": 3, "contexts": 2},

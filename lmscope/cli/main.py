@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lmscope.cli import generated
+from lmscope.cli import cmd_clamp, generated
 from lmscope.cli.common import DEMO_PROMPT, ModelOpt, console, friendly, out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -84,6 +84,7 @@ def app_cmd(model: str = ModelOpt,
 
 sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders: train, evaluate, inspect, compare.")
 app.add_typer(sae_app, name="sae")
+cmd_clamp.register(app)
 generated.register(app, {"sae": sae_app})  # one command per registered method spec
 
 

@@ -99,6 +99,14 @@ def _circuit(result, config):
         for n, frac, kept, f in zip(c["n_edges"], c["fraction"], c["kept"], c["faithfulness"]):
             ct.add_row(str(n), f"{frac:.4f}", str(int(kept)), f"{f:.3f}")
         shown.append(ct)
+    if "mib" in meta:
+        mt = Table(title="MIB circuit scores (areas over the fraction of edges): CMD ↓ by |score|, CPR ↑ by support")
+        for col in ("scores", "CMD", "CPR"):
+            mt.add_column(col)
+        mib = meta["mib"]
+        mt.add_row(config.method, f"{mib['cmd']:.3f}", f"{mib['cpr']:.3f}")
+        mt.add_row("random", f"{mib['random_cmd']:.3f}", f"{mib['random_cpr']:.3f}")
+        shown.append(mt)
     return shown, result
 
 
@@ -257,6 +265,20 @@ def _edit_eval(result, config):
     return lines, result
 
 
+def _heads(result, config):
+    from lmscope.behaviors.heads import atlas_grid
+
+    rep = result.meta["repeated_tokens"]
+    table = Table(title=f"Head atlas of {result.model}: top heads per role")
+    for col in ("role", "top heads (score)"):
+        table.add_column(col)
+    for role, tops in result.meta["top_heads"].items():
+        table.add_row(role, ", ".join(f"{h} {v:.3f}" for h, v in tops))
+    note = (f"[BOS] R R with n = {rep['n']}: loss {rep['loss_first_copy']:.2f} on the first copy, "
+            f"{rep['loss_second_copy']:.2f} on the second (induction chance ≈ {rep['chance_induction']:.3f})")
+    return [table, note], {"grid": atlas_grid(result), "atlas": result}
+
+
 def sae_metrics_table(rows: list[tuple[str, list[float]]], metrics, title: str) -> Table:
     table = Table(title=title)
     table.add_column("sae")
@@ -301,7 +323,7 @@ VIEWS = {"edit": _edit, "edit-eval": _edit_eval,
          "attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
          "flow": _flow, "lens": _lens, "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
          "probe": _probe, "steer": _steer, "project": _project, "sae-train": _sae_train,
-         "sae-eval": _sae_eval, "sae-features": _sae_features, "sae-compare": _sae_compare}
+         "sae-eval": _sae_eval, "sae-features": _sae_features, "sae-compare": _sae_compare, "heads": _heads}
 
 
 def view(name: str, result, config):

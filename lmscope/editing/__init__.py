@@ -12,4 +12,5 @@ from lmscope.editing.workflow import EditConfig, EditEvalConfig, edit_fact, eval
 
 __all__ = ["CounterFact", "Edit", "EditConfig", "EditEvalConfig", "Fact", "RomeSettings", "choose_layer",
            "compute_key", "compute_value", "counterfactual_facts", "edit_fact", "evaluate_edits", "fact_metrics",
-           "load_edit", "memit", "memit_update", "ngram_entropy", "object_scores", "rank_one_update", "rome", "second_moment", "trace_curve"]
+           "load_edit", "memit", "memit_update", "ngram_entropy", "object_scores", "rank_one_update", "rome",
+           "second_moment", "trace_curve"]

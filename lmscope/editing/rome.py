@@ -135,7 +135,8 @@ def templates(model: Model, settings: RomeSettings, prefixes: Sequence[str] | No
     return ("{}",) + tuple(p + ". {}" for p in prefixes)
 
 
-def _rows(model: Model, fact: Fact, tmpls: Sequence[str], extra: Sequence[int] = ()) -> tuple[list[list[int]], list[int]]:
+def _rows(model: Model, fact: Fact, tmpls: Sequence[str], extra: Sequence[int] = ()
+          ) -> tuple[list[list[int]], list[int]]:
     """Token rows of each template filled with the prompt (+ ``extra`` ids), and the last subject index."""
     rows, idx = [], []
     for tm in tmpls:

@@ -6,7 +6,9 @@ transformers has no attention-only causal LM, so lmscope ships one (``model_type
 ``x + attn(norm(x))``: token embedding, RoPE, causal multi-head attention through transformers'
 attention interface (so lmscope's attention function, pattern capture and prefix reuse work), no
 MLP, a final norm and an unembedding. The norm is LayerNorm (``norm="layer"``) or RMSNorm
-(``norm="rms"``). It is the testbed of the attention-only circuits literature (Elhage et al.,
+(``norm="rms"``). With ``feature_dim`` F > 0 some tokens stand for fixed F-dimensional feature
+vectors mapped in by a learned linear layer (:class:`FeatureEmbedding`; the few-shot classification
+testbed of :mod:`lmscope.training`). It is the testbed of the attention-only circuits literature (Elhage et al.,
 2021, "A Mathematical Framework for Transformer Circuits") and of training-time clamping.
 
 Shapes: B prompts, T tokens, H heads of width dh = D / H, D residual width, V vocabulary.
@@ -36,7 +38,8 @@ class AttnOnlyConfig(PretrainedConfig):
     def __init__(self, vocab_size: int = 128, hidden_size: int = 64, num_hidden_layers: int = 2,
                  num_attention_heads: int = 8, max_position_embeddings: int = 512, norm: str = "layer",
                  norm_eps: float = 1e-5, rope_theta: float = 10000.0, attention_bias: bool = False,
-                 initializer_range: float = 0.02, tie_word_embeddings: bool = False, **kwargs):
+                 initializer_range: float = 0.02, tie_word_embeddings: bool = False, feature_dim: int = 0,
+                 **kwargs):
         if norm not in ("layer", "rms"):
             raise ValueError(f"norm={norm!r}: use 'layer' (LayerNorm) or 'rms' (RMSNorm).")
         if hidden_size % num_attention_heads:
@@ -52,7 +55,32 @@ class AttnOnlyConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.attention_bias = attention_bias
         self.initializer_range = initializer_range
+        self.feature_dim = feature_dim
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+class FeatureEmbedding(nn.Module):
+    """Token embeddings where some tokens stand for fixed feature vectors (``feature_dim`` F > 0).
+
+    A feature token's embedding is ``proj(features[id])`` (a learned linear map of a stored (F,) vector,
+    e.g. an image's feature vector in few-shot classification); any other token (a label) has a learned
+    row of ``table``. ``weight`` is the (V, D) matrix of all embeddings, so the model's ``W_E`` is well defined.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, feature_dim: int):
+        super().__init__()
+        self.table = nn.Embedding(vocab_size, hidden_size)
+        self.proj = nn.Linear(feature_dim, hidden_size, bias=False)
+        self.register_buffer("features", torch.zeros(vocab_size, feature_dim))
+        self.register_buffer("is_feature", torch.zeros(vocab_size, dtype=torch.bool))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        feat = self.proj(self.features)
+        return torch.where(self.is_feature[:, None], feat, self.table.weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight)
 
 
 def _norm(config: AttnOnlyConfig) -> nn.Module:
@@ -168,7 +196,10 @@ class AttnOnlyPreTrainedModel(PreTrainedModel):
 class AttnOnlyModel(AttnOnlyPreTrainedModel):
     def __init__(self, config: AttnOnlyConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if getattr(config, "feature_dim", 0):
+            self.embed_tokens = FeatureEmbedding(config.vocab_size, config.hidden_size, config.feature_dim)
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([AttnOnlyBlock(config, i) for i in range(config.num_hidden_layers)])
         self.norm = _norm(config)
         self.post_init()

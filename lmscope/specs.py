@@ -41,7 +41,7 @@ from lmscope.errors import InputError
 
 INPUT_KINDS = ("prompt", "pairs", "corpus", "labelled", "sae", "none")
 RESULT_KINDS = ("result", "resultset")
-FAMILIES = ("attribution", "localization", "decoding", "sae", "behaviors")
+FAMILIES = ("attribution", "localization", "decoding", "sae", "behaviors", "editing")
 _REGISTRY: dict[str, MethodSpec] = {}
 _INPUT_PARSERS: dict[str, Callable[[Any, Any], Any]] = {}
 _LOADED: list[bool] = []  # set once every family module is imported

@@ -95,6 +95,11 @@ def _cases(tmp, corpus, saes=("",)):
     from lmscope.sae import SAEFeaturesConfig, SAEFolders, compare, run_sae_features
     from lmscope.sae.train_site import SAETrainConfig, train_site_sae
 
+    from lmscope.editing import EditConfig, EditEvalConfig, edit_fact, evaluate_edits
+    from lmscope.specs import Prompt
+
+    edit_cfg = {"subject": "Mary and John", "layer": 1, "tokens": 600, "corpus": corpus, "steps": 2}
+    eval_cfg = {"n": 2, "layer": 1, "tokens": 600, "corpus": corpus, "steps": 2, "gen_tokens": 3, "known_only": False}
     lens_cfg = {"tokens": 128, "context": 16, "batch": 4, "seed": 1, "lr": 0.01}
     sae_cfg = {"arch": "topk", "k": 4, "latents": 16, "layer": 1, "tokens": 256, "batch_size": 64, "context": 16}
     return {
@@ -130,6 +135,9 @@ def _cases(tmp, corpus, saes=("",)):
         "project": (None, {"head": "1.2", "tokens": "cat,dog", "k": 3},
                     lambda m: ResultSet({"ov": ov_circuit(m, 1, 2, ["cat", "dog"], k=3),
                                          "qk": qk_circuit(m, 1, 2, ["cat", "dog"], k=3)}, "project", m.name)),
+        "edit": ({"prompt": P, "target": "tree"}, edit_cfg,
+                 lambda m: edit_fact(m, Prompt(P, "tree"), EditConfig(**edit_cfg))),
+        "edit-eval": (None, eval_cfg, lambda m: evaluate_edits(m, None, EditEvalConfig(**eval_cfg))),
         "heads": (None, {"n": 6, "batch": 2, "texts": 2, "context": 8, "probe_tokens": 20, "corpus": corpus},
                   lambda m: head_atlas(m, HeadsConfig(n=6, batch=2, texts=2, context=8, probe_tokens=20,
                                                       corpus=corpus), progress=False)),

@@ -13,7 +13,7 @@ from rich.table import Table
 from lmscope.cli.common import top_table
 
 NO_PLOT = ("circuit", "flow", "lens-train", "sae-train", "sae-eval", "sae-features",
-           "sae-compare")
+           "sae-compare", "edit", "edit-eval")
 SAE_SHOWN = ("l0", "fve", "gamma", "gamma_centred", "ce_recovered", "delta_ce", "dead_frac", "dense_frac", "tokens")
 
 
@@ -244,6 +244,27 @@ def _sae_train(result, config):
             f"wrote {config.out_dir}"], result
 
 
+def _edit(result, config):
+    meta, v = result.meta, result.values
+    lines = [f"ROME edit at layer {meta['layer']}" + (" (chosen by causal tracing)" if meta["traced"] else "")
+             + f": v* after {meta['v_steps']} steps, |delta| {meta['delta_norm']:.3g}"]
+    for j, label in enumerate(result.axes[1].labels):
+        lines.append(f"  P({label!r}): {float(v[0, j]):.4f} before -> {float(v[1, j]):.4f} after")
+    if meta["saved"]:
+        lines.append(f"edit saved to {meta['saved']} (apply it with lmscope.editing.load_edit and model.edit)")
+    return lines, result
+
+
+def _edit_eval(result, config):
+    s = result.meta["summary"]
+    lines = [f"ROME on {result.meta['facts']} counterfactual facts at layer {result.meta['layer']} (before -> after):"]
+    for m in ("efficacy", "paraphrase", "specificity", "efficacy_acc", "paraphrase_acc", "specificity_acc", "score",
+              "fluency", "consistency", "mentions_old"):
+        if m in s:
+            lines.append(f"  {m:16s} {s['pre_' + m]:.3f} -> {s[m]:.3f}")
+    return lines, result
+
+
 def _heads(result, config):
     from lmscope.behaviors.heads import atlas_grid
 
@@ -298,7 +319,8 @@ def _sae_compare(result, config):
     return shown + ([f"wrote {config.png}"] if config.png else []), result
 
 
-VIEWS = {"attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
+VIEWS = {"edit": _edit, "edit-eval": _edit_eval,
+         "attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
          "flow": _flow, "lens": _lens, "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
          "probe": _probe, "steer": _steer, "project": _project, "sae-train": _sae_train,
          "sae-eval": _sae_eval, "sae-features": _sae_features, "sae-compare": _sae_compare, "heads": _heads}

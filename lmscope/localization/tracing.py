@@ -93,12 +93,13 @@ def causal_trace(model: Model, prompt: str, subject: str, target: str | int | No
                  kind: str = "hidden", window: int | None = None, samples: int = 10, noise: float = 3.0,
                  seed: int = 1, layers: Sequence[int] | None = None, chunk_size: int | None = None,
                  noise_basis: str = "subjects", noise_subjects: Sequence[str] | None = None,
-                 progress: bool = False) -> Result:
+                 progress: bool = False, positions: Sequence[int] | None = None) -> Result:
     """Restored answer probability for every (layer, position) cell; see the module docstring.
 
     ``target`` defaults to the clean run's top-1 token. ``window`` defaults to 1 for ``hidden`` and
     10 for ``mlp``/``attn``. σ of the noise: ``noise_basis`` "subjects" (over ``noise_subjects``, default
-    :func:`default_noise_subjects`) or "vocab" (:func:`embedding_std`).
+    :func:`default_noise_subjects`) or "vocab" (:func:`embedding_std`). ``positions`` restricts the restored
+    positions (default: all).
     """
     if kind not in KINDS:
         raise InputError(f"kind={kind!r}: use one of {tuple(KINDS)}.")
@@ -119,6 +120,10 @@ def causal_trace(model: Model, prompt: str, subject: str, target: str | int | No
     batch = model.encode(prompt)
     t = batch.input_ids.shape[1]
     layers = resolve_layers(layers, n_layers)
+    if positions is not None and (not positions or any(not -t <= p < t for p in positions)):
+        raise InputError(f"positions {list(positions)}: give positions of the {t}-token prompt (negative ones count "
+                         "from the end).")
+    cells = list(range(t)) if positions is None else [p % t for p in positions]
     site_kind = KINDS[kind]
     with torch.no_grad():
         clean = model.run(batch, cache=[f"blocks.{l}.{site_kind}" for l in range(n_layers)], logits="last")
@@ -139,16 +144,16 @@ def causal_trace(model: Model, prompt: str, subject: str, target: str | int | No
 
     sets = [[corrupt]]
     for layer in layers:
-        for p in range(t):
+        for p in cells:
             names = [f"blocks.{layer}.{site_kind}"] if kind == "hidden" else \
                 [f"blocks.{x}.{site_kind}" for x in window_of(layer)]
             sets.append([corrupt] + [Patch(nm, value=clean[nm], positions=[p]) for nm in names])
     out = model.run_sets(rows, sets, logits="last", chunk_size=chunk_size, progress=progress)
     probs = torch.softmax(out.logits.float(), dim=-1)[..., tid].mean(-1)  # (N,)
-    low, restored = float(probs[0]), probs[1:].reshape(len(layers), t)
+    low, restored = float(probs[0]), probs[1:].reshape(len(layers), len(cells))
     high = float(torch.softmax(clean.logits[0].float(), -1)[tid])
     tokens = batch.str_tokens[0]
-    labels = tuple(f"{i}:{tok}{'*' if i in subj else ''}" for i, tok in enumerate(tokens))
+    labels = tuple(f"{i}:{tokens[i]}{'*' if i in subj else ''}" for i in cells)
     return Result(
         restored.cpu(), axes=(Axis("layer", tuple(layers)), Axis("position", labels)),
         method=f"causal_trace.{kind}", model=model.name,

@@ -3,13 +3,15 @@
 from lmscope.models.decompose import Decomposition, decompose, decompose_cache, readout_values
 from lmscope.models.edges import EdgeGraph, edge_forward, edge_graph, upstream_values
 from lmscope.models.loading import list_models
+from lmscope.models.memory import MEMORY_KINDS, EditHandle, Memory
 from lmscope.models.mixing import block_outputs, embed_parts
 from lmscope.models.model import Batch, Model, ModelSpec, RunOutput, StepInterventions
 from lmscope.models.readout import LogitDirection
 from lmscope.models.testbed import named_parameters, new_attn_only, parameters, save_model, word_tokenizer
 from lmscope.sites import Site, parse_site
 
-__all__ = ["Batch", "Decomposition", "EdgeGraph", "LogitDirection", "Model", "ModelSpec", "RunOutput", "Site",
+__all__ = ["Batch", "Decomposition", "EdgeGraph", "EditHandle", "LogitDirection", "MEMORY_KINDS", "Memory", "Model",
+           "ModelSpec", "RunOutput", "Site",
            "StepInterventions", "block_outputs", "decompose", "decompose_cache", "edge_forward", "edge_graph",
            "embed_parts", "list_models", "load", "named_parameters", "new_attn_only", "parameters", "parse_site",
            "readout_values", "save_model", "upstream_values", "word_tokenizer"]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from lmscope.errors import InputError, TokenError
 from lmscope.interventions import Intervention
 from lmscope.models import attention as _attention  # noqa: F401  (registers the attention function)
-from lmscope.models import generation as _generation, readout as _readout
+from lmscope.models import generation as _generation, memory as _memory, readout as _readout
 from lmscope.models.batch import Batch, ModelSpec, RunOutput, StepInterventions, select_logits  # noqa: F401 (re-exported)
 from lmscope.models.families import adapter_for
 from lmscope.models.hooks import HookSession
@@ -380,6 +380,14 @@ class Model:
     def run_until(self, inputs, site: str | Site, padding_side: str = "left") -> torch.Tensor:
         """One site's activations from a forward that stops once the site is known (the blocks above skip)."""
         return _run_until(self, self.encode(inputs, padding_side), site)
+
+    def memory(self, layer: int, kind: str | None = None) -> _memory.Memory:
+        """The memory matrix ``W`` (v = W k) of ``layer`` that editing rewrites (default: the MLP down projection)."""
+        return _memory.Memory(self, layer, kind)
+
+    def edit(self, edit) -> _memory.EditHandle:
+        """Apply an edit's weight deltas now; the handle's ``undo()`` (or leaving ``with``) restores them exactly."""
+        return _memory.EditHandle(self, _memory.edit_deltas(edit))
 
     def _lowest_layer(self, iv: Intervention) -> int:
         site = parse_site(iv.site, self.spec.n_layers)

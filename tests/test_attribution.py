@@ -207,6 +207,41 @@ def test_alti_rows_and_alti_logit_adds_up(tiny):
     assert torch.allclose(al.values, al.extras["per_layer"].sum(dim=0))
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_alti_logit_spread_matches_naive_loop(family):
+    """Each token's ALTI-Logit against a per-token loop of the formula of METHODS.md §3.6:
+    ``Σ_ℓ Σ_j Δlogit^ℓ_{w←j} · R^{ℓ−1}[j, s]`` with ``R^0 = I``, the per-source attention terms
+    from the weights (:func:`_direct_terms`), ALTI contributions by the Manhattan proximity and the
+    final RMSNorm's scale frozen at the real final residual."""
+    model = make_tiny(family)
+    al = alti_logit(model, PROMPT, "Mary", "John")
+    n = model.spec.n_layers
+    last = model.run(PROMPT, cache=[f"blocks.{n - 1}.resid_post"], logits="none")[f"blocks.{n - 1}.resid_post"][0, -1]
+    norm = model.hf.model.norm
+    scale = torch.rsqrt(last.pow(2).mean() + norm.variance_epsilon)
+    w_u = model.hf.lm_head.weight.detach()
+    v = (w_u[model.token_id("Mary")] - w_u[model.token_id("John")]) * norm.weight.detach() * scale
+    t = len(model.to_str_tokens(PROMPT))
+    rollout_prev = [[1.0 if a == b else 0.0 for b in range(t)] for a in range(t)]  # R^0 = I
+    expected = torch.zeros(n, t)
+    for layer in range(n):
+        x, y, terms, _ = _direct_terms(model, PROMPT, layer)
+        delta = [float(terms[t - 1][j] @ v) for j in range(t)]  # heads' write from j into the last position
+        for s in range(t):
+            expected[layer, s] = sum(delta[j] * rollout_prev[j][s] for j in range(t))
+        c = [[0.0] * t for _ in range(t)]
+        for i in range(t):
+            for j in range(i + 1):
+                tij = terms[i][j] + (x[i] if i == j else 0)
+                c[i][j] = max(0.0, float(y[i].abs().sum() - (y[i] - tij).abs().sum()))
+            row = sum(c[i])
+            c[i] = [cij / row for cij in c[i]]
+        rollout_prev = [[sum(c[i][k] * rollout_prev[k][s] for k in range(t)) for s in range(t)] for i in range(t)]
+    assert expected.abs().max() > 1e-3  # the spread is not trivially zero
+    torch.testing.assert_close(al.extras["per_layer"], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(al.values, expected.sum(dim=0), atol=1e-4, rtol=1e-4)
+
+
 def test_value_zeroing_matches_explicit_recomputation(tiny):
     r = value_zeroing(tiny, SHORT, chunk_size=3)
     t = r.values.shape[0]

@@ -91,10 +91,16 @@ def test_integrated_gradients_baselines(tiny):
                                  warn_above=math.inf)
         assert r.values.shape == (batch.input_ids.shape[1],) and torch.isfinite(r.values).all()
     # the baseline token replaces every position: f(baseline) is the model's own value on that input
-    r = integrated_gradients(tiny, PROMPT, "Mary", steps=4, baseline="the", warn_above=math.inf)
+    r = integrated_gradients(tiny, PROMPT, "Mary", steps=4, baseline="the", warn_above=math.inf, keep_first=False)
     ids = torch.full_like(batch.input_ids, tiny.token_id("the"))
     own = tiny.run(ids, logits="last").logits[0, tiny.token_id("Mary")]
     assert r.meta["f_baseline"] == pytest.approx(float(own), abs=1e-4)
+    # by default the first position (the attention sink of a model without BOS) keeps its token
+    r = integrated_gradients(tiny, PROMPT, "Mary", steps=4, baseline="the", warn_above=math.inf)
+    ids[0, 0] = batch.input_ids[0, 0]
+    own = tiny.run(ids, logits="last").logits[0, tiny.token_id("Mary")]
+    assert r.meta["f_baseline"] == pytest.approx(float(own), abs=1e-4)
+    assert float(r.values[0]) == 0.0
 
 
 def test_integrated_gradients_warns_and_refines(tiny_llama):
@@ -103,7 +109,9 @@ def test_integrated_gradients_warns_and_refines(tiny_llama):
     # the zero embedding does not converge on this RMSNorm model (measured: 1.86 at 512 steps): warned
     r = integrated_gradients(tiny_llama, PROMPT, "Mary", "John", steps=1, tolerance=1e-4)
     assert r.meta["relative_delta"] <= 1e-4 and r.meta["steps"] > 1
-    assert [h["steps"] for h in r.meta["refinement"]] == [2 ** i for i in range(len(r.meta["refinement"]))]
+    rounds = r.meta["refinement"]  # adaptive bisection: one node per segment, at most doubling per round
+    assert [h["steps"] for h in rounds] == [h["segments"] for h in rounds] and rounds[0]["steps"] == 1
+    assert all(a["steps"] < b["steps"] <= 2 * a["steps"] for a, b in zip(rounds, rounds[1:]))
     assert all(h["relative_delta"] > 1e-4 for h in r.meta["refinement"][:-1])
 
 

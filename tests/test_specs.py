@@ -64,7 +64,7 @@ def _probe_direct(m):
 
 def _cases(tmp, corpus):
     """name -> (inputs JSON, config JSON, direct Python call (model) -> Result / ResultSet / tensor)."""
-    from lmscope.attribution import attribute
+    from lmscope.attribution import EvaluateConfig, attribute, evaluate_attributions
     from lmscope.decoding import evaluate_lens, logit_lens, ov_circuit, patchscope, qk_circuit
     from lmscope.decoding.lens_training import TrainLensConfig, train_lens
     from lmscope.localization import activation_patching, atp, causal_trace, dla, flow
@@ -76,6 +76,10 @@ def _cases(tmp, corpus):
     return {
         "attribute": ({"prompt": P, "target": "Mary", "foil": "John"}, {"method": "saliency"},
                       lambda m: attribute(m, P, "Mary", "John", method="saliency", metric="logit")),
+        "attribute-evaluate": (None, {"tasks": ["induction"], "n": 2, "methods": ["saliency", "rollout"],
+                                      "sanity": 1},
+                               lambda m: evaluate_attributions(m, EvaluateConfig(("induction",), 2,
+                                                                                 ("saliency", "rollout"), sanity=1))),
         "dla": ({"prompt": P, "target": "Mary", "foil": "John"}, {"by": "head"},
                 lambda m: dla(m, P, "Mary", "John", by="head")),
         "patch": ([PAIR], {"site": "z", "direction": "noise"},

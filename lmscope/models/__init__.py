@@ -5,12 +5,13 @@ from lmscope.models.edges import EdgeGraph, edge_forward, edge_graph, upstream_v
 from lmscope.models.loading import list_models
 from lmscope.models.mixing import block_outputs, embed_parts
 from lmscope.models.model import Batch, Model, ModelSpec, RunOutput, StepInterventions
+from lmscope.models.randomize import randomized_copy
 from lmscope.models.readout import LogitDirection
 from lmscope.sites import Site, parse_site
 
 __all__ = ["Batch", "Decomposition", "EdgeGraph", "LogitDirection", "Model", "ModelSpec", "RunOutput", "Site",
            "StepInterventions", "block_outputs", "decompose", "decompose_cache", "edge_forward", "edge_graph",
-           "embed_parts", "list_models", "load", "parse_site", "readout_values", "upstream_values"]
+           "embed_parts", "list_models", "load", "parse_site", "randomized_copy", "readout_values", "upstream_values"]
 
 
 def load(spec: str | None = None, *, dtype="float32", device=None, device_map=None, check: bool = True,

@@ -103,6 +103,17 @@ def test_integrated_gradients_baselines(tiny):
     assert float(r.values[0]) == 0.0
 
 
+def test_adaptive_integrated_gradients_match_a_fine_fixed_quadrature(tiny_llama):
+    """Default: neutral-token baseline (UNK, first position kept), bisected to ≤ 1% completeness; the
+    piecewise quadrature agrees with 256 Gauss-Legendre steps on the whole path."""
+    r = integrated_gradients(tiny_llama, PROMPT, "Mary", "John")
+    ref = integrated_gradients(tiny_llama, PROMPT, "Mary", "John", steps=256)
+    assert r.meta["relative_delta"] <= 0.01 and r.meta["tolerance"] == 0.01 and "<unk>" in r.meta["baseline"]
+    assert r.meta["f_baseline"] == pytest.approx(ref.meta["f_baseline"], abs=1e-5)
+    gap = abs(ref.meta["f_input"] - ref.meta["f_baseline"])
+    torch.testing.assert_close(r.values, ref.values, atol=0.02 * gap, rtol=0)
+
+
 def test_integrated_gradients_warns_and_refines(tiny_llama):
     with pytest.warns(ConvergenceWarning, match="relative completeness error"):
         integrated_gradients(tiny_llama, PROMPT, "Mary", "John", steps=1, method="riemann_left", baseline="zero")
@@ -112,6 +123,10 @@ def test_integrated_gradients_warns_and_refines(tiny_llama):
     rounds = r.meta["refinement"]  # adaptive bisection: one node per segment, at most doubling per round
     assert [h["steps"] for h in rounds] == [h["segments"] for h in rounds] and rounds[0]["steps"] == 1
     assert all(a["steps"] < b["steps"] <= 2 * a["steps"] for a, b in zip(rounds, rounds[1:]))
+    r = integrated_gradients(tiny_llama, PROMPT, "Mary", "John", steps=1, tolerance=1e-4, refine="double")
+    assert r.meta["relative_delta"] <= 1e-4 and r.meta["steps"] > 1
+    assert [h["steps"] for h in r.meta["refinement"]] == [2 ** i for i in range(len(r.meta["refinement"]))]
+    assert all(h["relative_delta"] > 1e-4 for h in r.meta["refinement"][:-1])
     assert all(h["relative_delta"] > 1e-4 for h in r.meta["refinement"][:-1])
 
 

@@ -18,14 +18,13 @@ GPT-2 the ``embed`` site is token + position embedding; ``e`` is then the *token
 Baselines ``e'`` (special-token positions such as BOS, and by default the first position, always
 keep their own embedding):
 
-* ``"eos"`` (default): the EOS token's embedding at every other position. It removes each token's
-  identity, so IG answers "what does this token add over a neutral token here". The first position
-  is kept (``keep_first``): in models without BOS it is the attention sink, and replacing it moves
-  the baseline far off the model's input distribution (on SmolLM2 the relative completeness error
-  then stays above 80% at 64 steps). The choice among token-removing baselines was made by
-  measurement (README, "Integrated gradients' baseline"): with the first position kept, the EOS
-  embedding reaches ≤ 1% completeness on the IOI and factual prompts we measured, where the mean
-  embedding still misses by 38% at 256 steps on one of them and leaves ``f(e')`` far from neutral.
+* ``"neutral"`` (default): a neutral token's embedding at every other position: the tokenizer's UNK,
+  else PAD, else EOS (Inseq's rule). It removes each token's identity, so IG answers "what does this
+  token add over a neutral token here". The first position is kept (``keep_first``): in models
+  without BOS it is the attention sink, and replacing it moves the baseline far from any input the
+  model sees (completeness then fails badly). The choice among token-removing baselines (neutral
+  token, EOS, mean embedding) was made by measurement; the figures are in the README ("Integrated
+  gradients' baseline").
 * ``"scaled"``: ``baseline_scale × e`` (0.3 by default). It keeps each token's identity: on a
   pre-norm model the first block sees the same normalised input along the whole path, so it asks
   "what if the embeddings were smaller" (how the residual stream's magnitude matters), not "what if
@@ -34,13 +33,14 @@ keep their own embedding):
 * ``"zero"``, ``"pad"``, ``"unk"``, ``"bos"``, any single token (``" the"``, an id), or a tensor
   (T, D) given at the ``embed`` site (used as is).
 
-Steps. With ``steps=None`` (default) the number of Gauss-Legendre steps starts at 32 and doubles
-until the relative completeness error ``|Σ IG − (f(e) − f(e'))| / |f(e) − f(e')|`` is at most
-``tolerance`` (1% by default) or ``max_steps`` (512) is reached; each round's points run in batches
-of ``internal_batch_size``. An explicit ``steps=N`` runs N steps (refined only if ``tolerance`` is
-given). The measured error is always in ``meta`` (``relative_delta``, with every round in
-``refinement``); above the tolerance (or ``warn_above`` for fixed steps) a
-:class:`ConvergenceWarning` says so.
+Steps. With ``steps=None`` (default) the path starts as one segment of 32 Gauss-Legendre nodes and
+is refined by bisection (:func:`integrate_adaptive`) until the relative completeness error
+``|Σ IG − (f(e) − f(e'))| / |f(e) − f(e')|`` is at most ``tolerance`` (1% by default) or ``max_steps``
+(512) nodes are spent: completeness holds on every piece of the path, so each segment's own error
+says where to refine. Each round's new nodes run in batches of ``internal_batch_size``. An explicit
+``steps=N`` runs N steps on one segment (refined only if ``tolerance`` is given). The measured error
+is always in ``meta`` (``relative_delta``, with every round in ``refinement``); above the tolerance
+(or ``warn_above`` for fixed steps) a :class:`ConvergenceWarning` says so.
 """
 
 from __future__ import annotations
@@ -259,15 +259,19 @@ def integrated_gradients(model: Model, prompt, target, foil=None, *, metric: str
                          position: int | None = None, steps: int | None = None, method: str = "gausslegendre",
                          baseline=DEFAULT_BASELINE, baseline_scale: float = 0.3, keep_first: bool = True,
                          internal_batch_size: int = 16, tolerance: float | None = None, max_steps: int = 512,
-                         warn_above: float = 0.05):
+                         warn_above: float = 0.05, refine: str = "bisect"):
     """Integrated gradients per token (signed sum over d_model; ``extras["granular"]`` (T, D)).
 
     ``meta`` holds ``delta`` (Σ IG − (f(e) − f(e'))), ``relative_delta``, ``f_input``,
     ``f_baseline``, the ``steps`` used and every ``refinement`` round. With ``steps=None`` (default)
-    the step count starts at 32 and doubles until the relative delta is at most ``tolerance``
-    (default 1%) or ``max_steps`` is reached; a given ``steps`` is refined only when ``tolerance`` is set."""
+    the path is bisected adaptively (32 nodes per segment) until the relative delta is at most
+    ``tolerance`` (default 1%) or ``max_steps`` nodes are spent; a given ``steps`` is refined only
+    when ``tolerance`` is set. ``refine="double"`` refines by doubling the steps of one segment instead
+    (every round recomputes the whole path; what Captum-style loops do)."""
     if method not in QUADRATURES:
         raise InputError(f"method={method!r} is unknown; use one of {QUADRATURES}.")
+    if refine not in ("bisect", "double"):
+        raise InputError(f"refine={refine!r}: use 'bisect' (adaptive segments) or 'double' (whole-path doubling).")
     if steps is None:
         steps, tolerance = FIRST_STEPS, DEFAULT_TOLERANCE if tolerance is None else tolerance
     quadrature(steps, method)  # validates steps
@@ -283,6 +287,14 @@ def integrated_gradients(model: Model, prompt, target, foil=None, *, metric: str
     if tolerance is None:
         ig, f_in, f_base, delta, rel = integrate_path(grad_fn, embed, base, steps, method)
         history = [{"steps": steps, "segments": 1, "relative_delta": rel}]
+    elif refine == "double":
+        history = []
+        while True:
+            ig, f_in, f_base, delta, rel = integrate_path(grad_fn, embed, base, steps, method)
+            history.append({"steps": steps, "segments": 1, "relative_delta": rel})
+            if rel <= tolerance or steps * 2 > max_steps:
+                break
+            steps *= 2
     else:
         ig, f_in, f_base, delta, rel, history = integrate_adaptive(grad_fn, embed, base, steps, method, tolerance,
                                                                    max_steps)
@@ -300,7 +312,8 @@ def integrated_gradients(model: Model, prompt, target, foil=None, *, metric: str
             "baseline": desc, "tolerance": tolerance, "refinement": history, "aggregation": "sum over d_model"}
     params = {"metric": tgt.metric, "steps": first_steps, "method": method,
               "baseline": baseline if isinstance(baseline, (str, int)) else "tensor",
-              "baseline_scale": baseline_scale, "keep_first": keep_first, "tolerance": tolerance}
+              "baseline_scale": baseline_scale, "keep_first": keep_first, "tolerance": tolerance,
+              "refine": refine}
     if not math.isfinite(delta):
         raise InputError("Integrated gradients produced non-finite values; check the baseline tensor.")
     return token_result(model, batch.str_tokens[0], ig.sum(dim=-1), "integrated_gradients", tgt, params,

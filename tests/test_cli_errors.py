@@ -104,6 +104,7 @@ CASES = [
     ("fraction above 1", ["circuit", "--fraction", "2"], r"--fraction 2\.0: give a fraction in \(0, 1\]"),
     ("zero edges", ["circuit", "--edges", "0"], r"--edges 0: give a positive number of edges"),
     ("threshold above 1", ["flow", "--prompt", P, "--threshold", "1.5"], r"strictly between 0 and 1"),
+    ("app port out of range", ["app", "--port", "70000"], r"--port 70000: give a port from 0 to 65535"),
     ("k above vocabulary", ["lens", "--prompt", P, "--k", "100000", *_M], r"100000 top tokens per layer: give a "
                                                                           r"whole number from 1 to 80"),
     ("negative k", ["project", "--neuron", "1.5", "--k", "-1", *_M], r"-1 top tokens: give a whole number"),
@@ -150,6 +151,8 @@ CASES = [
      r"--html /proc/lmscope-out/x\.html cannot be written: the folder /proc is read-only"),
     ("output is a folder", [*_DLA, "--png", "{W}/empty"], r"--png .*empty is a folder; give a file path"),
     ("--out is a file", ["demo", "--out", "{W}/a-file"], r"--out .*a-file is a file, not a folder"),
+    ("sae --out is a file", ["sae", "train", "--arch", "topk", "--out", "{W}/a-file"],
+     r"--out .*a-file is a file, not a folder"),
     ("features html in /proc", ["sae", "features", "{W}/narrow-sae", "--html", "/proc/f.html"],
      r"read-only"),
 ]

@@ -44,7 +44,7 @@ def test_ov_and_qk_match_the_models_own_values_queries_keys(tiny):
                 interventions=[Patch(f"{site}.resid_pre", value=emb)])
     v = run[f"{site}.attn.v"][:, 0, head]
     out = v @ m.W_O(layer)[head]
-    if m.adapter.post_norms:
+    if m.adapter.block.post_norms:
         out = m.block(layer).post_attention_layernorm(out)
     assert torch.allclose(ov_outputs(m, layer, head, ids.tolist()), out, atol=1e-5)
     if m.hf.config.model_type == "gemma3_text":
@@ -66,10 +66,10 @@ def test_neuron_and_vector_tokens(tiny):
     m = tiny
     r = neuron_tokens(m, 2, 5, k=3)
     w = m.W_out(2)[5]
-    if m.adapter.post_norms:
+    if m.adapter.block.post_norms:
         w = m.block(2).post_feedforward_layernorm(w)
-    g = m.final_norm.weight.float() + (1.0 if m.adapter.norm_kind == "rms_offset" else 0.0)
-    if m.adapter.norm_kind == "layer":
+    g = m.final_norm.weight.float() + (1.0 if m.adapter.block.norms.kind == "rms_offset" else 0.0)
+    if m.adapter.block.norms.kind == "layer":
         w = w - w.mean()
     logits = (w * g) @ m.W_U
     assert torch.allclose(r.values[0], logits.topk(3).values, atol=1e-5)

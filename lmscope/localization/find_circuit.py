@@ -78,5 +78,5 @@ def find_circuit(model: Model, pairs: PromptPairs, config: CircuitConfig = Circu
 
 
 specs.register(specs.MethodSpec("circuit", "localization", "pairs", CircuitConfig, find_circuit,
-                                sites=("attn.z", "mlp_out", "resid_pre"), cli_inputs=("task", "n", "seed"),
+                                sites=("attn.z", "resid_pre"), cli_inputs=("task", "n", "seed"),
                                 input_defaults={"task": "ioi"}))

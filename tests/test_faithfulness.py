@@ -37,7 +37,7 @@ def table():
     batch = model.encode(PROMPT)
     positions = erasable_positions(model, batch)
     assert positions == list(range(1, batch.input_ids.shape[1]))  # no BOS here: all but the first
-    emb_mod = get_module(model.hf, model.adapter.embed)
+    emb_mod = get_module(model.hf, model.adapter.embedding.tokens)
     t, f = model.token_id(TARGET), model.token_id(FOIL)
     with torch.no_grad():
         emb = emb_mod(batch.input_ids)[0]

@@ -13,6 +13,10 @@ H heads of width dh, residual width D, F neurons, V vocabulary):
 ``blocks.{l}.attn.head_out``       B T H D      each head's write into the residual stream
 ``blocks.{l}.attn_out|mlp_out``    B T D        block writes (after post-norms where present)
 ``blocks.{l}.mlp.post``            B T F        neuron activations (input of the down projection)
+``blocks.{l}.ssm.in|gate|conv``    B T E        Mamba: input projection halves, conv output (E channels)
+``blocks.{l}.ssm.state``           B T E N      Mamba: recurrent state after each token
+``blocks.{l}.ssm.out|y``           B T E        Mamba: scan output s, out_proj input s ⊙ SiLU(g)
+``blocks.{l}.ssm_out``             B T D        Mamba: the mixer's write (out_proj output)
 ``final.scale``                    B T 1        the final norm's scale 1/s (frozen for DLA)
 ``logits``                         B T V        the model's logits (after any final soft-cap)
 =================================  ===========  ==============================================
@@ -42,7 +46,8 @@ from collections.abc import Iterable
 from lmscope.errors import RangeError, SiteError
 
 # axis symbol -> ModelSpec field giving its size (B, T and S come from the batch)
-_SPEC_AXES = {"D": "d_model", "H": "n_heads", "dh": "d_head", "F": "d_mlp", "V": "d_vocab"}
+_SPEC_AXES = {"D": "d_model", "H": "n_heads", "dh": "d_head", "F": "d_mlp", "V": "d_vocab", "E": "d_inner",
+              "N": "d_state"}
 POSITION_AXES = ("T", "S")
 
 
@@ -114,6 +119,16 @@ KINDS: dict[str, SiteKind] = {k.name: k for k in (
     _k("attn_out", "hook_attn_out", "B T D", "attention", doc="the attention block's write"),
     _k("mlp_out", "hook_mlp_out", "B T D", "mlp", doc="the MLP's write"),
     _k("mlp.post", "mlp.hook_post", "B T F", "mlp", short=("post",), doc="neuron activations"),
+    # state-space mixer (Mamba): E inner channels, N state size per channel
+    _k("ssm.in", "ssm.hook_in", "B T E", "ssm", doc="conv-branch half of the input projection (W_a x)"),
+    _k("ssm.gate", "ssm.hook_gate", "B T E", "ssm", short=("gate",), doc="gate half of the input projection "
+       "(g = W_g x, before SiLU)"),
+    _k("ssm.conv", "ssm.hook_conv", "B T E", "ssm", short=("conv",), doc="SiLU of the causal convolution: the "
+       "scan's input u"),
+    _k("ssm.state", "ssm.hook_state", "B T E N", "ssm", short=("state",), doc="recurrent state h after each token"),
+    _k("ssm.out", "ssm.hook_out", "B T E", "ssm", doc="scan output s = C·h + D·u, before the gate"),
+    _k("ssm.y", "ssm.hook_y", "B T E", "ssm", doc="out_proj input s ⊙ SiLU(g)"),
+    _k("ssm_out", "hook_ssm_out", "B T D", "ssm", doc="the state-space mixer's write (out_proj output)"),
     _k("final.scale", "ln_final.hook_scale", "B T 1", "final_norm", layer=False, doc="final norm's 1/s"),
     _k("logits", "logits", "B T V", "unembedding", layer=False, doc="the logits"),
 )}
@@ -122,6 +137,7 @@ LAYER_KINDS = tuple(k.name for k in KINDS.values() if k.layer)
 GLOBAL_KINDS = tuple(k.name for k in KINDS.values() if not k.layer)
 HEAD_KINDS = tuple(k.name for k in KINDS.values() if k.head_axis is not None)
 ATTN_INNER_KINDS = ("attn.q", "attn.k", "attn.v", "attn.pattern")  # need the explicit attention path
+SSM_INNER_KINDS = ("ssm.in", "ssm.gate", "ssm.conv", "ssm.state", "ssm.out", "ssm.y")  # need the explicit scan
 
 _ALIASES = {alias: k.name for k in KINDS.values() if k.layer for alias in (k.tl, *k.short)}
 _GLOBAL_ALIASES = {alias: k.name for k in KINDS.values() if not k.layer for alias in (k.tl, k.name)}

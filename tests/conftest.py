@@ -67,6 +67,9 @@ def tiny_config(family: str):
         return AttnOnlyConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                               max_position_embeddings=128, norm="rms" if family.endswith("rms") else "layer",
                               attention_bias=family == "attn_only", pad_token_id=1, bos_token_id=2, eos_token_id=1)
+    if family == "mamba":  # a state-space model: no attention, no MLP
+        return tr.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, state_size=4, expand=2,
+                              conv_kernel=4, pad_token_id=1, bos_token_id=2, eos_token_id=1)
     raise ValueError(family)
 
 

@@ -125,6 +125,14 @@ def _circuit(result, config):
         for n, frac, kept, f in zip(c["n_edges"], c["fraction"], c["kept"], c["faithfulness"]):
             ct.add_row(str(n), f"{frac:.4f}", str(int(kept)), f"{f:.3f}")
         shown.append(ct)
+    if "mib" in meta:
+        mt = Table(title="MIB circuit scores (areas over the fraction of edges): CMD ↓ by |score|, CPR ↑ by support")
+        for col in ("scores", "CMD", "CPR"):
+            mt.add_column(col)
+        mib = meta["mib"]
+        mt.add_row(config.method, f"{mib['cmd']:.3f}", f"{mib['cpr']:.3f}")
+        mt.add_row("random", f"{mib['random_cmd']:.3f}", f"{mib['random_cpr']:.3f}")
+        shown.append(mt)
     return shown, result
 
 

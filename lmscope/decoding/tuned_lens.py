@@ -18,6 +18,10 @@ seed. Optimisers: the reference recipe (``optimizer="sgd"``: Nesterov momentum 0
 lr = lr_scale·(1−0.9), weight decay 1e-3, linear decay to zero) and AdamW (the default; lr 1e-4,
 short warm-up, linear decay), which is stable at the small budgets a CPU affords.
 
+A least-squares start (:mod:`lmscope.decoding.lens_fit`, Din et al. 2023: forward passes and second
+moments only) costs a fraction of KL training, which runs the unembedding
+forward and backward for every hidden state of every token; ``train_tuned_lens(init=...)`` fine-tunes it.
+
 Shapes: hidden states (..., D); translators (D, D) + (D,) per hidden state 0..n_layers−1; logits (..., V).
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -266,8 +271,13 @@ def _kl_backward(p_target: torch.Tensor, logits: torch.Tensor, weight: float) ->
 
 
 def train_tuned_lens(model, corpus="default", config: TunedLensConfig = TunedLensConfig(), *, layers=None,
-                     contexts: torch.Tensor | None = None, progress: bool = True) -> TunedLens:
+                     contexts: torch.Tensor | None = None, init: TunedLens | None = None,
+                     progress: bool = True) -> TunedLens:
     """Train a tuned lens for ``model`` on the train split of ``corpus`` (or on given (N, T) ``contexts``).
+
+    Training starts from zero translators (the logit lens) or, with ``init``, from a copy of that lens
+    (e.g. the least-squares fit of :func:`lmscope.decoding.lens_fit.fit_lens_least_squares`; ``init``
+    itself is left unchanged, and its layers are the ones trained).
 
     Under ``torchrun`` (torch.distributed initialised, or WORLD_SIZE > 1 in the environment: then a
     gloo process group is created), every rank must see the same data; each takes an equal slice
@@ -291,7 +301,11 @@ def train_tuned_lens(model, corpus="default", config: TunedLensConfig = TunedLen
         raise InputError(f"{len(contexts)} contexts are fewer than one batch of {config.batch_contexts}.")
 
     torch.manual_seed(config.seed)
-    lens = TunedLens.for_model(model, layers)
+    lens = TunedLens.for_model(model, layers if init is None else [layer_labels(init.n_layers)[i]
+                                                                    for i in init.trained])
+    if init is not None:
+        init.check_model(model)
+        lens.load_state_dict(init.state_dict())
     module = nn.parallel.DistributedDataParallel(lens) if world > 1 else lens
     opt, sched = config.make_optimizer([p for p in lens.parameters() if p.requires_grad], steps)
     per_rank = config.batch_contexts // world
@@ -329,7 +343,7 @@ def train_tuned_lens(model, corpus="default", config: TunedLensConfig = TunedLen
         del module
         if created:
             dist.destroy_process_group()
-    lens.info = {"config": asdict(config), "steps": steps, "world_size": world, "tokens_seen": steps *
+    lens.info = {**({} if init is None else init.info), "config": asdict(config), "steps": steps, "world_size": world, "tokens_seen": steps *
                  config.batch_contexts * config.context, "mean_kl_per_step": losses}  # rank 0's share under DDP
     return lens
 
@@ -342,6 +356,8 @@ def evaluate_lens(model, lens: TunedLens | None = None, corpus="default", *, con
     On the held-out split of ``corpus`` (or given contexts), first position of each context left
     out. Values (n_layers + 1, 4): columns kl_logit, kl_tuned, ce_logit, ce_tuned (nats, mean per
     token); without a lens the tuned columns equal the logit ones. meta["ce_model"] is the model's CE.
+    extras["bits_per_byte"] holds the same table in bits per UTF-8 byte of the predicted tokens (nats /
+    ln 2 / meta["bytes_per_token"]), comparable across tokenizers (Paulo et al. 2024 report Mamba's lens KL so).
     """
     if lens is not None:
         lens.check_model(model)
@@ -352,7 +368,7 @@ def evaluate_lens(model, lens: TunedLens | None = None, corpus="default", *, con
     n = model.spec.n_layers
     indices = tuple(range(n + 1))
     sums = torch.zeros(n + 1, 4, dtype=torch.float64)
-    n_kl = n_ce = 0
+    n_kl = n_ce = n_bytes = 0
     ce_model = 0.0
     starts = range(0, len(contexts), batch_contexts)
     for b in tqdm(starts, desc="evaluate lens", disable=not progress):
@@ -363,6 +379,7 @@ def evaluate_lens(model, lens: TunedLens | None = None, corpus="default", *, con
             nxt = torch.cat([ids[:, 2:], torch.full((len(ids), 1), -100)], 1).reshape(-1)  # next token, -100: none
             valid = nxt != -100
             ce_model += float(F.nll_loss(target[valid], nxt[valid], reduction="sum"))
+            n_bytes += sum(len(model.decode([i]).encode("utf-8")) for i in nxt[valid].tolist())
             for i in indices:
                 for col, h in ((0, hs[i]), (1, hs[i] if lens is None else lens.translate(hs[i], i))):
                     logp = decode(model, h).log_softmax(-1)
@@ -371,10 +388,13 @@ def evaluate_lens(model, lens: TunedLens | None = None, corpus="default", *, con
             n_kl += len(ids) * t
             n_ce += int(valid.sum())
     values = torch.cat([sums[:, :2] / n_kl, sums[:, 2:] / n_ce], 1).float()
+    bytes_per_token = n_bytes / max(n_ce, 1)
     return Result(values, (Axis("layer", layer_labels(n)), Axis("metric", ("kl_logit", "kl_tuned", "ce_logit",
                                                                              "ce_tuned"))),
-                  "lens_eval", model.name, None, {"tokens": n_kl, "context": contexts.shape[1]}, {},
-                  {"ce_model": ce_model / max(n_ce, 1), "lens": None if lens is None else lens.info.get("config")})
+                  "lens_eval", model.name, None, {"tokens": n_kl, "context": contexts.shape[1]},
+                  {"bits_per_byte": values / math.log(2) / max(bytes_per_token, 1e-9)},
+                  {"ce_model": ce_model / max(n_ce, 1), "lens": None if lens is None else lens.info.get("config"),
+                   "bytes_per_token": bytes_per_token})
 
 
 def tuned_lens(model, prompt: str, lens: TunedLens, target: str | int | None = None, *, k: int = 5,

@@ -17,7 +17,8 @@ own value of it, and ``meta["model_value"]`` the logit (difference) the model ou
 cap. The cap is monotonic, so a single logit keeps its sign and ranking; magnitudes shrink.
 Without a soft-cap both values are the model's logit (difference).
 
-Granularity: ``by="layer"`` (embedding, each attention block, each MLP), ``by="head"`` (layer ×
+Granularity: ``by="layer"`` (embedding, each attention block, each MLP; each block of a state-space
+model such as Mamba), ``by="head"`` (layer ×
 head, with the MLPs, embedding and biases in ``extras``), ``by="neuron"`` (layer × neuron, with the
 heads and the rest in ``extras``; needs a model with MLPs). An attention-only model has no MLP
 entries. Reference: nostalgebraist (2020); Elhage et al. (2021); the
@@ -46,9 +47,12 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
     neurons = by == "neuron"
     if neurons:
         model.require(["mlp.post"], "DLA by neuron")
+    if by == "head":
+        model.require(["attn.head_out"], "DLA by head")
     has_mlp = "mlp" in model.parts  # an attention-only model has no MLP components
     n = model.spec.n_layers
-    sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post", *site_names("attn.head_out", n),
+    writes = "ssm_out" if "ssm" in model.parts else "attn.head_out"  # a state-space block writes once
+    sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post", *site_names(writes, n),
              *(site_names("mlp.post" if neurons else "mlp_out", n) if has_mlp else [])]
     run = model.run(prompt, cache=sites, logits="all")
     pos = resolve_position(position, run.batch.input_ids.shape[1])
@@ -70,6 +74,10 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
         labels, values = ["embed"], [contrib[0]]
         for layer in range(n):
             idx = [i for i, (k, ly) in enumerate(zip(dec.kinds, dec.layers)) if ly == layer]
+            if "ssm" in model.parts:  # a state-space block writes once
+                labels.append(f"L{layer}.ssm")
+                values.append(sum(contrib[i] for i in idx))
+                continue
             attn = sum(contrib[i] for i in idx if dec.kinds[i] in ("head", "attn_bias"))
             labels.append(f"L{layer}.attn")
             values.append(attn)
@@ -137,4 +145,4 @@ def run_dla(model: Model, prompt: specs.Prompt, config: DLAConfig) -> Result:
 
 
 specs.register(specs.MethodSpec("dla", "localization", "prompt", DLAConfig, run_dla,
-                                sites=("embed", "attn.head_out", "mlp_out", "mlp.post", "final.scale")))
+                                sites=("embed", "final.scale")))  # per granularity: dla() asks

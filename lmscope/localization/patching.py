@@ -49,7 +49,8 @@ from lmscope.models import Batch, Model
 from lmscope.results import Axis, Result
 from lmscope.sites import resolve_heads, resolve_layers, resolve_positions
 
-SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "head_out")
+SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "head_out",
+         "ssm_out", "ssm.out", "ssm.gate", "ssm.conv", "ssm.y")  # the ssm sites: state-space models (Mamba)
 _KIND = {"z": "attn.z", "q": "attn.q", "k": "attn.k", "v": "attn.v", "pattern": "attn.pattern",
          "head_out": "attn.head_out"}
 SOURCES = ("clean", "corrupt", "zeros", "mean")
@@ -221,7 +222,8 @@ class PatchConfig:
     """Activation patching sweep over one site kind (conventions of :mod:`lmscope.targets`)."""
 
     site: str = specs.option("resid_pre", "resid_pre | resid_mid | resid_post | attn_out | mlp_out | z (per head) | "
-                                          "q | k | v | pattern | head_out", choices=SITES)
+                                          "q | k | v | pattern | head_out; Mamba: ssm_out | ssm.out | ssm.gate | "
+                                          "ssm.conv | ssm.y", choices=SITES)
     direction: str = specs.option("denoise", "Denoise: clean values into the corrupted run (default); noise: the "
                                              "reverse.", choices=DIRECTIONS, flags=("--denoise/--noise",),
                                   values=DIRECTIONS)

@@ -31,6 +31,8 @@ class ModelSpec:
     softcap: float | None = None  # final-logit soft-cap: logits = c·tanh(logits / c)
     attn_softcap: float | None = None  # attention-score soft-cap (Gemma 2)
     sliding_window: int | None = None
+    d_inner: int = 0  # state-space mixer channels E (0 without one)
+    d_state: int = 0  # state size N per channel
 
 
 @dataclass

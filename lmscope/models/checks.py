@@ -123,10 +123,13 @@ def check_model(model: Model) -> None:
         raise ModelCheckError(f"{model.name}: sites never fired: {sorted(missing)[:5]}.")
     err = (run.logits.float() - plain).abs().max().item()
     if err > 1e-3 * max(1.0, plain.abs().max().item()):
+        what = "the explicit state-space mixer" if "ssm" in model.parts else "explicitly computed attention"
         raise ModelCheckError(
-            f"{model.name}: explicitly computed attention changes the logits by {err:.2e}; "
-            "the attention mask or the adapter's attention path is wrong."
+            f"{model.name}: {what} changes the logits by {err:.2e}; "
+            "the attention mask or the adapter's mixer path is wrong."
         )
+    if "ssm" in model.parts:
+        check_ssm_writes(model, batch, run.cache)
     dec = decompose_cache(model, run.batch, run.cache)
     total = dec.vectors.sum(dim=1)
     rel = ((total - dec.resid).norm() / dec.resid.norm()).item()
@@ -151,3 +154,17 @@ def check_model(model: Model) -> None:
             f"{model.name}: the final norm, unembedding and soft-cap ({model.logit_softcap}) of the final residual "
             f"miss the model's logits by {err:.2e}; the adapter names the wrong modules or soft-cap field."
         )
+
+
+def check_ssm_writes(model: Model, batch, cache: dict) -> None:
+    """Each state-space block's native write equals ``out_proj(s ⊙ SiLU(g))`` of the explicit path's s and g."""
+    with torch.no_grad():
+        native = model.run(batch, cache=site_names("ssm_out", model.spec.n_layers), logits="none").cache
+        for layer in range(model.spec.n_layers):
+            s, g = cache[f"blocks.{layer}.ssm.out"], cache[f"blocks.{layer}.ssm.gate"]
+            write = model.ssm_out_proj(layer)(s * torch.nn.functional.silu(g))
+            want = native[f"blocks.{layer}.ssm_out"]
+            err = (write - want).abs().max().item()
+            if err > 1e-3 * max(1.0, want.abs().max().item()):
+                raise ModelCheckError(f"{model.name}: block {layer}'s write differs from out_proj(s ⊙ SiLU(g)) by "
+                                      f"{err:.2e}; the adapter's state-space mixer paths are wrong.")

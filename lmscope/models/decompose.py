@@ -2,7 +2,8 @@
 
 For a position t, the input of the final norm is
 ``x_t = embed_t + Σ_l [Σ_h head_write_{l,h,t} + b_O^l] + Σ_l mlp_write_{l,t}``
-(with ``mlp_write`` optionally split into ``Σ_n post_{l,t,n} W_out[n] + b_out^l``). The parts add
+(with ``mlp_write`` optionally split into ``Σ_n post_{l,t,n} W_out[n] + b_out^l``); for a
+state-space model (Mamba) ``x_t = embed_t + Σ_l ssm_write_{l,t}``. The parts add
 up to ``x_t`` exactly for sequential and parallel blocks alike. A model without MLPs (an
 attention-only model) has no MLP terms.
 
@@ -37,7 +38,7 @@ class Decomposition:
     """Components at one position per prompt: ``vectors`` (B, C, D) with C labelled components."""
 
     labels: list[str]
-    kinds: list[str]  # embed | head | attn_bias | mlp | neuron | mlp_bias
+    kinds: list[str]  # embed | head | attn_bias | ssm | mlp | neuron | mlp_bias
     layers: list[int | None]
     heads: list[int | None]  # head index, or neuron index for kind "neuron"
     vectors: torch.Tensor
@@ -53,7 +54,7 @@ def decomposition_sites(model: Model, neurons: bool = False) -> list[str]:
     if neurons:
         model.require(["mlp.post"], "A per-neuron decomposition")
     sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post"]
-    sites += site_names("attn.head_out", n)
+    sites += site_names("ssm_out" if "ssm" in model.parts else "attn.head_out", n)
     if "mlp" in model.parts:
         sites += site_names("mlp.post" if neurons else "mlp_out", n)
     return sites
@@ -84,6 +85,9 @@ def decompose_cache(model: Model, batch: Batch, cache: dict, position: int | Non
         labels.append(label), kinds.append(kind), layers.append(layer), heads.append(idx), vecs.append(vec)
 
     for layer in range(s.n_layers):
+        if "ssm" in model.parts:  # a state-space block has one write, its mixer's
+            add(f"L{layer}.ssm", "ssm", layer, None, at(cache[f"blocks.{layer}.ssm_out"]))
+            continue
         hw = at(cache[f"blocks.{layer}.attn.head_out"])  # (B, H, D)
         for h in range(s.n_heads):
             add(f"L{layer}H{h}", "head", layer, h, hw[:, h])

@@ -54,7 +54,9 @@ def generate(model: Model, inputs, max_new_tokens: int, interventions: StepInter
     for _ in range(max_new_tokens):
         ivs = interventions(pos.cpu(), step_mask.cpu()) if interventions else []
         with model.hooks(interventions=ivs), torch.no_grad():
-            out = model.hf(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True, **{kv: past})
+            # a recurrent model (no attention) masks the tokens it is fed, not the whole sequence so far
+            mask = full_mask if "attention" in model.parts else full_mask[:, -ids.shape[1]:]
+            out = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kv: past})
         past = out[kv]
         lp = out.logits[:, -1].float().log_softmax(-1)
         nxt = lp.argmax(-1)

@@ -21,7 +21,8 @@ from lmscope.models.norms import norm_gain, norm_scale
 from lmscope.models.parts import get_module
 from lmscope.models.attention import ATTN_ATTR, _explicit, explicit_attention
 from lmscope.models.reuse import Expansion, Prefix
-from lmscope.sites import ATTN_INNER_KINDS, Site, parse_site
+from lmscope.models.ssm import explicit_mixer
+from lmscope.sites import ATTN_INNER_KINDS, SSM_INNER_KINDS, Site, parse_site
 
 if TYPE_CHECKING:
     from lmscope.models.model import Model
@@ -80,19 +81,22 @@ class HookSession:
                 if site.kind == "final.scale":
                     raise SiteError("final.scale can be read but not intervened on; intervene on the residual.")
                 self.ivs[site].append((rows, iv))
-        kinds = {s.kind for s in self.cache_sites | set(self.ivs)} | ({"attn.pattern"} if self.knockouts else set())
+        self.ssm = "ssm" in model.parts  # a state-space model: knockouts act on the scan
+        knock = "ssm.out" if self.ssm else "attn.pattern"
+        kinds = {s.kind for s in self.cache_sites | set(self.ivs)} | ({knock} if self.knockouts else set())
         model.require(sorted(kinds))
         self.cache: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._attn_modules: list = []
+        self._mixers: list = []
         self._stash: dict[tuple[int, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ core step
     def wants(self, site: Site) -> bool:
         return site in self.cache_sites or site in self.ivs
 
-    def process(self, site: Site, x: torch.Tensor) -> torch.Tensor:
-        """Apply this site's interventions to ``x`` and cache it if asked; return the new value."""
+    def apply(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with this site's interventions applied (nothing cached)."""
         ivs = self.ivs.get(site)
         if ivs:
             x = x.clone()
@@ -101,6 +105,11 @@ class HookSession:
                     x = iv.apply(x)
                 else:
                     x[rows] = iv.apply(x[rows])
+        return x
+
+    def process(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        """Apply this site's interventions to ``x`` and cache it if asked; return the new value."""
+        x = self.apply(site, x)
         if site in self.cache_sites:
             self._store(site.name, x)
         return x
@@ -133,6 +142,9 @@ class HookSession:
             if getattr(module, ATTN_ATTR, None) is not None:
                 delattr(module, ATTN_ATTR)
         self._attn_modules.clear()
+        for module in self._mixers:
+            module.__dict__.pop("forward", None)
+        self._mixers.clear()
         self._stash.clear()
 
     def _register(self) -> None:
@@ -150,9 +162,14 @@ class HookSession:
             for layer in range(self.expand.first, m.spec.n_layers):
                 self._hook_pre(m.block(layer), self._expand_pre(layer))
 
-        explicit = {layer for layer, kinds in kinds_by_layer.items() if kinds & {*ATTN_INNER_KINDS, "knockout"}}
+        inner = {*SSM_INNER_KINDS, "knockout"} if self.ssm else {*ATTN_INNER_KINDS, "knockout"}
+        explicit = {layer for layer, kinds in kinds_by_layer.items() if kinds & inner}
         every = self.prefix is not None
-        for layer in range(m.spec.n_layers) if every else sorted(explicit):
+        if self.ssm:
+            if every:
+                raise RuntimeError("Prefix reuse needs attention keys and values; a state-space model has none.")
+            self._explicit_mixers(explicit)
+        for layer in () if self.ssm else range(m.spec.n_layers) if every else sorted(explicit):
             attn = get_module(m.block(layer), a.block.mixer.module)
             if getattr(attn, ATTN_ATTR, None) is not None:
                 raise RuntimeError("Another lmscope hook session is active on this model; nest runs instead.")
@@ -172,12 +189,23 @@ class HookSession:
                     self._hook_fwd(get_module(block, a.block.mlp_write), self._mlp_write_scale(layer))
             if "mlp_out" in kinds:
                 self._hook_fwd(get_module(block, a.block.mlp_write), self._site_output(Site("mlp_out", layer)))
+            if "ssm_out" in kinds:
+                self._hook_fwd(get_module(block, a.block.mixer.module), self._site_output(Site("ssm_out", layer)))
             if "resid_post" in kinds:
                 self._hook_fwd(block, self._site_output(Site("resid_post", layer)))
         if Site("final.scale") in wanted:
             self._hook_pre(m.final_norm, self._final_scale)
         if Site("logits") in wanted:  # the model's output, so after any final soft-cap (Gemma 2)
             self._hook_fwd(m.hf, self._site_output(Site("logits")))
+
+    def _explicit_mixers(self, layers) -> None:
+        """Run the state-space mixer of ``layers`` through lmscope's explicit path (see :mod:`lmscope.models.ssm`)."""
+        for layer in sorted(layers):
+            mixer = get_module(self.model.block(layer), self.model.adapter.block.mixer.module)
+            if "forward" in mixer.__dict__:
+                raise RuntimeError("Another lmscope hook session is active on this model; nest runs instead.")
+            mixer.forward = explicit_mixer(self, layer, mixer)
+            self._mixers.append(mixer)
 
     def _hook_pre(self, module, fn) -> None:
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))

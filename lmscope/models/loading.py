@@ -33,6 +33,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ from transformers.utils import logging as hf_logging
 
 from lmscope.errors import InputError, ModelNotAvailableError, UnsupportedArchitectureError
 from lmscope.models.registry import BUILTIN, BuiltinModel
+from lmscope.models.trained import TRAINED, TrainedModel, train_small_lm, write_log
 from lmscope.paths import find_package_dir
 
 CACHE_FORMAT = 1
@@ -89,6 +91,10 @@ def load_hf(
             entry = BUILTIN[target]
             name = entry.name
             model, tokenizer = _load_cached(name, lambda: _prepare_builtin(entry, progress), torch_dtype, device_map)
+        elif kind == "trained":  # trained by lmscope at first use (no package ships such weights)
+            entry = TRAINED[target]
+            name = entry.name
+            model, tokenizer = _load_cached(name, lambda: _prepare_trained(entry, progress), torch_dtype, device_map)
         elif kind == "gguf":
             path = Path(target)
             name = str(path)
@@ -137,6 +143,8 @@ def _resolve(spec: str) -> tuple[str, str]:
         raise InputError(f"A model spec must be a non-empty string, got {spec!r}. {_choices()}")
     if spec in BUILTIN:
         return "builtin", spec
+    if spec in TRAINED:
+        return "trained", spec
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -164,7 +172,7 @@ def _choices() -> str:
 
 
 def _builtin_names() -> str:
-    return ", ".join(BUILTIN)
+    return ", ".join([*BUILTIN, *TRAINED])
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -306,7 +314,7 @@ def _prepare_builtin(entry: BuiltinModel, progress: bool) -> Path:
         return path
 
     note = f"Preparing {entry.name} (first use: dequantising GGUF, ~{entry.prepare_seconds} s)…"
-    return _prepare(entry.name, source, locate, note if progress else None)
+    return _prepare(entry.name, source, lambda work: _dequantise(locate(work)), note if progress else None)
 
 
 def _prepare_gguf(path: Path, progress: bool) -> Path:
@@ -317,7 +325,26 @@ def _prepare_gguf(path: Path, progress: bool) -> Path:
     stat = path.stat()
     source = {"kind": "gguf", "path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     note = f"Preparing {path.name} (first use: dequantising GGUF into {cache_dir() / name})…"
-    return _prepare(name, source, lambda work: path, note if progress else None)
+    return _prepare(name, source, lambda work: _dequantise(path), note if progress else None)
+
+
+def _prepare_trained(entry: TrainedModel, progress: bool) -> Path:
+    """The trusted cache folder of a self-trained model (its recipe hashed into the folder name), training it on
+    first use."""
+    recipe = json.dumps(asdict(entry), sort_keys=True)
+    name = f"{entry.name}-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
+    if _trusted(cache_dir() / name):
+        return cache_dir() / name
+    source = {"kind": "trained", "recipe": json.loads(recipe)}
+    note = f"Preparing {entry.name} (first use: training it, {entry.steps} steps; see lmscope.models.trained)…"
+    logs: dict = {}
+
+    def make(work: Path):
+        model, tokenizer, logs["log"] = train_small_lm(entry, progress=progress)
+        return model, tokenizer
+
+    return _prepare(name, source, make, note if progress else None,
+                    after=lambda out: write_log(out, entry, logs["log"]))
 
 
 def _gguf_cache_name(path: Path) -> str:
@@ -328,8 +355,9 @@ def _gguf_cache_name(path: Path) -> str:
     return f"{stem}-{hashlib.sha256(key).hexdigest()[:10]}"
 
 
-def _prepare(name: str, source: dict, locate, note: str | None) -> Path:
-    """Dequantise the GGUF that `locate(work_dir)` returns and publish it as cache folder `name`.
+def _prepare(name: str, source: dict, make, note: str | None, after=None) -> Path:
+    """Build the model that `make(work_dir)` returns (dequantising a GGUF, or training) and publish it as cache
+    folder `name`; `after(folder)` may add files before the folder is published.
 
     Work happens in `<name>.tmp-<pid>-<random>/` next to the final folder; its `hf/` subfolder is
     renamed into place only when complete. On any error the work folder is removed; after a crash
@@ -343,10 +371,11 @@ def _prepare(name: str, source: dict, locate, note: str | None) -> Path:
     try:
         if note:
             _say(note)
-        gguf = locate(work)
-        model, tokenizer = _dequantise(gguf)
+        model, tokenizer = make(work)
         out = work / "hf"
         _write_folder(model, tokenizer, out, source)
+        if after is not None:
+            after(out)
         return _publish(out, root / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)

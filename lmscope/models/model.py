@@ -148,8 +148,15 @@ class Model:
 
     def W_O(self, layer: int) -> torch.Tensor:
         """(H, dh, D) per-head output projection."""
+        self.require(["attn.z"], "W_O (per-head output projection)")
         w = linear_weight(get_module(self.block(layer), self.adapter.block.mixer.o_proj), self.adapter.linear)
         return w.reshape(self.spec.n_heads, self.spec.d_head, self.spec.d_model)
+
+    def ssm_out_proj(self, layer: int):
+        """The output projection of a state-space block (E -> D), as a callable module (for the load check,
+        and ROME on ``out_proj`` later)."""
+        self.require(["ssm_out"], "ssm_out_proj")
+        return get_module(self.block(layer), self.adapter.block.mixer.out_proj)
 
     def b_O(self, layer: int) -> torch.Tensor | None:
         return getattr(get_module(self.block(layer), self.adapter.block.mixer.o_proj), "bias", None)
@@ -303,7 +310,8 @@ class Model:
         cache = [parse_site(s, self.spec.n_layers) for s in cache]
         lowest = [min([self._lowest_layer(iv) for iv in ivs], default=self.spec.n_layers) for ivs in sets]
         keep = 1 if logits == "last" and padding_side == "left" and Site("logits") not in cache else 0
-        reuse = reuse and not cache and logits in ("last", "none") and batch.padding_side == "left"
+        reuse = reuse and not cache and logits in ("last", "none") and batch.padding_side == "left" \
+            and "attention" in self.parts  # prefix reuse carries keys/values; a state-space model has a state
         if reuse:
             start = [min([first_position(iv, t) for iv in ivs], default=t - 1) for ivs in sets]
             start = [min(p, t - 1) for p in start]

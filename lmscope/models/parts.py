@@ -1,8 +1,8 @@
 """The parts an architecture adapter is built from.
 
 An :class:`Adapter` describes one architecture family by composition: the token :class:`Embedding`;
-a :class:`Block` made of a *mixer* (:class:`Attention`; a state-space mixer would be another
-mixer part), an optional :class:`MLP` and its :class:`Norms`; the :class:`Final` norm, unembedding
+a :class:`Block` made of a *mixer* (:class:`Attention`, or the selective state-space mixer
+:class:`StateSpace` of Mamba), an optional :class:`MLP` and its :class:`Norms`; the :class:`Final` norm, unembedding
 and soft-cap; and the :class:`ConfigFields`, the HF config field names read once per family.
 Module paths are dotted attribute paths: global ones relative to the ``*ForCausalLM`` model,
 block ones relative to a decoder block.
@@ -24,7 +24,7 @@ from lmscope.errors import SiteError, UnsupportedArchitectureError
 from lmscope.models.norms import NORM_KINDS
 from lmscope.sites import KINDS, Site, parse_site
 
-PARTS = ("embedding", "block", "attention", "mlp", "final_norm", "unembedding")
+PARTS = ("embedding", "block", "attention", "ssm", "mlp", "final_norm", "unembedding")
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,9 @@ class ConfigFields:
     """
 
     d_model: str = "hidden_size"
-    n_heads: str = "num_attention_heads"
+    n_heads: str | None = "num_attention_heads"  # None: no attention heads (a state-space model)
     n_kv_heads: str | None = "num_key_value_heads"
-    n_ctx: str = "max_position_embeddings"
+    n_ctx: str | None = "max_position_embeddings"  # None: no context limit (a recurrent model)
     parallel: str | None = None  # attention and MLP read the same residual (GPT-NeoX, GPT-J)
     softcap: str | None = None  # final-logit soft-cap c: logits = c·tanh(z / c)
     attn_softcap: str | None = None  # attention-score soft-cap (the forward gets it from transformers;
@@ -78,6 +78,25 @@ class Attention:
 
 
 @dataclass(frozen=True)
+class StateSpace:
+    """Selective state-space mixer (Mamba; Gu and Dao 2023), paths relative to the block.
+
+    ``in_proj`` maps x to [x_a | g] (2E); ``conv`` is the depthwise causal convolution over x_a
+    (width K); ``x_proj`` gives the selective [Δ_rank | B | C] from the conv output u;
+    ``dt_proj`` lifts Δ to E channels; ``A_log`` and ``D`` are parameters of ``module``;
+    ``out_proj`` maps s ⊙ SiLU(g) back to D. Its write is ``module``'s output.
+    """
+
+    module: str
+    in_proj: str
+    conv: str
+    x_proj: str
+    dt_proj: str
+    out_proj: str
+    part = "ssm"
+
+
+@dataclass(frozen=True)
 class MLP:
     module: str  # its output is the MLP write before any post-norm
     down: str  # down projection: its input is mlp.post
@@ -102,7 +121,7 @@ class Norms:
 
 @dataclass(frozen=True)
 class Block:
-    mixer: Attention
+    mixer: Attention | StateSpace
     norms: Norms
     mlp: MLP | None = None
 

@@ -17,6 +17,9 @@ def _cap(value) -> float | None:
     return float(value) if value else None
 
 
+NO_CONTEXT_LIMIT = 1 << 20  # n_ctx of a recurrent model, whose config names no context length
+
+
 def make_spec(model) -> ModelSpec:
     """The spec of a model: config fields named once by its adapter, widths read from its weights."""
     c, a = model.hf.config, model.adapter
@@ -25,21 +28,26 @@ def make_spec(model) -> ModelSpec:
     def read(name: str | None, default=None):
         return default if name is None else config_field(c, name, a)
 
-    n_heads = read(f.n_heads)
-    d_head = linear_weight(get_module(model.block(0), a.block.mixer.o_proj), a.linear).shape[0] // n_heads
+    n_heads = read(f.n_heads, 0)
+    ssm = a.block.mixer.part == "ssm"
+    d_head = 0 if ssm else linear_weight(get_module(model.block(0), a.block.mixer.o_proj), a.linear).shape[0] // n_heads
+    # a state-space mixer: E channels and a state of N per channel (A_log is E x N)
+    d_inner, d_state = tuple(get_module(model.block(0), a.block.mixer.module).A_log.shape) if ssm else (0, 0)
     d_mlp = 0 if a.block.mlp is None else linear_weight(get_module(model.block(0), a.block.mlp.down),
                                                         a.linear).shape[0]
     return ModelSpec(
         family=a.family, n_layers=len(model._blocks()), n_heads=n_heads, n_kv_heads=read(f.n_kv_heads) or n_heads,
-        d_model=read(f.d_model), d_head=d_head, d_mlp=d_mlp, d_vocab=model.W_U.shape[1], n_ctx=read(f.n_ctx),
+        d_model=read(f.d_model), d_head=d_head, d_mlp=d_mlp, d_vocab=model.W_U.shape[1],
+        n_ctx=read(f.n_ctx, NO_CONTEXT_LIMIT),
         norm=a.block.norms.kind, post_norms=a.block.post_norms, parallel=bool(read(f.parallel, False)),
         softcap=_cap(read(f.softcap)), attn_softcap=_cap(read(f.attn_softcap)),
-        sliding_window=read(f.sliding_window),
+        sliding_window=read(f.sliding_window), d_inner=d_inner, d_state=d_state,
     )
 
 
 def qkv(model, layer: int, which: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(D, heads*dh) weight and bias of q (0), k (1) or v (2), before GQA expansion."""
+    model.require(["attn.q"], "Per-head query/key/value weights")
     a, s, block = model.adapter.block.mixer, model.spec, model.block(layer)
     linear = model.adapter.linear
     if a.qkv is None:

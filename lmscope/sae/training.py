@@ -71,7 +71,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 500
     init_sample: int = 16384
-    dead_tokens: int = 1_000_000
+    dead_tokens: int = 1_000_000  # the TopK paper's AuxK window is 10M tokens; see lmscope.sae.topk
     resample_every: int = 0
     max_resamples: int = 4
     log_every: int = 20

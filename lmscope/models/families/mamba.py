@@ -1,0 +1,23 @@
+"""Mamba (Gu and Dao, 2023; transformers' ``MambaForCausalLM``): blocks ``x + mixer(rmsnorm(x))``
+with a selective state-space mixer and no MLP; a final RMSNorm and an unembedding (tied by default).
+
+The mixer: ``[x_a | g] = in_proj(x)``; ``u = SiLU(conv(x_a))`` (depthwise causal convolution of
+width 4); ``Δ, B, C`` from ``x_proj(u)`` (``Δ = softplus(dt_proj(·))``); the scan
+``h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t B_t u_t``, ``s_t = C_t · h_t + D ⊙ u_t``; the write
+``o = out_proj(s ⊙ SiLU(g))``. The inner sites (``ssm.*``) come from lmscope's explicit mixer path
+(:mod:`lmscope.models.ssm`), which the load check holds to the native forward.
+"""
+
+from lmscope.models.parts import Adapter, Block, ConfigFields, Embedding, Final, Norms, StateSpace
+
+MIXER = StateSpace(module="mixer", in_proj="mixer.in_proj", conv="mixer.conv1d", x_proj="mixer.x_proj",
+                   dt_proj="mixer.dt_proj", out_proj="mixer.out_proj")
+
+ADAPTER = Adapter(
+    family="mamba", model_types=("mamba",),
+    embedding=Embedding("backbone.embeddings"), layers="backbone.layers",
+    block=Block(mixer=MIXER, norms=Norms(kind="rms", pre_mixer="norm")),
+    final=Final(norm="backbone.norm_f", unembed="lm_head"),
+    config=ConfigFields(n_heads=None, n_kv_heads=None, n_ctx=None),
+    source="lmscope/models/families/mamba.py",
+)

@@ -60,8 +60,8 @@ def bench_ig(model, batch) -> None:
 
     def ours():
         r = integrated_gradients(model, batch.input_ids, TARGET, FOIL, steps=START_STEPS, tolerance=TOLERANCE,
-                                 max_steps=MAX_STEPS, internal_batch_size=IBS, baseline_scale=SCALE,
-                                 warn_above=float("inf"))
+                                 max_steps=MAX_STEPS, internal_batch_size=IBS, baseline="scaled",
+                                 baseline_scale=SCALE, keep_first=False, refine="double", warn_above=float("inf"))
         return r.extras["granular"], r.meta["steps"], r.meta["relative_delta"]
 
     def naive_at(steps):

@@ -91,10 +91,27 @@ def test_integrated_gradients_baselines(tiny):
                                  warn_above=math.inf)
         assert r.values.shape == (batch.input_ids.shape[1],) and torch.isfinite(r.values).all()
     # the baseline token replaces every position: f(baseline) is the model's own value on that input
-    r = integrated_gradients(tiny, PROMPT, "Mary", steps=4, baseline="the", warn_above=math.inf)
+    r = integrated_gradients(tiny, PROMPT, "Mary", steps=4, baseline="the", warn_above=math.inf, keep_first=False)
     ids = torch.full_like(batch.input_ids, tiny.token_id("the"))
     own = tiny.run(ids, logits="last").logits[0, tiny.token_id("Mary")]
     assert r.meta["f_baseline"] == pytest.approx(float(own), abs=1e-4)
+    # by default the first position (the attention sink of a model without BOS) keeps its token
+    r = integrated_gradients(tiny, PROMPT, "Mary", steps=4, baseline="the", warn_above=math.inf)
+    ids[0, 0] = batch.input_ids[0, 0]
+    own = tiny.run(ids, logits="last").logits[0, tiny.token_id("Mary")]
+    assert r.meta["f_baseline"] == pytest.approx(float(own), abs=1e-4)
+    assert float(r.values[0]) == 0.0
+
+
+def test_adaptive_integrated_gradients_match_a_fine_fixed_quadrature(tiny_llama):
+    """Default: neutral-token baseline (UNK, first position kept), bisected to ≤ 1% completeness; the
+    piecewise quadrature agrees with 256 Gauss-Legendre steps on the whole path."""
+    r = integrated_gradients(tiny_llama, PROMPT, "Mary", "John")
+    ref = integrated_gradients(tiny_llama, PROMPT, "Mary", "John", steps=256)
+    assert r.meta["relative_delta"] <= 0.01 and r.meta["tolerance"] == 0.01 and "<unk>" in r.meta["baseline"]
+    assert r.meta["f_baseline"] == pytest.approx(ref.meta["f_baseline"], abs=1e-5)
+    gap = abs(ref.meta["f_input"] - ref.meta["f_baseline"])
+    torch.testing.assert_close(r.values, ref.values, atol=0.02 * gap, rtol=0)
 
 
 def test_integrated_gradients_warns_and_refines(tiny_llama):
@@ -103,7 +120,13 @@ def test_integrated_gradients_warns_and_refines(tiny_llama):
     # the zero embedding does not converge on this RMSNorm model (measured: 1.86 at 512 steps): warned
     r = integrated_gradients(tiny_llama, PROMPT, "Mary", "John", steps=1, tolerance=1e-4)
     assert r.meta["relative_delta"] <= 1e-4 and r.meta["steps"] > 1
+    rounds = r.meta["refinement"]  # adaptive bisection: one node per segment, at most doubling per round
+    assert [h["steps"] for h in rounds] == [h["segments"] for h in rounds] and rounds[0]["steps"] == 1
+    assert all(a["steps"] < b["steps"] <= 2 * a["steps"] for a, b in zip(rounds, rounds[1:]))
+    r = integrated_gradients(tiny_llama, PROMPT, "Mary", "John", steps=1, tolerance=1e-4, refine="double")
+    assert r.meta["relative_delta"] <= 1e-4 and r.meta["steps"] > 1
     assert [h["steps"] for h in r.meta["refinement"]] == [2 ** i for i in range(len(r.meta["refinement"]))]
+    assert all(h["relative_delta"] > 1e-4 for h in r.meta["refinement"][:-1])
     assert all(h["relative_delta"] > 1e-4 for h in r.meta["refinement"][:-1])
 
 
@@ -205,6 +228,41 @@ def test_alti_rows_and_alti_logit_adds_up(tiny):
     total = float(al.values.sum()) + m["embed_term"] + m["mlp_term"] + m["bias_term"] + m["constant"]
     assert total == pytest.approx(decomposed, abs=1e-3)
     assert torch.allclose(al.values, al.extras["per_layer"].sum(dim=0))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_alti_logit_spread_matches_naive_loop(family):
+    """Each token's ALTI-Logit against a per-token loop of the formula of METHODS.md §3.6:
+    ``Σ_ℓ Σ_j Δlogit^ℓ_{w←j} · R^{ℓ−1}[j, s]`` with ``R^0 = I``, the per-source attention terms
+    from the weights (:func:`_direct_terms`), ALTI contributions by the Manhattan proximity and the
+    final RMSNorm's scale frozen at the real final residual."""
+    model = make_tiny(family)
+    al = alti_logit(model, PROMPT, "Mary", "John")
+    n = model.spec.n_layers
+    last = model.run(PROMPT, cache=[f"blocks.{n - 1}.resid_post"], logits="none")[f"blocks.{n - 1}.resid_post"][0, -1]
+    norm = model.hf.model.norm
+    scale = torch.rsqrt(last.pow(2).mean() + norm.variance_epsilon)
+    w_u = model.hf.lm_head.weight.detach()
+    v = (w_u[model.token_id("Mary")] - w_u[model.token_id("John")]) * norm.weight.detach() * scale
+    t = len(model.to_str_tokens(PROMPT))
+    rollout_prev = [[1.0 if a == b else 0.0 for b in range(t)] for a in range(t)]  # R^0 = I
+    expected = torch.zeros(n, t)
+    for layer in range(n):
+        x, y, terms, _ = _direct_terms(model, PROMPT, layer)
+        delta = [float(terms[t - 1][j] @ v) for j in range(t)]  # heads' write from j into the last position
+        for s in range(t):
+            expected[layer, s] = sum(delta[j] * rollout_prev[j][s] for j in range(t))
+        c = [[0.0] * t for _ in range(t)]
+        for i in range(t):
+            for j in range(i + 1):
+                tij = terms[i][j] + (x[i] if i == j else 0)
+                c[i][j] = max(0.0, float(y[i].abs().sum() - (y[i] - tij).abs().sum()))
+            row = sum(c[i])
+            c[i] = [cij / row for cij in c[i]]
+        rollout_prev = [[sum(c[i][k] * rollout_prev[k][s] for k in range(t)) for s in range(t)] for i in range(t)]
+    assert expected.abs().max() > 1e-3  # the spread is not trivially zero
+    torch.testing.assert_close(al.extras["per_layer"], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(al.values, expected.sum(dim=0), atol=1e-4, rtol=1e-4)
 
 
 def test_value_zeroing_matches_explicit_recomputation(tiny):

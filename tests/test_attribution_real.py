@@ -22,6 +22,27 @@ def test_ig_completeness_with_default_baseline(smollm):
     assert int(r.values.argmax()) in NAMES  # measured: ' Mary' (position 1)
 
 
+HELD_OUT = "After Lisa and Tom finished dinner, Tom handed the bill to"
+
+
+def test_ig_default_removes_tokens_and_completes_on_a_held_out_prompt(smollm):
+    """Default settings: the neutral-token baseline (UNK, the first position kept) and adaptive steps
+    reach ≤ 1% completeness on an IOI prompt that played no part in choosing them."""
+    import torch
+
+    r = integrated_gradients(smollm, HELD_OUT, " Lisa", " Tom")
+    assert r.meta["relative_delta"] <= 0.01 and r.meta["tolerance"] == 0.01
+    assert r.meta["refinement"][-1]["relative_delta"] == r.meta["relative_delta"]
+    # the baseline is the model's own input with every token but the first replaced by UNK
+    ids = smollm.encode(HELD_OUT).input_ids.clone()
+    ids[0, 1:] = smollm.tokenizer.unk_token_id
+    logits = smollm.run(ids, logits="last").logits[0]
+    own = float(logits[smollm.token_id(" Lisa")] - logits[smollm.token_id(" Tom")])
+    assert r.meta["f_baseline"] == pytest.approx(own, abs=1e-3)
+    assert float(r.values[0]) == 0.0 and torch.isfinite(r.values).all()
+    assert int(r.values.argmax()) == 1  # ' Lisa', the indirect object
+
+
 def test_ig_zero_baseline_warns(smollm):
     with pytest.warns(ConvergenceWarning, match="baseline='scaled'"):
         r = integrated_gradients(smollm, IOI, " Mary", " John", baseline="zero", steps=16)

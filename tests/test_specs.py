@@ -82,7 +82,7 @@ def _sae_evals(m, dirs, corpus):
 
 def _cases(tmp, corpus, saes=("",)):
     """name -> (inputs JSON, config JSON, direct Python call (model) -> Result / ResultSet / tensor)."""
-    from lmscope.attribution import attribute
+    from lmscope.attribution import EvaluateConfig, attribute, evaluate_attributions
     from lmscope.behaviors import HeadsConfig, NeuronsConfig, head_atlas, neuron_report
     from lmscope.decoding import evaluate_lens, logit_lens, ov_circuit, patchscope, qk_circuit
     from lmscope.decoding.lens_training import TrainLensConfig, train_lens
@@ -105,6 +105,10 @@ def _cases(tmp, corpus, saes=("",)):
     return {
         "attribute": ({"prompt": P, "target": "Mary", "foil": "John"}, {"method": "saliency"},
                       lambda m: attribute(m, P, "Mary", "John", method="saliency", metric="logit")),
+        "attribute-evaluate": (None, {"tasks": ["induction"], "n": 2, "methods": ["saliency", "rollout"],
+                                      "sanity": 1},
+                               lambda m: evaluate_attributions(m, EvaluateConfig(("induction",), 2,
+                                                                                 ("saliency", "rollout"), sanity=1))),
         "dla": ({"prompt": P, "target": "Mary", "foil": "John"}, {"by": "head"},
                 lambda m: dla(m, P, "Mary", "John", by="head")),
         "patch": ([PAIR], {"site": "z", "direction": "noise"},

@@ -72,8 +72,11 @@ class AttributeConfig:
     method: str = specs.option("integrated-gradients", " | ".join(METHODS), choices=METHODS)
     metric: str | None = specs.option(None, "logit | probability | log_prob (default logit; with --generate "
                                             "probability); target-free methods take none.")
-    steps: int | None = specs.option(None, "Integrated-gradients steps (default 64).")
-    baseline: str | None = specs.option(None, "IG/occlusion baseline: scaled | zero | pad | unk | eos | a token.")
+    steps: int | None = specs.option(None, "Integrated-gradients steps (default: adaptive, refined until the "
+                                           "completeness error is ≤ 1%).")
+    baseline: str | None = specs.option(None, "IG/occlusion baseline: neutral (IG's default: UNK, else PAD, else "
+                                              "EOS) | scaled (0.3 × input: keeps token identity) | zero | pad | "
+                                              "unk | eos | a token.")
     generate: int | None = specs.option(None, "Generate N tokens and attribute each of them.")
 
     def __post_init__(self):

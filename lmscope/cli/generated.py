@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from lmscope import specs
 from lmscope.cli import common, views
@@ -244,6 +245,19 @@ def make_command(spec: specs.MethodSpec, group_callback: bool = False):
 
 
 GROUP_SUBCOMMANDS: dict[str, tuple[str, ...]] = {}
+# subcommands that may also be written as a flag of their group: `lmscope attribute --evaluate ...`
+FLAG_SUBCOMMANDS: dict[str, tuple[str, ...]] = {"attribute": ("evaluate",)}
+
+
+class FlagGroup(TyperGroup):
+    """A command group that reads ``--<sub>`` anywhere in its arguments as its subcommand ``<sub>``."""
+
+    def parse_args(self, ctx, args):
+        flags = {f"--{sub}": sub for sub in FLAG_SUBCOMMANDS.get(self.name or "", ())}
+        hit = next((a for a in args if a in flags), None)
+        if hit is not None:
+            args = [flags[hit], *(a for a in args if a != hit)]
+        return super().parse_args(ctx, args)
 
 
 def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
@@ -255,7 +269,8 @@ def register(app: typer.Typer, groups: dict[str, typer.Typer]) -> None:
             GROUP_SUBCOMMANDS[spec.cli[0]] += (spec.cli[1],)
     for spec in all_specs:
         if len(spec.cli) == 1 and spec.cli[0] in GROUP_SUBCOMMANDS:
-            group = groups.setdefault(spec.cli[0], typer.Typer(no_args_is_help=False, help=spec.summary))
+            group = groups.setdefault(spec.cli[0], typer.Typer(no_args_is_help=False, help=spec.summary,
+                                                               cls=FlagGroup))
             group.callback(invoke_without_command=True)(make_command(spec, group_callback=True))
             app.add_typer(group, name=spec.cli[0])
     for spec in all_specs:

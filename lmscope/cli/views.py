@@ -13,7 +13,7 @@ from rich.table import Table
 from lmscope.cli.common import top_table
 
 NO_PLOT = ("circuit", "flow", "lens-train", "sae-train", "sae-eval", "sae-features",
-           "sae-compare", "edit", "edit-eval")
+           "sae-compare", "edit", "edit-eval", "attribute-evaluate")
 SAE_SHOWN = ("l0", "fve", "gamma", "gamma_centred", "ce_recovered", "delta_ce", "dead_frac", "dense_frac", "tokens")
 
 
@@ -46,6 +46,32 @@ def _attribute(result, config):
         shown.append(f"completeness: relative delta {result.meta['relative_delta']:.3g} at {result.meta['steps']} "
                      f"steps (baseline {result.meta['baseline']})")
     return shown, result
+
+
+def faithfulness_table(result) -> Table:
+    """Methods ranked by comprehensiveness − sufficiency over all tasks (the attribute-evaluate Result)."""
+    tasks, methods = result.axes[0].labels, result.axes[1].labels
+    measure = {m: i for i, m in enumerate(result.axes[2].labels)}
+    v = result.values
+    table = Table(title=f"attribution faithfulness · erasure by {result.meta['replacement']} · "
+                        "AOPC in logit-difference units")
+    for col in ("#", "method", *(f"{t} comp−suff" for t in tasks[:-1]), "comp", "suff", "comp−suff",
+                "ρ model rand.", "ρ target rand."):
+        table.add_column(col)
+    order = sorted(range(len(methods)), key=lambda m: -float(v[-1, m, measure["comp-suff"]]))
+    for rank, m in enumerate(order, 1):
+        cells = [f"{float(v[t, m, measure['comp-suff']]):+.3f}" for t in range(len(tasks) - 1)]
+        cells += [f"{float(v[-1, m, measure[k]]):+.3f}" for k in ("comprehensiveness", "sufficiency", "comp-suff")]
+        cells += ["–" if v[-1, m, measure[k]].isnan() else f"{float(v[-1, m, measure[k]]):.2f}"
+                  for k in ("rho_model_random", "rho_target_random")]
+        table.add_row(str(rank), methods[m], *cells)
+    return table
+
+
+def _evaluate(result, config):
+    counts = ", ".join(f"{t}: {d['prompts']} prompts" for t, d in result.meta["tasks"].items())
+    return [faithfulness_table(result), f"{counts}; IG's worst relative completeness error "
+                                        f"{result.meta['ig_worst_relative_delta']:.3g}"], result
 
 
 def _dla(result, config):
@@ -319,7 +345,7 @@ def _sae_compare(result, config):
     return shown + ([f"wrote {config.png}"] if config.png else []), result
 
 
-VIEWS = {"edit": _edit, "edit-eval": _edit_eval,
+VIEWS = {"edit": _edit, "edit-eval": _edit_eval, "attribute-evaluate": _evaluate,
          "attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
          "flow": _flow, "lens": _lens, "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
          "probe": _probe, "steer": _steer, "project": _project, "sae-train": _sae_train,

@@ -6,6 +6,7 @@ from lmscope.models.loading import list_models
 from lmscope.models.memory import MEMORY_KINDS, EditHandle, Memory
 from lmscope.models.mixing import block_outputs, embed_parts
 from lmscope.models.model import Batch, Model, ModelSpec, RunOutput, StepInterventions
+from lmscope.models.randomize import randomized_copy
 from lmscope.models.readout import LogitDirection
 from lmscope.models.testbed import named_parameters, new_attn_only, parameters, save_model, word_tokenizer
 from lmscope.sites import Site, parse_site
@@ -14,7 +15,7 @@ __all__ = ["Batch", "Decomposition", "EdgeGraph", "EditHandle", "LogitDirection"
            "ModelSpec", "RunOutput", "Site",
            "StepInterventions", "block_outputs", "decompose", "decompose_cache", "edge_forward", "edge_graph",
            "embed_parts", "list_models", "load", "named_parameters", "new_attn_only", "parameters", "parse_site",
-           "readout_values", "save_model", "upstream_values", "word_tokenizer"]
+           "randomized_copy", "readout_values", "save_model", "upstream_values", "word_tokenizer"]
 
 
 def load(spec: str | None = None, *, dtype="float32", device=None, device_map=None, check: bool = True,

@@ -24,26 +24,27 @@ IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 FACT = "The Eiffel Tower is in the city of"
 _STEER = ["--positive", " Love", "--negative", " Hate", "--layer", "6", "--prompt", "I think you"]
 
-# (command, required options, text the output must hold); "{SAE}" is the folder `sae train` writes.
+# (command, required options, text the output must hold); "{SAE}" is the folder `sae train` writes (its site
+# defaults to the middle layer: blocks.15 of 30).
 CASES = [
     ("models", [], "smollm2-135m"),
     ("demo", [], "report written to lmscope-demo/report.html"),
     ("attribute", ["--prompt", IOI], "integrated"),
-    ("atp", [], "by head"),
+    ("atp", [], "ATP (denoise) by head"),
     ("dla", ["--prompt", IOI, "--target", " Mary"], "DLA of logit"),
-    ("circuit", [], "circuit"),
+    ("circuit", [], "EAP circuit for ioi"),
     ("flow", ["--prompt", IOI], "Route into position"),
     ("patch", ["--clean", IOI, "--corrupt", IOI_CORRUPT, "--target", " Mary"], "of resid_pre"),
     ("trace", ["--prompt", FACT, "--subject", "The Eiffel Tower"], "Causal trace (hidden)"),
-    ("probe", ["--dataset", "sst2"], "sst2"),
+    ("probe", ["--dataset", "sst2"], "logistic probe on sst2 (40 examples"),
     ("patchscope", ["--source", IOI, "--layer", "5"], "Patchscope"),
     ("project", ["--head", "23.3"], "Head 23.3 OV circuit"),
     ("project", ["--neuron", "20.5"], "Neuron 20.5"),
     ("steer", _STEER, "steered (actadd, layer 6"),
     ("lens", ["--prompt", IOI], "Logit lens at position"),
-    ("lens train", ["--tokens", "1024", "--out", "lens"], "wrote lens"),
-    ("lens eval", [], "lens"),
-    ("sae train", ["--arch", "topk", "--out", "sae"], "using the middle layer, 15 of 30"),
+    ("lens train", ["--tokens", "1024", "--out", "lens"], "wrote lens ("),
+    ("lens eval", [], "Held-out lens quality ("),
+    ("sae train", ["--arch", "topk", "--out", "sae"], "trained topk SAE on blocks.15.resid_post"),
     ("sae eval", ["{SAE}"], "topk SAE on blocks.15.resid_post"),
     ("sae features", ["{SAE}", "--html", "features.html"], "wrote features.html"),
     ("sae compare", ["{SAE}"], "SAE comparison"),

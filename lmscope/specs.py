@@ -20,6 +20,8 @@ Input kinds and their JSON forms:
 * ``corpus``: ``"default"``, a text file or a folder (passed on as the string);
 * ``labelled``: ``{"dataset": "sst2", "limit": 400}`` or ``{"texts": [...], "labels": [...]}`` ->
   :class:`lmscope.data.LabelledSet`;
+* ``sae``: ``"folder"``, ``["folder", ...]`` or ``{"saes": folder_or_list, "corpus": "default"}`` ->
+  :class:`lmscope.sae.folders.SAEFolders` (saved SAE folders and the corpus they are evaluated on);
 * ``none``: ``null`` (weight-only methods).
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import pkgutil
 import types
 import typing
 from collections.abc import Callable
@@ -36,21 +39,25 @@ from typing import Any
 
 from lmscope.errors import InputError
 
-INPUT_KINDS = ("prompt", "pairs", "corpus", "labelled", "none")
+INPUT_KINDS = ("prompt", "pairs", "corpus", "labelled", "sae", "none")
 RESULT_KINDS = ("result", "resultset")
 FAMILIES = ("attribution", "localization", "decoding", "sae")
 _REGISTRY: dict[str, MethodSpec] = {}
 _INPUT_PARSERS: dict[str, Callable[[Any, Any], Any]] = {}
+_LOADED: list[bool] = []  # set once every family module is imported
 
 
 def option(default: Any = MISSING, help: str = "", *, choices: tuple | None = None, flags: tuple[str, ...] = (),
-           values: tuple | None = None) -> Any:
+           values: tuple | None = None, output: str | None = None) -> Any:
     """A config field with its help text (the CLI's --help and the app's form label).
 
     ``choices`` are checked by :func:`check_config`; ``flags`` overrides the CLI option names (e.g.
-    ``("--lens",)``); a ``"--on/--off"`` flag with ``values=(a, b)`` sets the field to a or b.
+    ``("--lens",)``); a ``"--on/--off"`` flag with ``values=(a, b)`` sets the field to a or b;
+    ``output="file"`` or ``"folder"`` marks a path the method writes (the CLI checks it before any work).
     """
-    meta = {"help": help, "choices": choices, "flags": tuple(flags), "values": values}
+    if output not in (None, "file", "folder"):
+        raise InputError(f"option output={output!r}: use 'file' or 'folder'")
+    meta = {"help": help, "choices": choices, "flags": tuple(flags), "values": values, "output": output}
     return field(default=default, metadata=meta) if default is not MISSING else field(metadata=meta)
 
 
@@ -95,7 +102,9 @@ class MethodSpec:
 
     ``sites``: site kinds the method reads or patches (a model lacking one is refused, naming the
     method); ``cli``: the command path (default ``(name,)``); ``cli_inputs``: which input options the
-    command offers (default: all of its kind's); ``input_defaults``: defaults of those options.
+    command offers (default: all of its kind's); ``input_defaults``: defaults of those options;
+    ``check(inputs, config)``: checks that need no model (files readable, outputs writable), run before the
+    method (the CLI runs them before loading the model).
     """
 
     name: str
@@ -109,6 +118,7 @@ class MethodSpec:
     cli_inputs: tuple[str, ...] | None = None
     input_defaults: dict = field(default_factory=dict)
     summary: str = ""
+    check: Callable[[Any, Any], None] | None = None
 
     def __post_init__(self):
         if self.input_kind not in INPUT_KINDS:
@@ -143,9 +153,15 @@ def register_input(kind: str, parser: Callable[[Any, Any], Any]) -> None:
 
 
 def load_all() -> None:
-    """Import every method family, so that all specs are registered."""
+    """Import every module of every method family, so that all specs are registered (a new method file
+    registers itself: nothing else needs to import it)."""
+    if _LOADED:
+        return
     for family in FAMILIES:
-        importlib.import_module(f"lmscope.{family}")
+        package = importlib.import_module(f"lmscope.{family}")
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+    _LOADED.append(True)
 
 
 def all_specs() -> list[MethodSpec]:
@@ -166,6 +182,8 @@ def run(model, name: str | MethodSpec, inputs: Any = None, config: Any = None):
     config = spec.config() if config is None else config
     if not isinstance(config, spec.config):
         raise InputError(f"{spec.name} takes a {spec.config.__name__}, got {type(config).__name__}")
+    if spec.check is not None:
+        spec.check(inputs, config)
     if spec.sites:
         model.require(spec.sites, method=spec.name)
     return spec.run(model, inputs, config)

@@ -24,7 +24,7 @@ def hand_gradient(model, prompt, target, foil=None):
     """∂(logit target − logit foil)/∂(token embedding) through HF's own ``inputs_embeds`` path."""
     ids = model.encode(prompt).input_ids
     with torch.no_grad():
-        emb = get_module(model.hf, model.adapter.embed)(ids)
+        emb = get_module(model.hf, model.adapter.embedding.tokens)(ids)
     emb = emb.detach().clone().requires_grad_(True)
     logits = model.hf(inputs_embeds=emb, use_cache=False).logits[0, -1]
     t = model.token_id(target)

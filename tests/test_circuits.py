@@ -113,6 +113,42 @@ def test_eap_ig_one_step_is_eap_at_the_corrupted_input(tiny_llama):
     assert not torch.allclose(five.scores, ig.scores)
 
 
+def test_eap_ig_with_several_steps_equals_finite_differences_along_the_path(tiny_llama):
+    """EAP-IG with m = 3 steps against an independent integration: at each interpolated input
+    e_r + (k/m)(e_c − e_r), k = 0..m−1 (a real forward with the embeddings patched), the directional
+    derivative of the metric along the edge's corrupted-minus-clean write, by central finite differences
+    of real edge-patched forwards; the score is their mean. No gradient of the implementation is used."""
+    model, m_steps, eps = tiny_llama, 3, 1e-2
+    ig = eap(model, PAIRS, method="eap-ig", ig_steps=m_steps)
+    clean, corrupt, up_c, up_r = _batches(model)
+    t, f = PAIRS.token_ids(model)
+    metric = Metric("logit_diff", t, f)
+    g = ig.graph
+    delta = up_r - up_c
+    edges = [(0, g.receiver_index(1, "q", 2)), (g.head_index(0, 1), g.receiver_index(2, "k", 3)),
+             (g.mlp_index(1), len(g.receivers) - 1), (g.head_index(0, 3), g.receiver_index(1, "v", 1)),
+             (0, g.receiver_index(0, "mlp")), (g.head_index(1, 0), g.receiver_index(1, "mlp"))]
+    by_hand = torch.zeros(len(edges))
+    with torch.no_grad():
+        for k in range(m_steps):
+            ivs = (Patch("embed", value=up_r[0] + (k / m_steps) * (up_c[0] - up_r[0])),)
+            here = upstream_values(model, clean, interventions=ivs)  # the writes at this point of the path
+            for j, (u, r) in enumerate(edges):
+                patch = torch.zeros_like(g.valid)
+                patch[u, r] = True
+                plus = metric(edge_forward(model, clean, patch=patch, corrupt=here + eps * delta,
+                                           interventions=ivs).logits)
+                minus = metric(edge_forward(model, clean, patch=patch, corrupt=here - eps * delta,
+                                            interventions=ivs).logits)
+                by_hand[j] += float(plus - minus) / (2 * eps) / m_steps
+    got = torch.stack([ig.scores[u, r] for u, r in edges])
+    torch.testing.assert_close(got, by_hand, atol=1e-3, rtol=1e-3)
+    assert (by_hand.abs() > 1e-3).sum() >= 4
+    plain = eap(model, PAIRS).scores
+    eap_scores = torch.stack([plain[u, r] for u, r in edges])
+    assert (eap_scores - by_hand).abs().max() > 1e-2  # the integration differs from the clean-end gradient
+
+
 def test_clean_corrupted_averages_the_endpoint_gradients(tiny_llama):
     """The clean-corrupted variant: (corrupt − clean writes) · the mean of the receiver gradients
     of the clean and of the corrupted prompts, each taken by hand from its own backward pass."""
@@ -339,3 +375,44 @@ def test_cli_atp_and_circuit(smollm, tmp_path):
     assert bad.exit_code == 2 and "EAP" in bad.output
     bad = runner.invoke(app, ["flow", "--prompt", "hello there", "--threshold", "1.5"])
     assert bad.exit_code == 2 and "between 0 and 1" in bad.output
+
+
+def test_mib_circuit_scores_are_areas_of_the_faithfulness_curves(tiny_llama):
+    """CMD (|score| ranking) and CPR (support ranking) are trapezoid areas of F over the fraction of edges,
+    F from independent faithfulness curves; the random baseline ranks by seeded random scores; F(0) = 0
+    and F(1) = 1 exactly (the corrupted and the clean run)."""
+    from lmscope.localization.circuit_scores import area, circuit_scores, random_scores
+
+    scores = eap(tiny_llama, PAIRS)
+    fr = (0.0, 0.01, 0.05, 0.2, 0.5, 1.0)
+    res = circuit_scores(tiny_llama, PAIRS, scores, fractions=fr, random_seed=3)
+    n_all = scores.graph.n_edges
+    sizes = [round(f * n_all) for f in fr]
+    x = torch.tensor(sizes, dtype=torch.float64) / n_all
+    rnd = random_scores(scores, 3)
+    for row, sc in enumerate((scores, rnd)):
+        f_abs = faithfulness_curve(tiny_llama, PAIRS, sc, sizes, absolute=True).values.double()
+        f_sup = faithfulness_curve(tiny_llama, PAIRS, sc, sizes, absolute=False).values.double()
+        torch.testing.assert_close(res.extras["faithfulness_abs"][row].double(), f_abs, atol=1e-5, rtol=1e-4)
+        cmd = sum(float((abs(1 - f_abs[i]) + abs(1 - f_abs[i + 1])) / 2 * (x[i + 1] - x[i])) for i in range(len(x) - 1))
+        cpr = sum(float((f_sup[i] + f_sup[i + 1]) / 2 * (x[i + 1] - x[i])) for i in range(len(x) - 1))
+        assert float(res.values[row, 0]) == pytest.approx(cmd, abs=1e-5)
+        assert float(res.values[row, 1]) == pytest.approx(cpr, abs=1e-5)
+        assert float(f_abs[0]) == pytest.approx(0.0, abs=1e-4) and float(f_abs[-1]) == pytest.approx(1.0, abs=1e-4)
+    assert not torch.equal(res.extras["faithfulness_abs"][0], res.extras["faithfulness_abs"][1])
+    assert area([0.0, 0.5, 1.0], torch.tensor([0.0, 1.0, 1.0])) == pytest.approx(0.75)
+    with pytest.raises(InputError, match="fractions"):
+        circuit_scores(tiny_llama, PAIRS, scores, fractions=(0.5, 0.1))
+
+
+def test_find_circuit_mib_option(tiny_llama):
+    from lmscope.localization.circuit_scores import circuit_scores
+    from lmscope.localization.find_circuit import CircuitConfig, find_circuit
+
+    res = find_circuit(tiny_llama, PAIRS, CircuitConfig(edges=10, select="top", mib=True))
+    direct = circuit_scores(tiny_llama, PAIRS, eap(tiny_llama, PAIRS), how="top")
+    mib = res.meta["mib"]
+    assert [mib["cmd"], mib["cpr"], mib["random_cmd"], mib["random_cpr"]] == pytest.approx(
+        direct.values.flatten().tolist(), abs=1e-5)
+    with pytest.raises(InputError, match="ACDC"):
+        CircuitConfig(method="acdc", mib=True)

@@ -143,7 +143,7 @@ from lmscope.data import load_corpus
 from lmscope.results import Result
 
 def f(model):
-    emb = get_module(model.hf, model.adapter.embed)
+    emb = get_module(model.hf, model.adapter.embedding.tokens)
     return model.final_norm(emb), model.block(0)
 '''
 

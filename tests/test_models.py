@@ -140,7 +140,7 @@ def test_hooks_are_removed_on_exit_and_on_exception(tiny_llama):
         with tiny_llama.hooks(cache=["blocks.0.attn.pattern"], interventions=[Scale("blocks.1.mlp_out", 0.5)]):
             1 / 0
     assert _hook_count(tiny_llama) == before
-    attn = get_module(tiny_llama.block(0), tiny_llama.adapter.attn)
+    attn = get_module(tiny_llama.block(0), tiny_llama.adapter.block.mixer.module)
     assert not hasattr(attn, "_lmscope_attn")
 
 
@@ -154,7 +154,7 @@ def test_patch_with_own_value_changes_nothing(tiny):
 def test_zero_head_matches_manual_o_proj_edit(tiny):
     layer, head = 1, 2
     out = tiny.run(PROMPT, interventions=[Ablate(f"blocks.{layer}.attn.z", heads=[head])])
-    o_proj = get_module(tiny.block(layer), tiny.adapter.o_proj)
+    o_proj = get_module(tiny.block(layer), tiny.adapter.block.mixer.o_proj)
     dh = tiny.spec.d_head
 
     def zero_head(module, args):

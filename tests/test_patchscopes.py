@@ -28,7 +28,7 @@ def test_self_patch_is_the_unpatched_model(tiny_llama):
 
 def test_layer0_patch_equals_substituting_the_token(tiny):
     m = tiny
-    if m.adapter.pos_embed is not None:
+    if m.adapter.embedding.positions is not None:
         pytest.skip("GPT-2's resid_pre 0 includes the source position's embedding, so the two differ by design")
     r = patchscope(m, "John went to the store", 0, position=0, target=TARGET, k=5)
     substituted = m.run("cat sat on the mat ; dog ran ; John", logits="last").logits[0].float().softmax(-1)

@@ -44,7 +44,7 @@ def test_ov_and_qk_match_the_models_own_values_queries_keys(tiny):
                 interventions=[Patch(f"{site}.resid_pre", value=emb)])
     v = run[f"{site}.attn.v"][:, 0, head]
     out = v @ m.W_O(layer)[head]
-    if m.adapter.post_norms:
+    if m.adapter.block.post_norms:
         out = m.block(layer).post_attention_layernorm(out)
     assert torch.allclose(ov_outputs(m, layer, head, ids.tolist()), out, atol=1e-5)
     if m.hf.config.model_type == "gemma3_text":
@@ -66,10 +66,10 @@ def test_neuron_and_vector_tokens(tiny):
     m = tiny
     r = neuron_tokens(m, 2, 5, k=3)
     w = m.W_out(2)[5]
-    if m.adapter.post_norms:
+    if m.adapter.block.post_norms:
         w = m.block(2).post_feedforward_layernorm(w)
-    g = m.final_norm.weight.float() + (1.0 if m.adapter.norm_kind == "rms_offset" else 0.0)
-    if m.adapter.norm_kind == "layer":
+    g = m.final_norm.weight.float() + (1.0 if m.adapter.block.norms.kind == "rms_offset" else 0.0)
+    if m.adapter.block.norms.kind == "layer":
         w = w - w.mean()
     logits = (w * g) @ m.W_U
     assert torch.allclose(r.values[0], logits.topk(3).values, atol=1e-5)
@@ -80,10 +80,37 @@ def test_neuron_and_vector_tokens(tiny):
     assert embedding_matches(m, m.W_E[tok].detach(), k=1).meta["ids"][0] == [tok]
 
 
-def test_normed_embeddings_are_the_blocks_input(tiny_llama):
-    m = tiny_llama
-    x = normed_embeddings(m, 2)
-    assert x.shape == (m.spec.d_vocab, m.spec.d_model)
+def test_normed_embeddings_are_the_blocks_input():
+    """Values, not just the shape: block 0's own attention norm, hooked in a real forward, outputs the normed
+    embedding of each token; at every layer they equal a hand-computed RMSNorm with that block's gain (the gains
+    are made to differ per layer, so a wrong layer fails)."""
+    from conftest import make_tiny
+
+    m = make_tiny("llama", seed=3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in range(m.spec.n_layers):
+            m.block(layer).input_layernorm.weight.copy_(1 + torch.randn(m.spec.d_model, generator=g))
+    ids = torch.tensor([m.token_id(t) for t in TOKENS])
+    seen = {}
+    norm0 = m.block(0).input_layernorm
+    handle = norm0.register_forward_hook(lambda mod, inp, out: seen.setdefault("out", out.detach()))
+    try:
+        with torch.no_grad():
+            m.hf(ids[None])
+    finally:
+        handle.remove()
+    torch.testing.assert_close(normed_embeddings(m, 0, ids), seen["out"][0], rtol=1e-5, atol=1e-6)
+    full = normed_embeddings(m, 2)
+    assert full.shape == (m.spec.d_vocab, m.spec.d_model)
+    with torch.no_grad():
+        e = m.W_E[ids]
+        for layer in range(m.spec.n_layers):
+            norm = m.block(layer).input_layernorm
+            ref = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight
+            torch.testing.assert_close(normed_embeddings(m, layer, ids), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(full[ids], normed_embeddings(m, 2, ids))
+        assert not torch.allclose(normed_embeddings(m, 1, ids), normed_embeddings(m, 2, ids))
 
 
 def test_bad_input(tiny_llama):

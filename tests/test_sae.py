@@ -539,3 +539,53 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
         for name in one:
             assert torch.allclose(one[name], two[name], atol=2e-5, rtol=1e-4), (arch, name,
                                                                                  (one[name] - two[name]).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------- training options
+
+def test_constant_schedule_switches_warmup_and_decay_off():
+    x, _ = synthetic()
+    kw = dict(tokens=256 * 20, batch_size=256, lr=2e-3, checkpoint_every=0, log_every=1)
+    runs = {}
+    for schedule in ("warmup_decay", "constant"):
+        sae = make_sae("relu", d_in=32, d_sae=64, l1=1.0)
+        runs[schedule] = train(sae, TensorSource(x), TrainConfig(**kw, lr_warmup=0.2, coeff_warmup=0.2, schedule=schedule),
+                               progress=False).history
+    const, sched = runs["constant"], runs["warmup_decay"]
+    assert len(const) == 20 and all(h["lr"] == 2e-3 and h["coeff"] == 1.0 for h in const)
+    assert sched[0]["lr"] < 2e-3 and sched[-1]["lr"] < 2e-3 and sched[0]["coeff"] < 1.0  # the default still warms
+    with pytest.raises(InputError, match="schedule"):
+        TrainConfig(tokens=512, batch_size=256, schedule="cosine")
+
+
+def test_init_keeps_own_b_dec_and_input_scale_when_asked():
+    from lmscope.sae.training import init_from_data
+
+    x, _ = synthetic(n=2048)
+    x = x * 5.0 + 3.0
+    b_dec = torch.linspace(-1, 1, 32)
+    cfg = dict(tokens=1024, batch_size=256, init_sample=2048)  # the initial sample is all of x
+    for keep_scale, keep_b in ((False, False), (True, False), (False, True), (True, True)):
+        sae = make_sae("topk", d_in=32, d_sae=64, k=4)
+        with torch.no_grad():
+            sae.scale.fill_(0.25)
+            sae.b_dec.copy_(b_dec)
+        mse_scale = init_from_data(sae, TensorSource(x), TrainConfig(**cfg, init_scale=not keep_scale,
+                                                                      init_b_dec=not keep_b))
+        sample = x
+        want_scale = 0.25 if keep_scale else float((32 / sample.pow(2).sum(1).mean()).sqrt())
+        assert float(sae.scale) == pytest.approx(want_scale, rel=1e-5)
+        if keep_b:
+            assert torch.equal(sae.b_dec.detach(), b_dec)
+        else:  # moved to the geometric median of the scaled sample
+            torch.testing.assert_close(sae.b_dec.detach(), geometric_median(x * want_scale), rtol=1e-4, atol=1e-4)
+        scaled = sample * want_scale
+        assert mse_scale == pytest.approx(float(1 / (scaled - scaled.mean(0)).pow(2).sum(1).mean()), rel=1e-4)
+    # training with both kept: the scale stays, b_dec is only moved by the optimiser
+    sae = make_sae("topk", d_in=32, d_sae=64, k=4)
+    with torch.no_grad():
+        sae.scale.fill_(0.25)
+        sae.b_dec.copy_(b_dec)
+    train(sae, TensorSource(x), TrainConfig(**cfg, lr=0.0, checkpoint_every=0, init_scale=False, init_b_dec=False),
+          progress=False)
+    assert float(sae.scale) == 0.25 and torch.equal(sae.b_dec.detach(), b_dec)

@@ -62,13 +62,36 @@ def _probe_direct(m):
                         classes=data.classes)
 
 
-def _cases(tmp, corpus):
+@pytest.fixture
+def sae_dirs(tiny_llama, tmp_path):
+    from lmscope.sae import make_sae, save_sae
+
+    return [str(save_sae(make_sae(arch, d_in=tiny_llama.spec.d_model, d_sae=24, site="blocks.1.resid_post", seed=i,
+                                  **extra), tmp_path / f"sae_{arch}"))
+            for i, (arch, extra) in enumerate((("topk", {"k": 4}), ("relu", {})))]
+
+
+def _sae_evals(m, dirs, corpus):
+    """Each SAE evaluated on 2 held-out contexts of the corpus, straight from lmscope.sae."""
+    from lmscope.data import token_contexts
+    from lmscope.sae import evaluate, load_sae
+
+    held = token_contexts(m, corpus, context=128, split="heldout", max_tokens=128 * 2)
+    return [evaluate(load_sae(d), m, held) for d in dirs]
+
+
+def _cases(tmp, corpus, saes=("",)):
     """name -> (inputs JSON, config JSON, direct Python call (model) -> Result / ResultSet / tensor)."""
     from lmscope.attribution import attribute
     from lmscope.decoding import evaluate_lens, logit_lens, ov_circuit, patchscope, qk_circuit
     from lmscope.decoding.lens_training import TrainLensConfig, train_lens
     from lmscope.localization import activation_patching, atp, causal_trace, dla, flow
+    from lmscope.localization.flow import FlowGraphConfig, run_flow_graph
+    from lmscope.localization.flow_node import FlowNodeConfig, run_flow_node
+    from lmscope.localization.flow_verify import FlowVerifyConfig, run_flow_verify
     from lmscope.localization.find_circuit import CircuitConfig, find_circuit
+    from lmscope.localization.path_patching import path_patching
+    from lmscope.sae import SAEFeaturesConfig, SAEFolders, compare, run_sae_features
     from lmscope.sae.train_site import SAETrainConfig, train_site_sae
 
     lens_cfg = {"tokens": 128, "context": 16, "batch": 4, "seed": 1, "lr": 0.01}
@@ -84,7 +107,16 @@ def _cases(tmp, corpus):
                   lambda m: causal_trace(m, P, "Mary", samples=2)),
         "atp": ([PAIR, PAIR2], {"nodes": ["head", "mlp"]}, lambda m: atp(m, _pairs(PAIR, PAIR2), nodes=("head", "mlp"))),
         "circuit": ([PAIR, PAIR2], {"edges": 20}, lambda m: find_circuit(m, _pairs(PAIR, PAIR2), CircuitConfig(edges=20))),
+        "path-patching": ([PAIR, PAIR2], {"receivers": "2.1,2.3", "senders": "0.0,1.2,mlp1",
+                                          "receiver_input": "v"},
+                          lambda m: path_patching(m, _pairs(PAIR, PAIR2), [(2, 1), (2, 3)],
+                                                  senders=[(0, 0), (1, 2), ("mlp", 1)], receiver_input="v")),
         "flow": ({"prompt": P}, {"threshold": 0.05}, lambda m: flow(m, P, threshold=0.05)),
+        "flow-graph": ({"prompt": P}, {"floor": 0.02}, lambda m: run_flow_graph(m, specs.Prompt(P), FlowGraphConfig(0.02))),
+        "flow-node": ({"prompt": P, "target": "Mary"}, {"component": "resid_post", "layer": 1},
+                      lambda m: run_flow_node(m, specs.Prompt(P, "Mary"), FlowNodeConfig("resid_post", 1))),
+        "flow-verify": ({"prompt": P, "target": "Mary"}, {"threshold": 0.05},
+                        lambda m: run_flow_verify(m, specs.Prompt(P, "Mary"), FlowVerifyConfig(0.05))),
         "lens": ({"prompt": P, "target": "Mary"}, {"k": 3}, lambda m: logit_lens(m, P, "Mary", k=3)),
         "lens-train": (corpus, {**lens_cfg, "out_dir": str(tmp / "lens_json")},
                        lambda m: train_lens(m, corpus, TrainLensConfig(**lens_cfg, out_dir=str(tmp / "lens_py")))),
@@ -97,6 +129,13 @@ def _cases(tmp, corpus):
         "project": (None, {"head": "1.2", "tokens": "cat,dog", "k": 3},
                     lambda m: ResultSet({"ov": ov_circuit(m, 1, 2, ["cat", "dog"], k=3),
                                          "qk": qk_circuit(m, 1, 2, ["cat", "dog"], k=3)}, "project", m.name)),
+        "sae-eval": ({"saes": saes[0], "corpus": corpus}, {"contexts": 2},
+                     lambda m: _sae_evals(m, saes[:1], corpus)[0]),
+        "sae-features": ({"saes": saes[:1], "corpus": corpus}, {"top": 2, "latents": 3, "contexts": 2},
+                         lambda m: run_sae_features(m, SAEFolders(saes[:1], corpus),
+                                                    SAEFeaturesConfig(top=2, latents=3, contexts=2))),
+        "sae-compare": ({"saes": list(saes), "corpus": corpus}, {"contexts": 2},
+                        lambda m: compare(_sae_evals(m, saes, corpus), [d.rsplit("/", 1)[-1] for d in saes])),
         "sae-train": (corpus, {**sae_cfg, "out_dir": str(tmp / "sae_json")},
                       lambda m: train_site_sae(m, corpus, SAETrainConfig(**sae_cfg, out_dir=str(tmp / "sae_py")))),
     }
@@ -118,8 +157,8 @@ def _same(a, b, name: str) -> None:
     assert set(a.extras) == set(b.extras), name
 
 
-def test_json_round_trip_covers_every_method(tiny_llama, tmp_path, corpus_file):
-    cases = _cases(tmp_path, corpus_file)
+def test_json_round_trip_covers_every_method(tiny_llama, tmp_path, corpus_file, sae_dirs):
+    cases = _cases(tmp_path, corpus_file, sae_dirs)
     registered = {s.name for s in specs.all_specs()}
     assert registered == set(cases), f"methods without a JSON round-trip case: {registered - set(cases)}"
     for name, (inputs, config, direct) in cases.items():

@@ -8,7 +8,8 @@ import torch
 
 from lmscope import Add, Patch
 from lmscope.errors import InputError
-from lmscope.localization.tracing import causal_trace, embedding_std, subject_positions
+from lmscope.localization.tracing import (causal_trace, default_noise_subjects, embedding_std, subject_embedding_std,
+                                         subject_positions)
 
 PROMPT = "when Mary and John went to the store John gave a drink to"
 
@@ -28,7 +29,7 @@ def test_trace_invariants_and_one_cell(tiny):
     g = torch.Generator().manual_seed(5)
     noise = torch.zeros(3, T, tiny.spec.d_model)
     noise[:, subj] = torch.randn(3, len(subj), tiny.spec.d_model, generator=g) * res.meta["noise_std"]
-    assert res.meta["noise_std"] == pytest.approx(3 * embedding_std(tiny))
+    assert res.meta["noise_std"] == pytest.approx(3 * subject_embedding_std(tiny, default_noise_subjects("Mary and John")))
     clean = tiny.run(PROMPT, cache=["blocks.1.resid_post"])
     tid = res.target["target_id"]
     batch = tiny.encode(PROMPT).repeat(3)
@@ -37,6 +38,20 @@ def test_trace_invariants_and_one_cell(tiny):
     p = float(torch.softmax(run.logits, -1)[:, tid].mean())
     assert float(res.values[1, 2]) == pytest.approx(p, abs=1e-5)
     assert torch.allclose(res.extras["indirect_effect"], res.values - low)
+
+
+def test_noise_sigma_is_three_std_of_subject_embeddings(tiny_llama):
+    """Meng et al.'s σ: the std over all entries of the subjects' token embeddings, by hand from W_E."""
+    m = tiny_llama
+    subjects = ["Mary", "John went", "the cat"]
+    ids = [m.token_id(w) for w in ("Mary", "John", "went", "the", "cat")]
+    assert subject_embedding_std(m, subjects) == pytest.approx(float(m.W_E[ids].detach().std()), rel=1e-5)
+    res = causal_trace(m, PROMPT, "Mary", samples=2, noise_subjects=subjects)
+    assert res.meta["noise_std"] == pytest.approx(3 * float(m.W_E[ids].detach().std()), rel=1e-5)
+    vocab = causal_trace(m, PROMPT, "Mary", samples=2, noise_basis="vocab")
+    assert vocab.meta["noise_std"] == pytest.approx(3 * embedding_std(m)) and vocab.params["noise_basis"] == "vocab"
+    with pytest.raises(InputError, match="noise_basis"):
+        causal_trace(m, PROMPT, "Mary", noise_basis="other")
 
 
 def test_trace_windows(tiny_llama):

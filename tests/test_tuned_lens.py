@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from lmscope.cli.main import app
 from lmscope.data import Corpus, token_contexts
 from lmscope.decoding import lens_top, logit_lens
+from lmscope.decoding.lens_fit import fit_lens_least_squares
 from lmscope.decoding.tuned_lens import (TunedLens, TunedLensConfig, _kl_backward, evaluate_lens, parse_layers,
                                          train_tuned_lens, tuned_lens)
 from lmscope.errors import InputError
@@ -208,3 +209,64 @@ def test_tuned_lens_beats_logit_lens_on_smollm(smollm, capsys):
             print(f"{label:>5}  " + "  ".join(f"{v:8.3f}" for v in row))
     assert (ev.values[:-1, 1] < ev.values[:-1, 0]).all()
     assert float(ev.values[-1, 0]) == float(ev.values[-1, 1]) < 1e-4  # the last layer is the model itself
+
+
+@pytest.mark.parametrize("target", ["raw", "normed"])
+def test_least_squares_translators_match_lstsq_on_the_same_hidden_states(tiny_llama, target):
+    """Streamed second moments give the affine map torch.linalg.lstsq finds on HF's own hidden states (first
+    position dropped), for every layer; the lens applies it as h + A h + b."""
+    m = tiny_llama
+    ctx = token_contexts(m, _corpus(), context=12, split="train")[:40]
+    lens = fit_lens_least_squares(m, contexts=ctx, batch_contexts=7, ridge=0.0, target=target, progress=False)
+    with torch.no_grad():
+        hidden = m.hf(ctx, output_hidden_states=True).hidden_states  # the last entry is already normed
+        final = hidden[-1]
+        x_last = m.run(ctx, cache=[f"blocks.{m.spec.n_layers - 1}.resid_post"], logits="none")
+        y = x_last[f"blocks.{m.spec.n_layers - 1}.resid_post"][:, 1:].reshape(-1, m.spec.d_model).double()
+        assert not torch.allclose(final[:, 1:].reshape(-1, m.spec.d_model).double(), y)  # really the pre-norm one
+        if target == "normed":
+            y = y / y.pow(2).mean(-1, keepdim=True).sqrt()
+        for i in range(m.spec.n_layers):
+            x = hidden[i][:, 1:].reshape(-1, m.spec.d_model).double()
+            design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+            sol = torch.linalg.lstsq(design, y, driver="gelsd").solution  # (D + 1, D)
+            mine = lens.translate(x.float(), i).double()
+            torch.testing.assert_close(mine, design @ sol, rtol=1e-3, atol=2e-3 * float(y.abs().max()))
+            t = lens.translators[i]
+            torch.testing.assert_close(t.weight.double() + torch.eye(m.spec.d_model, dtype=torch.float64),
+                                       sol[:-1].T, rtol=1e-3, atol=1e-3 * float(sol.abs().max()))
+    assert lens.info["lstsq"]["tokens"] == 40 * 11
+    with pytest.raises(InputError, match="target"):
+        fit_lens_least_squares(m, contexts=ctx, target="other", progress=False)
+
+
+def test_kl_fine_tuning_from_least_squares_keeps_the_init_and_lowers_kl(tiny_llama):
+    m = tiny_llama
+    corpus = _corpus()
+    held = token_contexts(m, corpus, 16, "heldout")
+    ls = fit_lens_least_squares(m, corpus, tokens=16 * 8 * 12, context=16, progress=False)
+    before = {k: v.clone() for k, v in ls.state_dict().items()}
+    cfg = TunedLensConfig(tokens=16 * 8 * 12, context=16, batch_contexts=8, lr=3e-3)
+    tuned = train_tuned_lens(m, corpus, cfg, init=ls, progress=False)
+    assert all(torch.equal(v, ls.state_dict()[k]) for k, v in before.items())  # the init is copied, not trained
+    ev_ls, ev_kl = evaluate_lens(m, ls, contexts=held), evaluate_lens(m, tuned, contexts=held)
+    assert (ev_ls.values[:-1, 1] < ev_ls.values[:-1, 0]).all(), ev_ls.values
+    assert float(ev_kl.values[:-1, 1].mean()) < float(ev_ls.values[:-1, 1].mean())
+    assert tuned.info["lstsq"]["tokens"] == ls.info["lstsq"]["tokens"] and tuned.trained == ls.trained
+
+
+def test_train_workflow_reports_both_stages(tiny_llama, tmp_path):
+    from lmscope.decoding.lens_training import TrainLensConfig, train_lens
+
+    m, corpus = tiny_llama, _corpus()
+    both = train_lens(m, corpus, TrainLensConfig(tokens=16 * 4 * 3, out_dir=str(tmp_path / "a"), context=16, batch=4,
+                                                 lr=3e-3, lstsq_tokens=16 * 40, eval_tokens=16 * 8))
+    ls_only = train_lens(m, corpus, TrainLensConfig(tokens=0, out_dir=str(tmp_path / "b"), context=16, batch=4,
+                                                    lstsq_tokens=16 * 40, eval_tokens=16 * 8))
+    assert both.meta["lens"]["lstsq"]["tokens"] == ls_only.meta["lens"]["lstsq"]["tokens"] == 40 * 15
+    torch.testing.assert_close(both.extras["kl_lstsq"], ls_only.values[:, 1])  # same fit, evaluated alike
+    assert not torch.equal(both.values[:, 1], ls_only.values[:, 1])  # the KL stage moved the lens
+    back = TunedLens.load(tmp_path / "b", m)
+    torch.testing.assert_close(evaluate_lens(m, back, corpus, tokens=16 * 8, context=16).values, ls_only.values)
+    with pytest.raises(InputError, match="Nothing to train"):
+        TrainLensConfig(tokens=0, out_dir="x", lstsq_tokens=0)

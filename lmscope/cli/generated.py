@@ -24,7 +24,8 @@ from lmscope.errors import InputError
 
 _UNSET = object()
 
-# input kind -> option key -> (flags, type, default, help); default ... = required
+# input kind -> option key -> (flags, type, default, help); default ... = required; flags without "--": a positional
+# argument (its metavar)
 INPUT_OPTIONS: dict[str, dict[str, tuple]] = {
     "prompt": {
         "text": (("--prompt",), str, ..., "The prompt."),
@@ -53,8 +54,15 @@ INPUT_OPTIONS: dict[str, dict[str, tuple]] = {
                                                                   "name)."),
         "list_sets": (("--list",), bool, False, "List the built-in labelled sets and exit."),
     },
+    "sae": {
+        "folder": (("SAE_DIR",), Path, ..., "SAE folder (cfg.json + sae_weights.safetensors)."),
+        "folders": (("SAE_DIRS",), list[Path], ..., "SAE folders (evaluated with `sae eval` first, or evaluated now)."),
+        "corpus": (("--corpus",), str, "default", "Corpus whose held-out split is used: 'default', a .txt file or a "
+                                                  "folder of text files."),
+    },
     "none": {},
 }
+NO_MODEL_INPUTS = ("labelled", "sae")  # input kinds parsed before the model loads
 DEFAULT_INPUTS = {"prompt": ("text", "target", "foil")}
 
 
@@ -111,8 +119,10 @@ def _input_params(spec: specs.MethodSpec, optional_required: bool) -> list[inspe
         default = spec.input_defaults.get(key, default)
         if default is ... and optional_required:
             default, tp = None, Optional[tp]
-        params.append(inspect.Parameter(f"in_{key}", inspect.Parameter.KEYWORD_ONLY,
-                                        default=typer.Option(default, *flags, help=help_), annotation=tp))
+        positional = not flags[0].startswith("-")
+        made = (typer.Argument(default, metavar=flags[0], help=help_) if positional
+                else typer.Option(default, *flags, help=help_))
+        params.append(inspect.Parameter(f"in_{key}", inspect.Parameter.KEYWORD_ONLY, default=made, annotation=tp))
     return params
 
 
@@ -144,6 +154,15 @@ def build_config(spec: specs.MethodSpec, kw: dict) -> Any:
     return spec.config(**fields)
 
 
+def check_config_outputs(spec: specs.MethodSpec, config: Any) -> None:
+    """Config fields the method writes (``specs.option(output=...)``) must be writable: checked before any work."""
+    for f in specs.fields_of(spec.config):
+        kind, value = f.metadata.get("output"), getattr(config, f.name)
+        if kind and value is not None:
+            flag = (f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",))[0]
+            common.check_output(Path(value), flag, folder=kind == "folder")
+
+
 def build_inputs(spec: specs.MethodSpec, kw: dict, model) -> Any:
     given = {k[3:]: v for k, v in kw.items() if k.startswith("in_")}
     kind = spec.input_kind
@@ -173,6 +192,11 @@ def build_inputs(spec: specs.MethodSpec, kw: dict, model) -> Any:
             raise InputError("Give --dataset NAME_OR_FILE (or --list to see the built-in sets).")
         return load_labelled(given["dataset"], limit=given.get("limit"), text_field=given.get("text_field"),
                              label_field=given.get("label_field"))
+    if kind == "sae":
+        from lmscope.sae.folders import SAEFolders
+
+        folders = given["folders"] if given.get("folders") is not None else [given["folder"]]
+        return SAEFolders(tuple(str(f) for f in folders), given.get("corpus") or "default")
     return None
 
 
@@ -194,10 +218,15 @@ def make_command(spec: specs.MethodSpec, group_callback: bool = False):
             sub = " or ".join(f"`lmscope {spec.cli[0]} {c}`" for c in GROUP_SUBCOMMANDS.get(spec.cli[0], ()))
             raise InputError(f"Give --prompt TEXT (or a subcommand: {sub}).")
         config = build_config(spec, kw)
-        data = None
-        if spec.input_kind == "labelled":
+        check_config_outputs(spec, config)
+        data, model_name = None, kw.get("model")
+        if spec.input_kind in NO_MODEL_INPUTS:
             data = build_inputs(spec, kw, None)
-        model = common.load_model(kw.get("model"))
+            if spec.check is not None:
+                spec.check(data, config)
+            if spec.input_kind == "sae" and model_name is None:
+                model_name = data.model_name()  # the model the SAE was trained on
+        model = common.load_model(model_name)
         inputs = data if data is not None else build_inputs(spec, kw, model)
         result = specs.run(model, spec, inputs, config)
         shown, written = views.view(spec.name, result, config)

@@ -1,7 +1,7 @@
 """``lmscope`` command line: one command per job; every method command writes ``--json PATH``.
 
-The method commands are generated from the spec registry (:mod:`lmscope.cli.generated`); the commands
-here and in ``cmd_sae.py`` (listing models, the demo, managing SAE files) are not methods.
+The method commands are generated from the spec registry (:mod:`lmscope.cli.generated`), ``sae train |
+eval | features | compare`` included; the commands here (listing models, the demo) are not methods.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lmscope.cli import cmd_sae, generated
+from lmscope.cli import generated
 from lmscope.cli.common import DEMO_PROMPT, ModelOpt, OneLineErrors, console, friendly, out
 
 app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
@@ -45,8 +45,46 @@ def demo(prompt: str = typer.Option(DEMO_PROMPT, help="The prompt to explain."),
     run_demo(prompt, out_dir, model, out, console)
 
 
-cmd_sae.register(app)
-generated.register(app, {"sae": cmd_sae.sae_app})  # one command per registered method spec
+@app.command("app")
+@friendly
+def app_cmd(model: str = ModelOpt,
+            host: str = typer.Option("127.0.0.1", help="Address to bind; anything but localhost exposes the model "
+                                                      "to the network (a warning is printed)."),
+            port: int = typer.Option(8000, help="Port to serve on (0: any free port)."),
+            max_tokens: int = typer.Option(512, "--max-tokens", help="Longest prompt the app accepts, in tokens."),
+            requests: int = typer.Option(0, "--requests", help="Stop after this many requests (0: serve until "
+                                                               "Ctrl-C); for scripted checks.")):
+    """Serve the interactive explorer (contribution graph, node inspector, every method) and its JSON API."""
+    from lmscope.app.server import App, make_server
+    from lmscope.cli.common import load_model
+    from lmscope.errors import InputError
+
+    if not 0 <= port <= 65535:
+        raise InputError(f"--port {port}: give a port from 0 to 65535 (0: any free port).")
+    if max_tokens < 1 or requests < 0:
+        raise InputError("--max-tokens must be at least 1 and --requests at least 0.")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning: binding {host} lets anyone who reaches this machine run the model "
+                      "through the app; use the default 127.0.0.1 unless you mean it.[/yellow]")
+    server = make_server(App(load_model(model), max_tokens=max_tokens), host, port)
+    url = f"http://{server.server_address[0]}:{server.server_address[1]}/"
+    out.print(f"lmscope app serving {url} (Ctrl-C stops it)", soft_wrap=True)
+    try:
+        if requests:
+            server.daemon_threads = False  # answer every request before closing
+            for _ in range(requests):
+                server.handle_request()
+        else:
+            server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders: train, evaluate, inspect, compare.")
+app.add_typer(sae_app, name="sae")
+generated.register(app, {"sae": sae_app})  # one command per registered method spec
 
 
 def main() -> None:  # pragma: no cover - console entry point

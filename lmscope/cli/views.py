@@ -12,7 +12,9 @@ from rich.table import Table
 
 from lmscope.cli.common import top_table
 
-NO_PLOT = ("circuit", "flow", "lens-train", "sae-train")
+NO_PLOT = ("circuit", "flow", "lens-train", "sae-train", "sae-eval", "sae-features",
+           "sae-compare")
+SAE_SHOWN = ("l0", "fve", "gamma", "gamma_centred", "ce_recovered", "delta_ce", "dead_frac", "dense_frac", "tokens")
 
 
 def token_table(result) -> Table:
@@ -97,6 +99,14 @@ def _circuit(result, config):
         for n, frac, kept, f in zip(c["n_edges"], c["fraction"], c["kept"], c["faithfulness"]):
             ct.add_row(str(n), f"{frac:.4f}", str(int(kept)), f"{f:.3f}")
         shown.append(ct)
+    if "mib" in meta:
+        mt = Table(title="MIB circuit scores (areas over the fraction of edges): CMD ↓ by |score|, CPR ↑ by support")
+        for col in ("scores", "CMD", "CPR"):
+            mt.add_column(col)
+        mib = meta["mib"]
+        mt.add_row(config.method, f"{mib['cmd']:.3f}", f"{mib['cpr']:.3f}")
+        mt.add_row("random", f"{mib['random_cmd']:.3f}", f"{mib['random_cpr']:.3f}")
+        shown.append(mt)
     return shown, result
 
 
@@ -234,9 +244,50 @@ def _sae_train(result, config):
             f"wrote {config.out_dir}"], result
 
 
+def sae_metrics_table(rows: list[tuple[str, list[float]]], metrics, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("sae")
+    for m in SAE_SHOWN:
+        table.add_column(m)
+    for label, values in rows:
+        vals = dict(zip(metrics, values))
+        table.add_row(label, *(f"{vals[m]:.4g}" for m in SAE_SHOWN))
+    return table
+
+
+def _undefined_notes(label: str, undefined: dict) -> list[str]:
+    """Why a shown metric is NaN (recorded by the evaluation in ``meta["undefined"]``)."""
+    return [f"note: {m} of {label} is undefined (nan): {why}." for m, why in undefined.items() if m in SAE_SHOWN]
+
+
+def _sae_eval(result, config):
+    label = result.meta.get("folder", "")
+    title = f"{result.params.get('arch')} SAE on {result.params.get('site')} ({result.model})"
+    return [sae_metrics_table([(label, result.values.tolist())], result.axes[0].labels, title),
+            *_undefined_notes(label, result.meta.get("undefined", {}))], result
+
+
+def _sae_features(result, config):
+    table = Table(title=f"SAE features: {result.params['arch']} on {result.params['site']} ({result.model})")
+    for col in ("latent", "density", "top context"):
+        table.add_column(col)
+    for f in result.meta["features"]:
+        table.add_row(str(f["latent"]), f"{f['density']:.2e}", f["contexts"][0]["text"] if f["contexts"] else "")
+    return [table] + ([f"wrote {config.html}"] if config.html else []), result
+
+
+def _sae_compare(result, config):
+    labels = result.axes[0].labels
+    shown = [sae_metrics_table(list(zip(labels, result.values.tolist())), result.axes[1].labels, "SAE comparison")]
+    for label in labels:
+        shown += _undefined_notes(label, result.meta.get("undefined", {}).get(label, {}))
+    return shown + ([f"wrote {config.png}"] if config.png else []), result
+
+
 VIEWS = {"attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
          "flow": _flow, "lens": _lens, "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
-         "probe": _probe, "steer": _steer, "project": _project, "sae-train": _sae_train}
+         "probe": _probe, "steer": _steer, "project": _project, "sae-train": _sae_train,
+         "sae-eval": _sae_eval, "sae-features": _sae_features, "sae-compare": _sae_compare}
 
 
 def view(name: str, result, config):

@@ -18,6 +18,10 @@ seed. Optimisers: the reference recipe (``optimizer="sgd"``: Nesterov momentum 0
 lr = lr_scale·(1−0.9), weight decay 1e-3, linear decay to zero) and AdamW (the default; lr 1e-4,
 short warm-up, linear decay), which is stable at the small budgets a CPU affords.
 
+A least-squares start (:mod:`lmscope.decoding.lens_fit`, Din et al. 2023: forward passes and second
+moments only) costs a fraction of KL training, which runs the unembedding
+forward and backward for every hidden state of every token; ``train_tuned_lens(init=...)`` fine-tunes it.
+
 Shapes: hidden states (..., D); translators (D, D) + (D,) per hidden state 0..n_layers−1; logits (..., V).
 """
 
@@ -266,8 +270,13 @@ def _kl_backward(p_target: torch.Tensor, logits: torch.Tensor, weight: float) ->
 
 
 def train_tuned_lens(model, corpus="default", config: TunedLensConfig = TunedLensConfig(), *, layers=None,
-                     contexts: torch.Tensor | None = None, progress: bool = True) -> TunedLens:
+                     contexts: torch.Tensor | None = None, init: TunedLens | None = None,
+                     progress: bool = True) -> TunedLens:
     """Train a tuned lens for ``model`` on the train split of ``corpus`` (or on given (N, T) ``contexts``).
+
+    Training starts from zero translators (the logit lens) or, with ``init``, from a copy of that lens
+    (e.g. the least-squares fit of :func:`lmscope.decoding.lens_fit.fit_lens_least_squares`; ``init``
+    itself is left unchanged, and its layers are the ones trained).
 
     Under ``torchrun`` (torch.distributed initialised, or WORLD_SIZE > 1 in the environment: then a
     gloo process group is created), every rank must see the same data; each takes an equal slice
@@ -291,7 +300,11 @@ def train_tuned_lens(model, corpus="default", config: TunedLensConfig = TunedLen
         raise InputError(f"{len(contexts)} contexts are fewer than one batch of {config.batch_contexts}.")
 
     torch.manual_seed(config.seed)
-    lens = TunedLens.for_model(model, layers)
+    lens = TunedLens.for_model(model, layers if init is None else [layer_labels(init.n_layers)[i]
+                                                                    for i in init.trained])
+    if init is not None:
+        init.check_model(model)
+        lens.load_state_dict(init.state_dict())
     module = nn.parallel.DistributedDataParallel(lens) if world > 1 else lens
     opt, sched = config.make_optimizer([p for p in lens.parameters() if p.requires_grad], steps)
     per_rank = config.batch_contexts // world
@@ -329,7 +342,7 @@ def train_tuned_lens(model, corpus="default", config: TunedLensConfig = TunedLen
         del module
         if created:
             dist.destroy_process_group()
-    lens.info = {"config": asdict(config), "steps": steps, "world_size": world, "tokens_seen": steps *
+    lens.info = {**({} if init is None else init.info), "config": asdict(config), "steps": steps, "world_size": world, "tokens_seen": steps *
                  config.batch_contexts * config.context, "mean_kl_per_step": losses}  # rank 0's share under DDP
     return lens
 

@@ -9,14 +9,17 @@ from lmscope.localization.circuits import Circuit, EdgeScores, extract, faithful
 from lmscope.localization.dla import DLAConfig, dla
 from lmscope.localization.eap import eap
 from lmscope.localization.find_circuit import CircuitConfig, find_circuit
-from lmscope.localization.flow import FlowConfig, flow, flow_contributions
-from lmscope.localization.path_patching import path_patching
+from lmscope.localization.flow import FlowConfig, FlowGraphConfig, flow, flow_contributions, graph_edges, route
+from lmscope.localization.flow_node import FlowNodeConfig
+from lmscope.localization.flow_verify import FlowVerifyConfig
+from lmscope.localization.path_patching import PathPatchConfig, path_patching
 from lmscope.localization.patching import PatchConfig, activation_patching, prepare
 from lmscope.localization.tasks import PromptPairs, factual, induction, ioi, pair, task_pairs
 from lmscope.localization.tracing import TraceConfig, causal_trace
 
-__all__ = ["AtPConfig", "Circuit", "CircuitConfig", "DLAConfig", "EdgeScores", "FlowConfig", "PatchConfig",
+__all__ = ["AtPConfig", "Circuit", "CircuitConfig", "DLAConfig", "EdgeScores", "FlowConfig", "FlowGraphConfig",
+           "FlowNodeConfig", "FlowVerifyConfig", "PatchConfig", "PathPatchConfig",
            "PromptPairs", "TraceConfig", "acdc", "activation_patching", "atp", "atp_star", "causal_trace", "dla", "eap",
            "exact_head_effects", "extract", "factual", "faithfulness_curve", "find_circuit", "flow",
-           "flow_contributions", "induction", "ioi", "metrics", "pair", "path_patching", "prepare", "task_pairs",
-           "tasks"]
+           "flow_contributions", "graph_edges", "induction", "ioi", "metrics", "pair", "path_patching", "prepare",
+           "route", "task_pairs", "tasks"]

@@ -33,7 +33,8 @@ def receiver_order(graph) -> list[int]:
     from the highest index down, each head's q, k, v."""
     order = [len(graph.receivers) - 1]
     for layer in range(graph.n_layers - 1, -1, -1):
-        order.append(graph.receiver_index(layer, "mlp"))
+        if graph.has_mlp:
+            order.append(graph.receiver_index(layer, "mlp"))
         for h in range(graph.n_heads - 1, -1, -1):
             order += [graph.receiver_index(layer, w, h) for w in ("q", "k", "v")]
     return order

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from lmscope import specs
 from lmscope.errors import InputError
 from lmscope.localization.acdc import acdc
+from lmscope.localization.circuit_scores import circuit_scores
 from lmscope.localization.circuits import SELECTIONS, evaluate_masks, extract, faithfulness_curve
 from lmscope.localization.eap import eap
 from lmscope.localization.tasks import PromptPairs
@@ -38,6 +39,8 @@ class CircuitConfig:
     ig_steps: int = specs.option(5, "EAP-IG interpolation steps.")
     threshold: float = specs.option(0.1, "ACDC's τ (KL increase allowed per removed edge).")
     curve: bool = specs.option(False, "Also compute the faithfulness curve (meta['curve']).", flags=("--curve",))
+    mib: bool = specs.option(False, "Also compute the MIB circuit scores (CMD, CPR) with a random baseline "
+                                    "(meta['mib']).", flags=("--mib",))
 
     def __post_init__(self):
         if self.method not in CIRCUIT_METHODS:
@@ -48,6 +51,9 @@ class CircuitConfig:
             raise InputError(f"--select {self.select!r}: choose top, pruned or greedy.")
         if self.rank not in ("abs", "support"):
             raise InputError(f"--rank {self.rank!r}: choose abs or support.")
+        if self.mib and self.method == "acdc":
+            raise InputError("--mib ranks edges by their scores; ACDC gives a circuit, not scores. Use --method eap, "
+                             "eap-ig or clean-corrupted.")
         if self.edges is not None and self.edges < 1:
             raise InputError(f"--edges {self.edges}: give a positive number of edges.")
 
@@ -74,9 +80,16 @@ def find_circuit(model: Model, pairs: PromptPairs, config: CircuitConfig = Circu
         fc = faithfulness_curve(model, pairs, scores, how=config.select, absolute=absolute)
         circ.meta["curve"] = {"n_edges": [int(x) for x in fc.axes[0].labels], "kept": fc.extras["kept"].tolist(),
                               "fraction": fc.extras["fraction"].tolist(), "faithfulness": fc.values.tolist()}
+    if config.mib and scores is not None:
+        mib = circuit_scores(model, pairs, scores, how=config.select)
+        circ.meta["mib"] = {"cmd": float(mib.values[0, 0]), "cpr": float(mib.values[0, 1]),
+                            "random_cmd": float(mib.values[1, 0]), "random_cpr": float(mib.values[1, 1]),
+                            "fraction": mib.extras["fraction"].tolist(),
+                            "faithfulness_abs": mib.extras["faithfulness_abs"].tolist(),
+                            "faithfulness_support": mib.extras["faithfulness_support"].tolist()}
     return circ.to_result()
 
 
 specs.register(specs.MethodSpec("circuit", "localization", "pairs", CircuitConfig, find_circuit,
-                                sites=("attn.z", "mlp_out", "resid_pre"), cli_inputs=("task", "n", "seed"),
+                                sites=("attn.z", "resid_pre"), cli_inputs=("task", "n", "seed"),
                                 input_defaults={"task": "ioi"}))

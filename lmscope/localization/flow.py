@@ -20,11 +20,18 @@ Post-norm models use each head's write with the block's post-norm scale frozen; 
 (default p = last position), keep incoming edges with importance > τ (default 0.04, the tool's),
 renormalise the kept edges of each node to sum to 1 (the tool's default) and continue from their
 sources, layer by layer down to the embeddings. Shapes: T tokens, L layers, H heads.
+
+Memory: the per-head parts of the attention decomposition (T(T+1)/2 causal pairs × H × D) are formed in
+blocks of at most ``CHUNK_FLOATS`` floats and reduced to their (T, T, H) importances at once, so the
+T²·H·D tensor is never held. ``flow-graph`` returns the full graph (every edge above a floor, all
+positions), from which :func:`route` gives the route into any position at any threshold without a new
+forward (the app's slider).
 """
 
 from __future__ import annotations
 
 from lmscope import specs
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +39,11 @@ import torch
 from lmscope.errors import InputError
 from lmscope.models import Model
 from lmscope.results import Axis, Result
-from lmscope.sites import resolve_position
+from lmscope.sites import resolve_layers, resolve_position
 
 EPS = 1e-5
+TOP_PREDICTIONS = 5  # next-token predictions kept per position (the graph view offers them)
+CHUNK_FLOATS = 1 << 22  # floats of per-head parts held at once (16 MB in float32)
 DEFAULT_THRESHOLD = 0.04
 _LETTER = {"attn": "A", "mlp": "M", "resid": "I"}
 
@@ -53,6 +62,8 @@ class FlowContributions:
     mlp: torch.Tensor
     mlp_resid: torch.Tensor
     tokens: list[str]
+    top_ids: torch.Tensor | None = None  # (T, K) the model's top next-token predictions at each position
+    top_probs: torch.Tensor | None = None  # (T, K) their probabilities
 
 
 def _proximity(whole: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
@@ -60,24 +71,30 @@ def _proximity(whole: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
     return (whole.abs().sum(-1, keepdim=True) - (whole.unsqueeze(1) - parts).abs().sum(-1)).clamp(min=EPS)
 
 
-def flow_contributions(model: Model, prompt: str) -> FlowContributions:
-    """Importances of every edge of the contribution graph for ``prompt`` (one forward pass)."""
+def flow_contributions(model: Model, prompt: str, layers: list[int] | None = None) -> FlowContributions:
+    """Importances of every edge of the contribution graph for ``prompt`` (one forward pass); with
+    ``layers``, only those layers (the leading axis of every tensor then follows ``layers``)."""
     model.require(["attn_out", "mlp_out"], "Information flow routes")
     s = model.spec
-    n, h_n = s.n_layers, s.n_heads
-    sites = [f"blocks.{l}.{k}" for l in range(n) for k in
+    h_n = s.n_heads
+    every = layers is None
+    layers = resolve_layers(layers, s.n_layers)
+    sites = [f"blocks.{l}.{k}" for l in layers for k in
              ("attn.v", "attn.pattern", "resid_pre", "attn_out", "mlp_out", "resid_post")]
     if s.post_norms:
-        sites += [f"blocks.{l}.attn.head_out" for l in range(n)]  # records the frozen post-norm factors
+        sites += [f"blocks.{l}.attn.head_out" for l in layers]  # records the frozen post-norm factors
     with torch.no_grad():
-        run = model.run(prompt, cache=sites, logits="none")
+        run = model.run(prompt, cache=sites, logits="all" if every else "none")
     if run.batch.input_ids.shape[0] != 1:
         raise InputError("flow_contributions takes one prompt.")
     t = run.batch.input_ids.shape[1]
     ii, jj = torch.tril_indices(t, t)
+    # blockwise over the causal pairs (j <= i): at most CHUNK_FLOATS floats of (pairs, H, D) parts at a time,
+    # so the T²·H·D decomposition is never held (only the (T, T, H) importances are kept per layer)
+    step = max(1, CHUNK_FLOATS // (h_n * s.d_model))
     attn, attn_res, mlp, mlp_res = [], [], [], []
     with torch.no_grad():
-        for layer in range(n):
+        for layer in layers:
             pre = f"blocks.{layer}."
             factor = run.cache.get(f"aux.blocks.{layer}.attn_write_factor")
             vw = model.head_writes(layer, run[pre + "attn.v"].float(),
@@ -85,12 +102,13 @@ def flow_contributions(model: Model, prompt: str) -> FlowContributions:
             a = run[pre + "attn.pattern"][0].float()  # (H, T_i, T_j)
             x_pre = run[pre + "resid_pre"][0].float()
             mid = x_pre + run[pre + "attn_out"][0].float()
-            # only the causal pairs j <= i: (P, H, D) parts for P = T(T+1)/2 pairs
-            parts = a[:, ii, jj].T.unsqueeze(-1) * vw[jj]
-            dist = (mid[ii].unsqueeze(1) - parts).abs().sum(-1)  # (P, H)
-            prox_p = (mid.abs().sum(-1)[ii].unsqueeze(1) - dist).clamp(min=EPS)
+            mid_l1 = mid.abs().sum(-1)
             prox = torch.zeros(t, t, h_n)
-            prox[ii, jj] = prox_p
+            for lo in range(0, len(ii), step):
+                pi, pj = ii[lo:lo + step], jj[lo:lo + step]
+                parts = a[:, pi, pj].T.unsqueeze(-1) * vw[pj]  # (chunk, H, D)
+                dist = (mid[pi].unsqueeze(1) - parts).abs().sum(-1)  # (chunk, H)
+                prox[pi, pj] = (mid_l1[pi].unsqueeze(1) - dist).clamp(min=EPS)
             prox_res = _proximity(mid, x_pre.unsqueeze(1))[:, 0]
             total = prox.sum(dim=(1, 2)) + prox_res
             attn.append(prox / total[:, None, None])
@@ -101,8 +119,100 @@ def flow_contributions(model: Model, prompt: str) -> FlowContributions:
             mprox = mprox / mprox.sum(-1, keepdim=True)
             mlp.append(mprox[:, 0])
             mlp_res.append(mprox[:, 1])
+    top_ids = top_probs = None
+    if every:  # the model's own predictions come with the whole graph
+        top_probs, top_ids = run.logits[0].float().softmax(-1).topk(min(TOP_PREDICTIONS, s.d_vocab), dim=-1)
     return FlowContributions(torch.stack(attn), torch.stack(attn_res), torch.stack(mlp), torch.stack(mlp_res),
-                             run.batch.str_tokens[0])
+                             run.batch.str_tokens[0], top_ids, top_probs)
+
+
+def node_id(component: str, layer: int, pos: int) -> str:
+    """``X0_t`` (embedding), ``A{l}_t`` (after attention), ``M{l}_t`` (MLP), ``I{l}_t`` (after the MLP)."""
+    return f"X0_{pos}" if component == "embed" else f"{_LETTER[component]}{layer}_{pos}"
+
+
+def graph_edges(c: FlowContributions, floor: float) -> list[dict]:
+    """Every edge of the full contribution graph (all positions) with importance > ``floor``, unnormalised.
+
+    Edges: ``{"source", "target", "weight", "kind"}`` with kind "attn" (a token-to-token edge into an
+    ``A`` node, with ``heads``: the per-head importances, summing to the weight), "resid" (the residual
+    into an ``A`` or ``I`` node) or "mlp" (``M{l}_i -> I{l}_i``). :func:`route` thresholds them.
+    """
+    n, t = c.attn.shape[0], c.attn.shape[1]
+    edges: list[dict] = []
+    for layer in range(n):
+        src = "embed" if layer == 0 else "resid"
+        per_src = c.attn[layer].sum(-1)  # (T_i, T_j)
+        for i, j in (per_src > floor).nonzero().tolist():
+            edges.append({"source": node_id(src, layer - 1, j), "target": node_id("attn", layer, i),
+                          "weight": float(per_src[i, j]), "kind": "attn",
+                          "heads": [round(float(x), 6) for x in c.attn[layer, i, j]]})
+        for i in (c.attn_resid[layer] > floor).nonzero()[:, 0].tolist():
+            edges.append({"source": node_id(src, layer - 1, i), "target": node_id("attn", layer, i),
+                          "weight": float(c.attn_resid[layer, i]), "kind": "resid"})
+        for i in (c.mlp[layer] > floor).nonzero()[:, 0].tolist():
+            edges.append({"source": node_id("mlp", layer, i), "target": node_id("resid", layer, i),
+                          "weight": float(c.mlp[layer, i]), "kind": "mlp"})
+        for i in (c.mlp_resid[layer] > floor).nonzero()[:, 0].tolist():
+            edges.append({"source": node_id("attn", layer, i), "target": node_id("resid", layer, i),
+                          "weight": float(c.mlp_resid[layer, i]), "kind": "resid"})
+    return edges
+
+
+def _parse_node(nid: str) -> tuple[str, int, int]:
+    comp = {"X": "embed", "A": "attn", "M": "mlp", "I": "resid"}[nid[0]]
+    layer, pos = nid[1:].split("_")
+    return comp, (-1 if comp == "embed" else int(layer)), int(pos)
+
+
+def route(edges: list[dict], n_layers: int, position: int, threshold: float, renormalize: bool = True
+          ) -> list[dict]:
+    """The route into ``I{n_layers-1}_{position}``: from the top down, each reached node keeps its incoming
+    edges with weight > ``threshold`` (renormalised to sum to 1), and their sources are reached in turn; a kept
+    MLP edge brings the edge ``A{l}_i -> M{l}_i`` of weight 1. ``edges`` are :func:`graph_edges` with a floor
+    at most ``threshold``. The app's graph view (``app/static/route.js``) runs the same steps in the browser.
+    """
+    incoming: dict[str, list[dict]] = {}
+    for e in edges:
+        incoming.setdefault(e["target"], []).append(e)
+    start = node_id("resid", n_layers - 1, position)
+    reached, frontier, out = {start}, deque([start]), []
+    while frontier:  # breadth first from the top; what a node keeps does not depend on the order
+        nid = frontier.popleft()
+        comp, layer, pos = _parse_node(nid)
+        if comp == "mlp":
+            kept = [{"source": node_id("attn", layer, pos), "target": nid, "weight": 1.0, "kind": "mlp"}]
+        else:
+            kept = [dict(e) for e in incoming.get(nid, []) if e["weight"] > threshold]
+            total = sum(e["weight"] for e in kept)
+            for e in kept:
+                w = e["weight"] / total if renormalize else e["weight"]
+                if "heads" in e:
+                    e["heads"] = [round(x * w / e["weight"], 6) for x in e["heads"]]
+                e["weight"] = w
+        for e in kept:
+            out.append(e)
+            if e["source"] not in reached:
+                reached.add(e["source"])
+                frontier.append(e["source"])
+    return out
+
+
+def _nodes(edges: list[dict], start: str, tokens: list[str]) -> list[dict]:
+    ids = [start] + [x for e in edges for x in (e["target"], e["source"])]
+    nodes = {}
+    for nid in ids:
+        if nid not in nodes:
+            comp, layer, pos = _parse_node(nid)
+            nodes[nid] = {"id": nid, "layer": layer, "position": pos,
+                          "component": comp, "token": tokens[pos]}
+    return list(nodes.values())
+
+
+def _check_threshold(threshold: float, what: str = "threshold") -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise InputError(f"{what}={threshold!r}: the importance threshold must lie strictly between 0 and 1 "
+                         "(the tool's default is 0.04).")
 
 
 def flow(model: Model, prompt: str, *, position: int | None = None, threshold: float = DEFAULT_THRESHOLD,
@@ -113,65 +223,16 @@ def flow(model: Model, prompt: str, *, position: int | None = None, threshold: f
     lists nodes (id, layer, position, component, token) and ``meta["edges"]`` the weighted edges
     (source, target, weight, kind "attn"|"resid"|"mlp", and per-head weights for attention edges).
     """
-    if not 0 < threshold < 1:
-        raise InputError(f"threshold={threshold}: the importance threshold must lie strictly between 0 and 1 "
-                         "(the tool's default is 0.04).")
+    _check_threshold(threshold)
     c = contributions or flow_contributions(model, prompt)
     n, t = c.attn.shape[0], c.attn.shape[1]
     position = resolve_position(position, t)
-    nodes: dict[str, dict] = {}
-    edges: list[dict] = []
-
-    def node(comp: str, layer: int, pos: int) -> str:
-        nid = f"X0_{pos}" if comp == "embed" else f"{_LETTER[comp]}{layer}_{pos}"
-        if nid not in nodes:
-            nodes[nid] = {"id": nid, "layer": layer, "position": pos, "component": comp, "token": c.tokens[pos]}
-        return nid
-
-    def keep(weights: dict) -> dict:
-        kept = {k: w for k, w in weights.items() if w > threshold}
-        if renormalize and kept:
-            total = sum(kept.values())
-            kept = {k: w / total for k, w in kept.items()}
-        return kept
-
-    frontier = {position}
-    node("resid", n - 1, position)
-    for layer in range(n - 1, -1, -1):
-        a_front = set()
-        for i in sorted(frontier):
-            target = node("resid", layer, i)
-            kept = keep({"mlp": float(c.mlp[layer, i]), "resid": float(c.mlp_resid[layer, i])})
-            if "mlp" in kept:
-                m = node("mlp", layer, i)
-                edges.append({"source": m, "target": target, "weight": kept["mlp"], "kind": "mlp"})
-                edges.append({"source": node("attn", layer, i), "target": m, "weight": 1.0, "kind": "mlp"})
-            if "resid" in kept:
-                edges.append({"source": node("attn", layer, i), "target": target, "weight": kept["resid"],
-                              "kind": "resid"})
-            if kept:
-                a_front.add(i)
-        frontier = set()
-        src_comp = "embed" if layer == 0 else "resid"
-        for i in sorted(a_front):
-            target = node("attn", layer, i)
-            per_src = c.attn[layer, i].sum(-1)  # (T,)
-            weights = {("attn", j): float(per_src[j]) for j in range(i + 1)}
-            weights[("resid", i)] = float(c.attn_resid[layer, i])
-            kept = keep(weights)
-            for (kind, j), w in kept.items():
-                e = {"source": node(src_comp, layer - 1, j), "target": target, "weight": w, "kind": kind}
-                if kind == "attn":
-                    heads = c.attn[layer, i, j]
-                    scale = w / float(per_src[j]) if float(per_src[j]) > 0 else 0.0
-                    e["heads"] = [round(float(x) * scale, 6) for x in heads]
-                edges.append(e)
-                frontier.add(j)
+    edges = route(graph_edges(c, threshold), n, position, threshold, renormalize)
     vals = torch.tensor([e["weight"] for e in edges], dtype=torch.float32)
     labels = tuple(f"{e['source']}->{e['target']}" + (f"({e['kind']})" if e["kind"] == "resid" else "")
                    for e in edges)
-    meta = {"nodes": list(nodes.values()), "edges": edges, "tokens": c.tokens, "position": position,
-            "prompt": prompt}
+    meta = {"nodes": _nodes(edges, node_id("resid", n - 1, position), c.tokens), "edges": edges,
+            "tokens": c.tokens, "position": position, "prompt": prompt}
     return Result(vals, (Axis("edge", labels),), "flow", model.name,
                   params={"threshold": threshold, "renormalize": renormalize, "position": position}, meta=meta)
 
@@ -195,4 +256,37 @@ def run_flow(model: Model, prompt: specs.Prompt, config: FlowConfig) -> Result:
 
 
 specs.register(specs.MethodSpec("flow", "localization", "prompt", FlowConfig, run_flow,
+                                sites=("attn.head_out", "mlp_out", "resid_pre"), cli_inputs=("text",)))
+
+
+@dataclass(frozen=True)
+class FlowGraphConfig:
+    """The full contribution graph of a prompt (every position), for the app's graph view."""
+
+    floor: float = specs.option(0.01, "Keep edges with importance above this (the lowest threshold a view may use).")
+
+    def __post_init__(self):
+        _check_threshold(self.floor, "floor")
+
+
+def run_flow_graph(model: Model, prompt: specs.Prompt, config: FlowGraphConfig) -> Result:
+    """The full information-flow graph of a prompt: every edge above ``floor``, unnormalised, with each
+    position's top next-token predictions. The route into any position at any threshold ≥ floor is
+    :func:`route` of ``meta["edges"]`` (the app does it in the browser, without a new forward).
+
+    Values: edge weights (axis ``edge``); meta: ``edges``, ``tokens``, ``n_layers``, ``n_heads``, ``floor``,
+    ``predictions`` (per position, a list of [token, probability]).
+    """
+    c = flow_contributions(model, prompt.text)
+    edges = graph_edges(c, config.floor)
+    vals = torch.tensor([e["weight"] for e in edges], dtype=torch.float32)
+    labels = tuple(f"{e['source']}->{e['target']}({e['kind']})" for e in edges)
+    preds = [[[model.decode([i]), round(float(p), 6)] for i, p in zip(ids, ps)]
+             for ids, ps in zip(c.top_ids.tolist(), c.top_probs.tolist())]
+    meta = {"edges": edges, "tokens": c.tokens, "n_layers": c.attn.shape[0], "n_heads": c.attn.shape[-1],
+            "floor": config.floor, "predictions": preds, "prompt": prompt.text}
+    return Result(vals, (Axis("edge", labels),), "flow-graph", model.name, params={"floor": config.floor}, meta=meta)
+
+
+specs.register(specs.MethodSpec("flow-graph", "localization", "prompt", FlowGraphConfig, run_flow_graph,
                                 sites=("attn.head_out", "mlp_out", "resid_pre"), cli_inputs=("text",)))

@@ -23,16 +23,22 @@ Public API::
         receivers: list of (layer, head) or "logits"; senders: list of (layer, head) or ("mlp", layer),
         default every head below the highest receiver layer. Result axes: (sender,) with labels
         "L{layer}.H{head}" / "MLP{layer}".
+
+As a spec (``lmscope path-patching``, :class:`PathPatchConfig`), receivers and senders are written as
+text: ``"logits"`` or ``"9.6,9.9"`` (LAYER.HEAD, comma-separated), senders also ``mlp3``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from lmscope import specs
 from lmscope.errors import InputError
 from lmscope.interventions import Patch
+from lmscope.localization.metrics import metric_kind
 from lmscope.localization.patching import prepare
 from lmscope.localization.tasks import PromptPairs
 from lmscope.models import Model
@@ -131,3 +137,57 @@ def path_patching(model: Model, pairs: PromptPairs, receivers: Sequence[tuple[in
         extras={"raw": raw.float().cpu()},
         meta={"clean_metric": setup.clean_value, "corrupt_metric": setup.corrupt_value},
     )
+
+
+# ------------------------------------------------------------------------------------------------ spec
+def parse_components(text: str, what: str) -> list[Component]:
+    """``"9.6, 10.7, mlp3"`` -> ``[(9, 6), (10, 7), ("mlp", 3)]`` (ranges are checked against the model later)."""
+    out: list[Component] = []
+    for item in (t.strip() for t in text.split(",")):
+        try:
+            if item.lower().startswith("mlp"):
+                out.append(("mlp", int(item[3:])))
+            else:
+                layer, head = item.split(".")
+                out.append((int(layer), int(head)))
+        except ValueError:
+            raise InputError(f"--{what} {text!r}: write LAYER.HEAD (e.g. 9.6) or mlpLAYER (e.g. mlp3), "
+                             "comma-separated.") from None
+    return out
+
+
+@dataclass(frozen=True)
+class PathPatchConfig:
+    """Path patching: each sender's effect through the receivers only (noising, normalised like patching)."""
+
+    receivers: str = specs.option("logits", "'logits', or receiver heads as LAYER.HEAD, comma-separated "
+                                            "(e.g. 9.6,9.9).")
+    senders: str | None = specs.option(None, "Sender heads LAYER.HEAD and MLPs mlpLAYER, comma-separated (default: "
+                                             "every head below the highest receiver layer).")
+    receiver_input: str = specs.option("q", "Which input of the receiver heads is patched: q | k | v.",
+                                       choices=("q", "k", "v"))
+    metric: str = specs.option("logit_diff", "logit_diff | probability | log_prob | kl.")
+    freeze_mlps: bool = specs.option(False, "Freeze MLPs to their clean outputs (direct paths through heads only).",
+                                     flags=("--freeze-mlps",))
+    normalise: bool = specs.option(True, "Normalise: 0 = no effect, -1 = the behaviour destroyed.",
+                                   flags=("--normalise/--raw",))
+
+    def __post_init__(self):
+        specs.check_config(self)
+        metric_kind(self.metric, method="path patching")
+        if self.receivers != "logits":
+            parse_components(self.receivers, "receivers")
+        if self.senders is not None:
+            parse_components(self.senders, "senders")
+
+
+def run_path_patching(model: Model, pairs: PromptPairs, config: PathPatchConfig) -> Result:
+    """Path patching: the effect of each sender head (or MLP) along direct paths to the receivers or logits."""
+    receivers = "logits" if config.receivers == "logits" else parse_components(config.receivers, "receivers")
+    senders = None if config.senders is None else parse_components(config.senders, "senders")
+    return path_patching(model, pairs, receivers, senders=senders, receiver_input=config.receiver_input,
+                         metric=config.metric, freeze_mlps=config.freeze_mlps, normalise=config.normalise)
+
+
+specs.register(specs.MethodSpec("path-patching", "localization", "pairs", PathPatchConfig, run_path_patching,
+                                sites=("attn.z", "attn.q")))

@@ -1,8 +1,11 @@
 """Causal tracing (Meng et al., "Locating and Editing Factual Associations in GPT", NeurIPS 2022).
 
-Corrupt a factual prompt by adding Gaussian noise (``noise`` × the standard deviation of the token
-embeddings, 3 by default) to the embeddings of the subject tokens only, in ``samples`` noised copies
-of the prompt. Then restore one clean state at a time and measure the probability of the clean answer
+Corrupt a factual prompt by adding Gaussian noise (``noise`` × σ, 3σ by default) to the embeddings of
+the subject tokens only, in ``samples`` noised copies of the prompt. As in the paper, σ is the standard
+deviation of *subject* embeddings: over all entries of the embeddings of the tokens of a set of subjects
+(``noise_subjects``; by default the traced subject and the countries of the built-in factual task, the
+analogue of the paper's dataset subjects). ``noise_basis="vocab"`` uses the whole vocabulary's
+embeddings instead (an earlier default here; on SmolLM2 it is a different scale). Then restore one clean state at a time and measure the probability of the clean answer
 (averaged over the noised copies):
 
 * ``kind="hidden"``: the block output (``resid_post``) at one layer and position;
@@ -18,9 +21,9 @@ layers (attention). METHODS.md §5.2.
 Public API::
 
     causal_trace(model, prompt, subject, target=None, *, kind="hidden", window=None, samples=10,
-                 noise=3.0, seed=1, layers=None) -> Result  (axes layer × position)
+                 noise=3.0, seed=1, layers=None, noise_basis="subjects", noise_subjects=None) -> Result
     subject_positions(model, prompt, subject) -> list[int]
-    embedding_std(model) -> float
+    subject_embedding_std(model, subjects) -> float;  embedding_std(model) -> float
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from lmscope.sites import resolve_count, resolve_layers
 MAX_SAMPLES = 256
 
 KINDS = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+NOISE_BASES = ("subjects", "vocab")
 
 
 def subject_positions(model: Model, prompt: str, subject: str) -> list[int]:
@@ -66,17 +70,40 @@ def embedding_std(model: Model, sample: int = 8192) -> float:
     return float(model.embed_tokens(ids).float().std())
 
 
+def subject_embedding_std(model: Model, subjects: Sequence[str]) -> float:
+    """Standard deviation over all entries of the embeddings (as the model uses them) of the tokens of
+    ``subjects``, each tokenised as it appears inside a sentence (after a space); tokens repeat as often
+    as they occur. Meng et al.'s σ, computed there over the subjects of their dataset."""
+    ids = [i for s in subjects for i in model.tokenizer(" " + s.strip(), add_special_tokens=False)["input_ids"]]
+    if len(ids) < 2:
+        raise InputError(f"The noise subjects {list(subjects)[:5]} give {len(ids)} token(s); give more subjects "
+                         "(σ needs at least 2 embeddings).")
+    with torch.no_grad():
+        return float(model.embed_tokens(torch.tensor(ids)).float().std())
+
+
+def default_noise_subjects(subject: str) -> tuple[str, ...]:
+    """The traced subject and the countries of the built-in factual task."""
+    from lmscope.localization.tasks import CAPITALS
+
+    return (subject, *(country for country, _ in CAPITALS))
+
+
 def causal_trace(model: Model, prompt: str, subject: str, target: str | int | None = None, *,
                  kind: str = "hidden", window: int | None = None, samples: int = 10, noise: float = 3.0,
                  seed: int = 1, layers: Sequence[int] | None = None, chunk_size: int | None = None,
+                 noise_basis: str = "subjects", noise_subjects: Sequence[str] | None = None,
                  progress: bool = False) -> Result:
     """Restored answer probability for every (layer, position) cell; see the module docstring.
 
     ``target`` defaults to the clean run's top-1 token. ``window`` defaults to 1 for ``hidden`` and
-    10 for ``mlp``/``attn``.
+    10 for ``mlp``/``attn``. σ of the noise: ``noise_basis`` "subjects" (over ``noise_subjects``, default
+    :func:`default_noise_subjects`) or "vocab" (:func:`embedding_std`).
     """
     if kind not in KINDS:
         raise InputError(f"kind={kind!r}: use one of {tuple(KINDS)}.")
+    if noise_basis not in NOISE_BASES:
+        raise InputError(f"noise_basis={noise_basis!r}: use one of {NOISE_BASES}.")
     if samples < 1:
         raise InputError("samples must be at least 1.")
     resolve_count(samples, MAX_SAMPLES, "noised copies (samples)")
@@ -96,7 +123,10 @@ def causal_trace(model: Model, prompt: str, subject: str, target: str | int | No
     with torch.no_grad():
         clean = model.run(batch, cache=[f"blocks.{l}.{site_kind}" for l in range(n_layers)], logits="last")
     tid = int(clean.logits[0].argmax()) if target is None else model.token_id(target)
-    sigma = noise * embedding_std(model)
+    if noise_basis == "vocab":
+        sigma = noise * embedding_std(model)
+    else:
+        sigma = noise * subject_embedding_std(model, noise_subjects or default_noise_subjects(subject))
     g = torch.Generator().manual_seed(seed)
     noise_STD = torch.zeros(samples, t, model.spec.d_model)
     noise_STD[:, subj] = torch.randn(samples, len(subj), model.spec.d_model, generator=g) * sigma
@@ -123,7 +153,8 @@ def causal_trace(model: Model, prompt: str, subject: str, target: str | int | No
         restored.cpu(), axes=(Axis("layer", tuple(layers)), Axis("position", labels)),
         method=f"causal_trace.{kind}", model=model.name,
         target={"target": model.decode([tid]), "target_id": tid, "subject": subject},
-        params={"kind": kind, "window": window, "samples": samples, "noise": noise, "seed": seed},
+        params={"kind": kind, "window": window, "samples": samples, "noise": noise, "seed": seed,
+                "noise_basis": noise_basis},
         extras={"indirect_effect": (restored - low).cpu()},
         meta={"prompt": prompt, "subject_positions": subj, "clean_prob": high, "corrupt_prob": low,
               "noise_std": sigma},
@@ -138,7 +169,9 @@ class TraceConfig:
     subject: str = specs.option(help="Subject text as written in the prompt, e.g. 'The Eiffel Tower'.")
     kind: str = specs.option("hidden", "hidden | mlp | attn", choices=tuple(KINDS))
     samples: int = specs.option(10, "Noised copies.")
-    noise: float = specs.option(3.0, "Noise std as a multiple of the embedding std.")
+    noise: float = specs.option(3.0, "Noise std as a multiple of σ, the std of subject embeddings (Meng et al.).")
+    noise_basis: str = specs.option("subjects", "σ over subject embeddings (this subject and the built-in "
+                                                "countries) or over the whole vocabulary.", choices=NOISE_BASES)
     window: int | None = specs.option(None, "Layers restored together (default 1 for hidden, 10 otherwise).")
     seed: int = specs.option(1, "Seed of the noise.")
 
@@ -154,7 +187,8 @@ class TraceConfig:
 def run_trace(model: Model, prompt: specs.Prompt, config: TraceConfig) -> Result:
     """Causal tracing (Meng et al.): restore clean states into a subject-noised run, layer × position."""
     return causal_trace(model, prompt.text, config.subject, prompt.target, kind=config.kind, samples=config.samples,
-                        noise=config.noise, window=config.window, seed=config.seed, progress=True)
+                        noise=config.noise, window=config.window, seed=config.seed, noise_basis=config.noise_basis,
+                        progress=True)
 
 
 specs.register(specs.MethodSpec("trace", "localization", "prompt", TraceConfig, run_trace,

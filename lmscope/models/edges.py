@@ -1,9 +1,10 @@
 """Edge-level access: every receiver (each head's q, k and v input, each MLP input, the logits) gets
 its own copy of the residual stream, so that single edges can be patched and differentiated.
 
-The component graph (EAP, EAP-IG, ACDC) has upstream nodes ``input`` (the embedding as block 0
-sees it), each head's write ``a{l}.h{h}`` and each MLP's write ``m{l}``, and receivers
-``a{l}.h{h}.q|k|v``, ``m{l}`` and ``logits``. The input of a receiver is the sum of the writes of the
+The component graph (EAP, EAP-IG, ACDC) is built from the parts the model has: upstream nodes
+``input`` (the embedding as block 0 sees it), each head's write ``a{l}.h{h}`` and each MLP's write
+``m{l}``, and receivers ``a{l}.h{h}.q|k|v``, ``m{l}`` and ``logits``; a model without MLPs (the
+attention-only model) has no ``m{l}`` nodes. The input of a receiver is the sum of the writes of the
 nodes before it (plus biases), so with a boolean mask P (U, R) of patched edges
 
     in_v = x(run) − Σ_u P[u, v] · (z_u(run) − z_u(corrupt))
@@ -51,56 +52,81 @@ class EdgeGraph:
     valid: torch.Tensor
     n_layers: int
     n_heads: int
+    has_mlp: bool = True
 
     @property
     def n_edges(self) -> int:
         return int(self.valid.sum())
 
+    @property
+    def up_stride(self) -> int:
+        """Upstream nodes per layer: the heads and, where the block has one, the MLP."""
+        return self.n_heads + int(self.has_mlp)
+
+    @property
+    def rec_stride(self) -> int:
+        """Receivers per layer: each head's q, k and v, and the MLP."""
+        return 3 * self.n_heads + int(self.has_mlp)
+
+    def _need_mlp(self) -> None:
+        if not self.has_mlp:
+            raise InputError("This edge graph has no MLP nodes: the model's blocks have no MLP.")
+
     def head_index(self, layer: int, head: int) -> int:
-        return 1 + layer * (self.n_heads + 1) + head
+        return 1 + layer * self.up_stride + head
 
     def mlp_index(self, layer: int) -> int:
-        return 1 + layer * (self.n_heads + 1) + self.n_heads
+        self._need_mlp()
+        return 1 + layer * self.up_stride + self.n_heads
 
     def receiver_index(self, layer: int, kind: str, head: int | None = None) -> int:
         """Receiver column of ``a{layer}.h{head}.{q|k|v}`` or ``m{layer}`` (kind "mlp")."""
-        base = layer * (3 * self.n_heads + 1)
+        base = layer * self.rec_stride
         if kind == "mlp":
+            self._need_mlp()
             return base + 3 * self.n_heads
         return base + QKV.index(kind) * self.n_heads + head
 
     def attn_receivers(self, layer: int) -> slice:
-        base = layer * (3 * self.n_heads + 1)
+        base = layer * self.rec_stride
         return slice(base, base + 3 * self.n_heads)
 
 
+def _has_mlp(model: Model) -> bool:
+    return "mlp" in model.parts
+
+
 def edge_graph(model: Model) -> EdgeGraph:
-    """The component graph of ``model``: heads and MLPs, with q/k/v receivers split per head."""
-    model.require(["attn.head_out", "mlp_out"], "The edge graph (EAP, EAP-IG, ACDC)")
-    s = model.spec
+    """The component graph of ``model``: heads and (where the blocks have them) MLPs, with q/k/v receivers
+    split per head."""
+    model.require(["attn.head_out"], "The edge graph (EAP, EAP-IG, ACDC)")
+    s, has_mlp = model.spec, _has_mlp(model)
+    mlp_up = lambda layer: [f"m{layer}"] if has_mlp else []  # noqa: E731
     up, up_layer = ["input"], [-1]
     for layer in range(s.n_layers):
-        up += [f"a{layer}.h{h}" for h in range(s.n_heads)] + [f"m{layer}"]
-        up_layer += [layer] * (s.n_heads + 1)
+        up += [f"a{layer}.h{h}" for h in range(s.n_heads)] + mlp_up(layer)
+        up_layer += [layer] * (s.n_heads + int(has_mlp))
     rec = []
     for layer in range(s.n_layers):
-        rec += [f"a{layer}.h{h}.{w}" for w in QKV for h in range(s.n_heads)] + [f"m{layer}"]
+        rec += [f"a{layer}.h{h}.{w}" for w in QKV for h in range(s.n_heads)] + mlp_up(layer)
     rec.append("logits")
     valid = torch.zeros(len(up), len(rec), dtype=torch.bool)
     is_mlp = torch.tensor([u.startswith("m") for u in up])
     layer_t = torch.tensor(up_layer)
+    stride = 3 * s.n_heads + int(has_mlp)
     for layer in range(s.n_layers):
-        base = layer * (3 * s.n_heads + 1)
+        base = layer * stride
         valid[:, base:base + 3 * s.n_heads] = (layer_t < layer)[:, None]
-        same_layer_heads = (layer_t == layer) & ~is_mlp & (not s.parallel)
-        valid[:, base + 3 * s.n_heads] = (layer_t < layer) | same_layer_heads
+        if has_mlp:
+            same_layer_heads = (layer_t == layer) & ~is_mlp & (not s.parallel)
+            valid[:, base + 3 * s.n_heads] = (layer_t < layer) | same_layer_heads
     valid[:, -1] = True
-    return EdgeGraph(tuple(up), tuple(rec), tuple(up_layer), valid, s.n_layers, s.n_heads)
+    return EdgeGraph(tuple(up), tuple(rec), tuple(up_layer), valid, s.n_layers, s.n_heads, has_mlp)
 
 
 def upstream_sites(model: Model) -> list[str]:
-    n = model.spec.n_layers
-    return ["embed"] + [f"blocks.{l}.{k}" for l in range(n) for k in ("attn.head_out", "mlp_out")]
+    n, kinds = model.spec.n_layers, ("attn.head_out", "mlp_out") if _has_mlp(model) else ("attn.head_out",)
+    return ["embed"] + [f"blocks.{l}.{k}" for l in range(n) for k in kinds]
 
 
 def stack_upstream(model: Model, cache: dict, upto_layer: int | None = None, *,
@@ -111,10 +137,12 @@ def stack_upstream(model: Model, cache: dict, upto_layer: int | None = None, *,
     adds that layer's heads.
     """
     n = model.spec.n_layers if upto_layer is None else upto_layer
+    has_mlp = _has_mlp(model)
     parts = [cache["embed"].unsqueeze(0)]
     for layer in range(n):
         parts.append(cache[f"blocks.{layer}.attn.head_out"].permute(2, 0, 1, 3))
-        parts.append(cache[f"blocks.{layer}.mlp_out"].unsqueeze(0))
+        if has_mlp:
+            parts.append(cache[f"blocks.{layer}.mlp_out"].unsqueeze(0))
     if include_heads_of is not None:
         parts.append(cache[f"blocks.{include_heads_of}.attn.head_out"].permute(2, 0, 1, 3))
     return torch.cat(parts)
@@ -134,16 +162,16 @@ class EdgeRun:
 
     logits: torch.Tensor
     attn_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (3H, B, T, D)
-    mlp_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, D)
+    mlp_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, D); none without MLPs
     final_input: torch.Tensor | None = None  # (B, T, D)
     cache: dict = field(default_factory=dict)
 
     def receiver_inputs(self) -> list[torch.Tensor]:
-        """The per-receiver input tensors in graph order: per layer (3H, B, T, D) then (B, T, D);
-        finally the logits' input (B, T, D)."""
+        """The per-receiver input tensors in graph order: per layer (3H, B, T, D) then the MLP's (B, T, D)
+        where there is one; finally the logits' input (B, T, D)."""
         out = []
         for layer in sorted(self.attn_inputs):
-            out += [self.attn_inputs[layer], self.mlp_inputs[layer]]
+            out += [self.attn_inputs[layer]] + ([self.mlp_inputs[layer]] if layer in self.mlp_inputs else [])
         return out + [self.final_input]
 
     def receiver_grads(self, value: torch.Tensor) -> torch.Tensor:
@@ -183,9 +211,9 @@ def _proj_columns(model: Model) -> list[tuple[str, list[tuple[int, torch.Tensor]
     return [(a.qkv, cols)]
 
 
-def _check_supported(model: Model) -> tuple[str, str]:
-    """(norm before attention, norm before the MLP): block-relative paths from the adapter's parts."""
-    model.require(["attn.head_out", "mlp_out"], "Edge-level patching (EAP, EAP-IG, ACDC)")
+def _check_supported(model: Model) -> tuple[str, str | None]:
+    """(norm before attention, norm before the MLP or None): block-relative paths from the adapter's parts."""
+    model.require(["attn.head_out"], "Edge-level patching (EAP, EAP-IG, ACDC)")
     norms = model.adapter.block.norms
     return norms.pre_mixer, norms.pre_mlp
 
@@ -226,7 +254,7 @@ def edge_forward(model: Model, batch: Batch, *, patch: torch.Tensor | None = Non
             return None
         w = patch[:, cols]
         w = w.unsqueeze(1) if w.ndim == 1 else w
-        n_up = w.shape[0] if layer is None else (1 + layer * (h_n + 1) + (h_n if heads_of is not None else 0))
+        n_up = w.shape[0] if layer is None else (1 + layer * graph.up_stride + (h_n if heads_of is not None else 0))
         w = w[:n_up].float()
         if not w.any():
             return None
@@ -296,8 +324,9 @@ def edge_forward(model: Model, batch: Batch, *, patch: torch.Tensor | None = Non
                 handles.append(get_module(block, attn_norm_path).register_forward_hook(attn_norm_hook(layer, session)))
                 for path, cols in proj_cols:
                     handles.append(get_module(block, path).register_forward_hook(proj_hook(cols)))
-                handles.append(get_module(block, mlp_norm_path).register_forward_pre_hook(
-                    mlp_norm_hook(layer, session), with_kwargs=True))
+                if mlp_norm_path is not None:
+                    handles.append(get_module(block, mlp_norm_path).register_forward_pre_hook(
+                        mlp_norm_hook(layer, session), with_kwargs=True))
             handles.append(model.final_norm.register_forward_pre_hook(final_hook(session), with_kwargs=True))
             with torch.set_grad_enabled(grad):
                 kw = {"logits_to_keep": 1} if last_only and batch.padding_side == "left" else {}

@@ -153,7 +153,7 @@ class HookSession:
         explicit = {layer for layer, kinds in kinds_by_layer.items() if kinds & {*ATTN_INNER_KINDS, "knockout"}}
         every = self.prefix is not None
         for layer in range(m.spec.n_layers) if every else sorted(explicit):
-            attn = get_module(m.block(layer), a.attn)
+            attn = get_module(m.block(layer), a.block.mixer.module)
             if getattr(attn, ATTN_ATTR, None) is not None:
                 raise RuntimeError("Another lmscope hook session is active on this model; nest runs instead.")
             setattr(attn, ATTN_ATTR, self._attention(layer, layer in explicit))
@@ -163,15 +163,15 @@ class HookSession:
             if kinds & {"embed", "resid_pre", "resid_mid"}:
                 self._hook_pre(block, self._block_pre(layer))
             if kinds & {"attn.z", "attn.head_out"}:
-                self._hook_pre(get_module(block, a.o_proj), self._o_proj_pre(layer))
+                self._hook_pre(get_module(block, a.block.mixer.o_proj), self._o_proj_pre(layer))
             if kinds & {"attn_out", "attn.head_out", "resid_mid"}:
-                self._hook_fwd(get_module(block, a.attn_write), self._attn_write(layer))
+                self._hook_fwd(get_module(block, a.block.mixer_write), self._attn_write(layer))
             if "mlp.post" in kinds:
-                self._hook_pre(get_module(block, a.mlp_down), self._mlp_down_pre(layer))
+                self._hook_pre(get_module(block, a.block.mlp.down), self._mlp_down_pre(layer))
                 if m.spec.post_norms:
-                    self._hook_fwd(get_module(block, a.mlp_write), self._mlp_write_scale(layer))
+                    self._hook_fwd(get_module(block, a.block.mlp_write), self._mlp_write_scale(layer))
             if "mlp_out" in kinds:
-                self._hook_fwd(get_module(block, a.mlp_write), self._site_output(Site("mlp_out", layer)))
+                self._hook_fwd(get_module(block, a.block.mlp_write), self._site_output(Site("mlp_out", layer)))
             if "resid_post" in kinds:
                 self._hook_fwd(block, self._site_output(Site("resid_post", layer)))
         if Site("final.scale") in wanted:

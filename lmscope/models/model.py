@@ -4,15 +4,15 @@ It never re-implements the forward pass. It adds a small ``spec``, weight views 
 layout (per head and per neuron), tokenisation helpers that check single-token targets, scoped
 hook sessions, and runs: one forward with sites cached and interventions applied
 (:meth:`Model.run`), or many intervention sets on copies of a batch in chunked, batched forwards
-(:meth:`Model.run_sets`).
+(:meth:`Model.run_sets`). The data types of a run live in :mod:`.batch`, the reading of weights in
+:mod:`.weights`, the read-outs in :mod:`.readout`, generation in :mod:`.generation`.
 
 Shapes: B prompts, T tokens, H heads of width dh, D residual width, F neurons, V vocabulary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -21,73 +21,15 @@ from lmscope.errors import InputError, TokenError
 from lmscope.interventions import Intervention
 from lmscope.models import attention as _attention  # noqa: F401  (registers the attention function)
 from lmscope.models import generation as _generation, readout as _readout
+from lmscope.models.batch import Batch, ModelSpec, RunOutput, StepInterventions, select_logits  # noqa: F401 (re-exported)
 from lmscope.models.families import adapter_for
 from lmscope.models.hooks import HookSession
 from lmscope.models.mixing import run_until as _run_until
 from lmscope.models.norms import norm_eps
-from lmscope.models.parts import Adapter, config_field, get_module, linear_weight, require_kinds, site_kinds
+from lmscope.models.parts import Adapter, get_module, linear_weight, require_kinds, site_kinds
 from lmscope.models.reuse import Expansion, first_position, plan_chunks, shift
+from lmscope.models.weights import make_spec, per_head, per_head_bias, qkv
 from lmscope.sites import Site, parse_site
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    family: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_model: int
-    d_head: int
-    d_mlp: int  # 0 for a model without MLPs
-    d_vocab: int
-    n_ctx: int
-    norm: str
-    post_norms: bool
-    parallel: bool
-    softcap: float | None = None  # final-logit soft-cap: logits = c·tanh(logits / c)
-    attn_softcap: float | None = None  # attention-score soft-cap (Gemma 2)
-    sliding_window: int | None = None
-
-
-@dataclass
-class Batch:
-    """Tokenised prompts. ``input_ids``/``attention_mask``/``position_ids`` are (B, T)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    str_tokens: list[list[str]]
-    padding_side: str = "left"
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.attention_mask.sum(dim=1)
-
-    @property
-    def last_index(self) -> torch.Tensor:
-        """Index of each row's last real token (B,)."""
-        if self.padding_side == "left":
-            return torch.full((self.input_ids.shape[0],), self.input_ids.shape[1] - 1)
-        return self.lengths - 1
-
-    def repeat(self, n: int) -> Batch:
-        """n copies of the batch, set-major: copy i occupies rows i*B .. (i+1)*B - 1."""
-        return Batch(self.input_ids.repeat(n, 1), self.attention_mask.repeat(n, 1),
-                     self.position_ids.repeat(n, 1), self.str_tokens * n, self.padding_side)
-
-
-StepInterventions = Callable[[torch.Tensor, torch.Tensor], list]
-"""(absolute positions (B, t), real-token mask (B, t)) -> the interventions of one generation step."""
-
-
-@dataclass
-class RunOutput:
-    batch: Batch
-    logits: torch.Tensor | None
-    cache: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __getitem__(self, site: str) -> torch.Tensor:
-        return self.cache[parse_site(site).name] if not site.startswith("aux.") else self.cache[site]
 
 
 class Model:
@@ -99,31 +41,12 @@ class Model:
         self.name = name
         self.adapter: Adapter = adapter_for(hf.config)
         self.hf.set_attn_implementation(_attention.ATTN_IMPL)
-        self.spec = self._make_spec()
+        self.spec = make_spec(self)
         self.load_check = "skipped"  # "checked", or "cached" when a pass with this fingerprint is recorded
         if check:
             from lmscope.models.checks import check_at_load
 
             self.load_check = check_at_load(self)
-
-    def _make_spec(self) -> ModelSpec:
-        c, a = self.hf.config, self.adapter
-        f = a.config
-
-        def read(name: str | None, default=None):
-            return default if name is None else config_field(c, name, a)
-
-        n_heads = read(f.n_heads)
-        d_head = linear_weight(get_module(self.block(0), a.block.mixer.o_proj), a.linear).shape[0] // n_heads
-        d_mlp = 0 if a.block.mlp is None else linear_weight(get_module(self.block(0), a.block.mlp.down),
-                                                            a.linear).shape[0]
-        return ModelSpec(
-            family=a.family, n_layers=len(self._blocks()), n_heads=n_heads, n_kv_heads=read(f.n_kv_heads) or n_heads,
-            d_model=read(f.d_model), d_head=d_head, d_mlp=d_mlp, d_vocab=self.W_U.shape[1], n_ctx=read(f.n_ctx),
-            norm=a.block.norms.kind, post_norms=a.block.post_norms, parallel=bool(read(f.parallel, False)),
-            softcap=_cap(read(f.softcap)), attn_softcap=_cap(read(f.attn_softcap)),
-            sliding_window=read(f.sliding_window),
-        )
 
     # ------------------------------------------------------------------ parts and site kinds
     @property
@@ -154,7 +77,7 @@ class Model:
 
     @property
     def final_norm(self):
-        return get_module(self.hf, self.adapter.final_norm)
+        return get_module(self.hf, self.adapter.final.norm)
 
     @property
     def device(self) -> torch.device:
@@ -166,16 +89,16 @@ class Model:
     @property
     def W_E(self) -> torch.Tensor:
         """(V, D) token embedding (Gemma's sqrt(D) scaling is applied in its forward, not here)."""
-        return get_module(self.hf, self.adapter.embed).weight
+        return get_module(self.hf, self.adapter.embedding.tokens).weight
 
     @property
     def W_U(self) -> torch.Tensor:
         """(D, V) unembedding."""
-        return get_module(self.hf, self.adapter.unembed).weight.T
+        return get_module(self.hf, self.adapter.final.unembed).weight.T
 
     @property
     def b_U(self) -> torch.Tensor | None:
-        return getattr(get_module(self.hf, self.adapter.unembed), "bias", None)
+        return getattr(get_module(self.hf, self.adapter.final.unembed), "bias", None)
 
     @property
     def logit_softcap(self) -> float | None:
@@ -184,7 +107,7 @@ class Model:
 
     def attn_scaling(self, layer: int) -> float:
         """The factor that multiplies q·k in ``layer`` (1/sqrt(dh) unless the model sets its own)."""
-        scaling = getattr(get_module(self.block(layer), self.adapter.attn), "scaling", None)  # HF modules keep it here
+        scaling = getattr(get_module(self.block(layer), self.adapter.block.mixer.module), "scaling", None)  # HF modules keep it here
         return float(scaling) if scaling is not None else self.spec.d_head ** -0.5
 
     def attention_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -221,74 +144,46 @@ class Model:
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (..., D) as the embedding module outputs them (Gemma's √D in), on the model's device."""
         with torch.no_grad():
-            return get_module(self.hf, self.adapter.embed)(ids.to(self.device))
+            return get_module(self.hf, self.adapter.embedding.tokens)(ids.to(self.device))
 
     def W_O(self, layer: int) -> torch.Tensor:
         """(H, dh, D) per-head output projection."""
-        w = linear_weight(get_module(self.block(layer), self.adapter.o_proj), self.adapter.linear)
+        w = linear_weight(get_module(self.block(layer), self.adapter.block.mixer.o_proj), self.adapter.linear)
         return w.reshape(self.spec.n_heads, self.spec.d_head, self.spec.d_model)
 
     def b_O(self, layer: int) -> torch.Tensor | None:
-        return getattr(get_module(self.block(layer), self.adapter.o_proj), "bias", None)
-
-    def _qkv(self, layer: int, which: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(D, heads*dh) weight and bias of q (0), k (1) or v (2), before GQA expansion."""
-        a, s, block = self.adapter.block.mixer, self.spec, self.block(layer)
-        linear = self.adapter.linear
-        if a.qkv is None:
-            mod = get_module(block, (a.q_proj, a.k_proj, a.v_proj)[which])
-            return linear_weight(mod, linear), mod.bias
-        mod = get_module(block, a.qkv)
-        w, b = linear_weight(mod, linear), mod.bias
-        d = s.n_heads * s.d_head
-        if a.qkv_layout == "blocks":
-            cols = slice(which * d, (which + 1) * d)
-            return w[:, cols], None if b is None else b[cols]
-        idx = torch.arange(s.n_heads)[:, None] * 3 * s.d_head + which * s.d_head + torch.arange(s.d_head)
-        idx = idx.flatten().to(w.device)
-        return w[:, idx], None if b is None else b[idx]
-
-    def _per_head(self, w: torch.Tensor) -> torch.Tensor:
-        """(R, heads*dh) -> (H, R, dh), KV heads expanded to query heads."""
-        s = self.spec
-        heads = w.shape[1] // s.d_head
-        w = w.reshape(w.shape[0], heads, s.d_head).permute(1, 0, 2)
-        return w.repeat_interleave(s.n_heads // heads, dim=0)
-
-    def _per_head_bias(self, layer: int, which: int) -> torch.Tensor | None:
-        b = self._qkv(layer, which)[1]
-        return None if b is None else self._per_head(b.unsqueeze(0)).squeeze(1)
+        return getattr(get_module(self.block(layer), self.adapter.block.mixer.o_proj), "bias", None)
 
     def W_Q(self, layer: int) -> torch.Tensor:
         """(H, D, dh) query weights (before RoPE and any q-norm)."""
-        return self._per_head(self._qkv(layer, 0)[0])
+        return per_head(self.spec, qkv(self, layer, 0)[0])
 
     def W_K(self, layer: int) -> torch.Tensor:
         """(H, D, dh) key weights, KV heads expanded to query heads."""
-        return self._per_head(self._qkv(layer, 1)[0])
+        return per_head(self.spec, qkv(self, layer, 1)[0])
 
     def W_V(self, layer: int) -> torch.Tensor:
         """(H, D, dh) value weights, KV heads expanded to query heads."""
-        return self._per_head(self._qkv(layer, 2)[0])
+        return per_head(self.spec, qkv(self, layer, 2)[0])
 
     def b_Q(self, layer: int) -> torch.Tensor | None:
         """(H, dh) query bias or None."""
-        return self._per_head_bias(layer, 0)
+        return per_head_bias(self, layer, 0)
 
     def b_K(self, layer: int) -> torch.Tensor | None:
-        return self._per_head_bias(layer, 1)
+        return per_head_bias(self, layer, 1)
 
     def b_V(self, layer: int) -> torch.Tensor | None:
-        return self._per_head_bias(layer, 2)
+        return per_head_bias(self, layer, 2)
 
     def W_out(self, layer: int) -> torch.Tensor:
         """(F, D) neuron output directions (rows of the down projection)."""
         self.require(["mlp.post"], "W_out (neuron output directions)")
-        return linear_weight(get_module(self.block(layer), self.adapter.mlp_down), self.adapter.linear)
+        return linear_weight(get_module(self.block(layer), self.adapter.block.mlp.down), self.adapter.linear)
 
     def b_out(self, layer: int) -> torch.Tensor | None:
         self.require(["mlp.post"], "b_out (the MLP output bias)")
-        return getattr(get_module(self.block(layer), self.adapter.mlp_down), "bias", None)
+        return getattr(get_module(self.block(layer), self.adapter.block.mlp.down), "bias", None)
 
     def head_writes(self, layer: int, z: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
         """Each head's write (B, T, H, D) from z (B, T, H, dh); ``factor`` (B, T, D) is a frozen post-norm."""
@@ -381,7 +276,7 @@ class Model:
         batch = self.encode(inputs, padding_side)
         with self.hooks(cache, interventions, grad) as session, torch.set_grad_enabled(grad):
             out = self.forward(batch)
-        return RunOutput(batch, _select_logits(out.logits, batch, logits), session.cache)
+        return RunOutput(batch, select_logits(out.logits, batch, logits), session.cache)
 
     def run_sets(self, inputs, sets: Sequence[Sequence[Intervention]], *,
                  cache: Iterable[str | Site] = (), logits: str = "last", chunk_size: int | None = None,
@@ -446,7 +341,7 @@ class Model:
             big = batch.repeat(len(idx))
             if logits != "none":
                 lg = out.logits[off:]
-                logit_parts.append(_select_logits(lg, big, logits) if not keep else lg[:, -1])
+                logit_parts.append(select_logits(lg, big, logits) if not keep else lg[:, -1])
             cache_parts.append({k: v.repeat(len(idx), *[1] * (v.ndim - 1)) if v.shape[0] == b and len(idx) > 1
                                 else v for k, v in session.cache.items()})
         order = [j for idx in chunks for j in idx]
@@ -483,18 +378,3 @@ class Model:
         if site.kind == "embed":
             return 0
         return self.spec.n_layers if site.layer is None else site.layer
-
-
-def _cap(value) -> float | None:
-    """A soft-cap from the config: None or 0 mean none."""
-    return float(value) if value else None
-
-
-def _select_logits(logits: torch.Tensor, batch: Batch, which: str) -> torch.Tensor | None:
-    if which == "all":
-        return logits
-    if which == "last":
-        return logits[torch.arange(logits.shape[0]), batch.last_index.to(logits.device)]
-    if which == "none":
-        return None
-    raise InputError(f"logits={which!r}: use 'all', 'last' or 'none'.")

@@ -163,55 +163,6 @@ class Adapter:
         return dataclasses.replace(self, block=dataclasses.replace(
             self.block, norms=dataclasses.replace(self.block.norms, kind=kind)))
 
-    # derived module paths, for the model layer (methods ask Model, not these)
-    @property
-    def norm_kind(self) -> str:
-        return self.block.norms.kind
-
-    @property
-    def post_norms(self) -> bool:
-        return self.block.post_norms
-
-    @property
-    def embed(self) -> str:
-        return self.embedding.tokens
-
-    @property
-    def pos_embed(self) -> str | None:
-        return self.embedding.positions
-
-    @property
-    def final_norm(self) -> str:
-        return self.final.norm
-
-    @property
-    def unembed(self) -> str:
-        return self.final.unembed
-
-    @property
-    def attn(self) -> str:
-        return self.block.mixer.module
-
-    @property
-    def o_proj(self) -> str:
-        return self.block.mixer.o_proj
-
-    @property
-    def attn_norm(self) -> str:
-        return self.block.norms.pre_mixer
-
-    @property
-    def attn_write(self) -> str:
-        return self.block.mixer_write
-
-    @property
-    def mlp_write(self) -> str | None:
-        return self.block.mlp_write
-
-    @property
-    def mlp_down(self) -> str | None:
-        return None if self.block.mlp is None else self.block.mlp.down
-
 
 def site_kinds(adapter: Adapter, parallel: bool) -> tuple[str, ...]:
     """The site kinds a model built from ``adapter`` has (no resid_mid when blocks run in parallel)."""

@@ -73,7 +73,7 @@ def norm_module(model: Model, name: str):
     """The native norm module named ``name`` (see :func:`parse_norm`); an error if the model has none."""
     kind, layer = parse_norm(name, model.spec.n_layers)
     if kind == "ln_final":
-        return get_module(model.hf, model.adapter.final_norm)
+        return get_module(model.hf, model.adapter.final.norm)
     norms = model.adapter.block.norms
     path = {"ln1": norms.pre_mixer, "ln2": norms.pre_mlp, "ln1_post": norms.post_mixer,
             "ln2_post": norms.post_mlp}[kind]
@@ -84,7 +84,7 @@ def norm_module(model: Model, name: str):
 
 
 def _unembed_module(model: Model):
-    return get_module(model.hf, model.adapter.unembed)
+    return get_module(model.hf, model.adapter.final.unembed)
 
 
 def frozen_norm(model: Model, module, x: torch.Tensor, scale) -> torch.Tensor:

@@ -11,6 +11,8 @@ from lmscope.sae.base import SAE, LossOut, SAEConfig
 from lmscope.sae.evaluation import METRICS, compare, density_histogram, evaluate, evaluate_activations, pareto_png
 from lmscope.sae.features import (decoder_logits, feature_report, features_html, residual_directions,
                                   top_activations)
+from lmscope.sae.folders import (SAECompareConfig, SAEEvalConfig, SAEFeaturesConfig, SAEFolders, run_sae_compare,
+                                 run_sae_eval, run_sae_features)
 from lmscope.sae.gated import GatedConfig, GatedSAE
 from lmscope.sae.io import ARCHS, check_fits, load_sae, make_sae, save_sae, tl_hook_name
 from lmscope.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
@@ -27,4 +29,6 @@ __all__ = [
     "SAEConfig", "TensorSource", "TopKConfig", "TopKSAE", "TrainConfig", "TrainState", "TrainingError",
     "check_fits", "geometric_median", "load_sae", "make_sae", "save_sae", "tl_hook_name", "train",
     "SAETrainConfig", "train_site_sae",
+    "SAECompareConfig", "SAEEvalConfig", "SAEFeaturesConfig", "SAEFolders", "run_sae_compare", "run_sae_eval",
+    "run_sae_features",
 ]

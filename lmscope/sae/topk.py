@@ -10,6 +10,12 @@ decode them without bias to ``ê`` and add ``α · mean_b ‖ê_b − e_b‖² /
 normalisation as in OpenAI's ``normalized_mean_squared_error``, which also keeps the loss a plain batch mean).
 Decoding touches only the k active rows of W_dec (an embedding-bag sum), the main speed lever on CPU.
 Unit-norm decoder rows with gradient projection; ``W_enc = W_decᵀ``; b_dec at the geometric median.
+
+Defaults against the paper: k_aux = 256 and α = 1/32 are the reference code's (its heuristic is a power of
+two near d_model / 2). A latent counts as dead after ``TrainConfig.dead_tokens`` tokens without firing:
+1M here against the paper's 10M, because the runs this library makes on a CPU see a few million tokens
+in all; a 10M window would never mark a latent dead in them and AuxK would never act. Set
+``dead_tokens=10_000_000`` for the paper's window on long runs.
 """
 
 from __future__ import annotations

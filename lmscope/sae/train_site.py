@@ -19,6 +19,7 @@ from lmscope.errors import InputError
 from lmscope.models import Model
 from lmscope.results import Axis, Result
 from lmscope.sae.io import ARCHS
+from lmscope.sae.training import SCHEDULES
 from lmscope.sites import GLOBAL_KINDS
 
 _COEFF = {"relu": "l1", "gated": "l1", "jumprelu": "l0"}
@@ -30,7 +31,7 @@ class SAETrainConfig:
     """Options of :func:`train_site_sae`."""
 
     arch: str = specs.option(help="relu | gated | topk | jumprelu", flags=("--arch",))
-    out_dir: str = specs.option(help="Output folder (SAE files, checkpoint, log).", flags=("--out",))
+    out_dir: str = specs.option(help="Output folder (SAE files, checkpoint, log).", flags=("--out",), output="folder")
     site: str = specs.option("resid_post", "Site kind (resid_post, mlp_out, attn.z, ...) or full name.")
     layer: int | None = specs.option(None, "Layer of the site (default: the middle layer).")
     latents: int = specs.option(4608, "Number of latents (dictionary size).")
@@ -43,10 +44,13 @@ class SAETrainConfig:
     lr: float = specs.option(4e-4, "Learning rate.")
     context: int = specs.option(128, "Context length when harvesting.")
     seed: int = specs.option(0, "Seed (initialisation and batch order).")
+    schedule: str = specs.option("warmup_decay", "warmup_decay (LR warm-up and decay, λ warm-up) | constant (constant "
+                                                 "LR and λ from the first step).", choices=SCHEDULES)
     max_norm_ratio: float | None = specs.option(None, "Leave out activations whose norm exceeds this multiple of the "
                                                       "median (attention-sink tokens); loads the store into memory.")
 
     def __post_init__(self):
+        specs.check_config(self)
         if self.arch not in ARCHS:
             raise InputError(f"Unknown SAE architecture {self.arch!r} (--arch); use one of {', '.join(ARCHS)}.")
         for name, low in (("latents", 1), ("tokens", 1), ("batch_size", 1), ("context", 2)):
@@ -90,7 +94,8 @@ def train_site_sae(model: Model, corpus, config: SAETrainConfig) -> Result:
     name = parse_site(site_name(config.site, config.layer, model.spec.n_layers), model.spec.n_layers).name
     fields, sp, out_dir = config.arch_fields(), model.spec, Path(config.out_dir)
     make_sae(config.arch, d_in=sp.d_model, d_sae=config.latents, **fields)  # fail on bad options before harvesting
-    cfg = TrainConfig(tokens=config.tokens, batch_size=config.batch_size, lr=config.lr, seed=config.seed)
+    cfg = TrainConfig(tokens=config.tokens, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+                      schedule=config.schedule)
     if config.store is None:
         store_dir = out_dir / "activations"
         if rank == 0:
@@ -114,6 +119,7 @@ def train_site_sae(model: Model, corpus, config: SAETrainConfig) -> Result:
     return Result(torch.tensor(rows), (Axis("step", tuple(steps)), Axis("metric", LOGGED)), "sae_train", model.name,
                   params={"arch": config.arch, "site": name, "latents": config.latents, **fields,
                           "tokens": config.tokens, "batch_size": config.batch_size, "lr": config.lr,
+                          "schedule": config.schedule,
                           "seed": config.seed},
                   meta={"out_dir": str(out_dir), "steps": state.step})
 

@@ -5,14 +5,16 @@ with ``d``, ``len()`` and ``batches(batch_size, shuffle=, seed=, epochs=)`` yiel
 :class:`lmscope.data.ActivationStore`, or :class:`TensorSource` for in-memory data), and runs Adam with
 
 * a linear LR warm-up and a linear decay to 0 over the last ``lr_decay`` fraction of steps (Anthropic 2024),
-* a linear warm-up of the sparsity coefficient (λ) from 0 over the first ``coeff_warmup`` fraction,
+* a linear warm-up of the sparsity coefficient (λ) from 0 over the first ``coeff_warmup`` fraction
+  (``schedule="constant"`` switches all three off: constant LR and λ from the first step),
 * decoder-gradient projection before and renormalisation after each step (unit-norm architectures),
   gradient-norm clipping,
 * dead-latent tracking (tokens since each latent last fired; feeds TopK's AuxK) and, for the unit-norm ReLU
   SAE, Anthropic's resampling of latents that did not fire since the last resample.
 
 Initialisation from data: the input scale (``E‖x‖² = d``), b_dec at the geometric median (architectures that
-subtract it), and TopK's ``mse_scale = 1/E‖x − E x‖²``.
+subtract it), and TopK's ``mse_scale = 1/E‖x − E x‖²``. ``init_scale=False`` keeps the SAE's own input scale
+and ``init_b_dec=False`` its own b_dec (e.g. an SAE initialised elsewhere, or a scale shared across layers).
 
 Checkpoints (``checkpoint.safetensors``, atomic; the non-tensor state is JSON in its metadata, so nothing is
 unpickled on resume) hold everything the next step depends on, and the batch order is a pure function of the
@@ -48,6 +50,7 @@ from lmscope.sae.io import save_sae
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"   # pickled checkpoints of earlier versions: refused, never unpickled
 CHECKPOINT_FORMAT = "lmscope-sae-checkpoint/1"
+SCHEDULES = ("warmup_decay", "constant")
 _META_KEY = "lmscope"
 _STATE_TENSORS = ("since_fired", "fired_window")
 
@@ -68,15 +71,20 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 500
     init_sample: int = 16384
-    dead_tokens: int = 1_000_000
+    dead_tokens: int = 1_000_000  # the TopK paper's AuxK window is 10M tokens; see lmscope.sae.topk
     resample_every: int = 0
     max_resamples: int = 4
     log_every: int = 20
     seed: int = 0
+    schedule: str = "warmup_decay"  # "constant": no LR warm-up or decay, no λ warm-up
+    init_scale: bool = True  # False: keep the SAE's own input scale
+    init_b_dec: bool = True  # False: keep the SAE's own b_dec
 
     def __post_init__(self) -> None:
         if self.tokens < self.batch_size or self.batch_size <= 0:
             raise InputError(f"TrainConfig: tokens ({self.tokens}) must be ≥ batch_size ({self.batch_size}) > 0.")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"TrainConfig.schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}.")
         for name in ("lr_warmup", "lr_decay", "coeff_warmup"):
             if not 0 <= getattr(self, name) <= 1:
                 raise InputError(f"TrainConfig.{name} is a fraction of the run; got {getattr(self, name)}.")
@@ -179,9 +187,10 @@ def init_from_data(sae: SAE, source, cfg: TrainConfig) -> float:
             break
     sample = torch.cat(rows)[:n]
     _check_finite(sample, "the initial sample")
-    sae.scale.fill_(math.sqrt(sae.cfg.d_in / sample.pow(2).sum(1).mean().clamp_min(1e-12).item()))
+    if cfg.init_scale:
+        sae.scale.fill_(math.sqrt(sae.cfg.d_in / sample.pow(2).sum(1).mean().clamp_min(1e-12).item()))
     sample = sample * sae.scale
-    if sae.apply_b_dec_to_input:
+    if sae.apply_b_dec_to_input and cfg.init_b_dec:
         sae.b_dec.copy_(geometric_median(sample))
     return 1.0 / (sample - sample.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12).item()
 
@@ -196,6 +205,8 @@ def _check_finite(x_ND: torch.Tensor, where: str) -> None:
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if cfg.schedule == "constant":
+        return 1.0
     n = cfg.steps
     warm = max(1, round(cfg.lr_warmup * n)) if cfg.lr_warmup else 0
     if warm and step < warm:
@@ -207,6 +218,8 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def _coeff_factor(step: int, cfg: TrainConfig) -> float:
+    if cfg.schedule == "constant":
+        return 1.0
     warm = round(cfg.coeff_warmup * cfg.steps)
     return min(1.0, (step + 1) / warm) if warm else 1.0
 
@@ -257,6 +270,9 @@ def _save_checkpoint(path: Path, sae: SAE, opt, state: TrainState, cfg: TrainCon
     atomic_write_bytes(path, save_tensors(tensors, metadata={_META_KEY: json.dumps(doc)}))
 
 
+_ADDED_DEFAULTS = {"schedule": "warmup_decay", "init_scale": True, "init_b_dec": True}
+
+
 def _load_checkpoint(path: Path, sae: SAE, opt, cfg: TrainConfig) -> TrainState:
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -267,9 +283,11 @@ def _load_checkpoint(path: Path, sae: SAE, opt, cfg: TrainConfig) -> TrainState:
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem for the user
         raise TrainingError(f"The checkpoint {path} is corrupted or not an lmscope SAE checkpoint ({err}). "
                             "Delete it to start over, or point --out at another folder.") from None
-    # JSON turns tuples into lists: compare through the same round trip
+    # JSON turns tuples into lists: compare through the same round trip; options added since (at their defaults)
+    # are absent from older checkpoints
+    saved_cfg = {**_ADDED_DEFAULTS, **doc["train_config"]}
     if doc["sae_config"] != json.loads(json.dumps(sae.cfg.to_dict())) or \
-            doc["train_config"] != json.loads(json.dumps(asdict(cfg))):
+            saved_cfg != json.loads(json.dumps(asdict(cfg))):
         raise TrainingError(f"The checkpoint {path} was written by a run with other settings "
                             f"({doc['sae_config']}, {doc['train_config']}). Resume with the same arguments or use "
                             "another output folder.")

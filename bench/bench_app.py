@@ -1,0 +1,131 @@
+"""Benchmark: the app's graph view on the default model.
+
+* the full contribution graph (``flow-graph``: one forward, the blockwise decomposition, every edge above
+  0.01) of a 64-token prompt, timed against the same decomposition in one block (the parts of all
+  T(T+1)/2 pairs × H heads × D at once, as a plain implementation holds them), which must give the same
+  importances; and the app's API call for it (cold, then from the cache);
+* a 512-token prompt: time and the growth of the process's peak resident memory during the call (the
+  blockwise decomposition holds at most ``CHUNK_FLOATS`` floats of parts at a time);
+* the route at τ = 0.04 from the full graph (what the slider does, in Python here; in the browser the
+  browser test measures the drawing).
+
+``python bench_app.py --screenshot PATH`` instead serves the default model and saves a screenshot of the
+graph view with Playwright and Debian's chromium (the README's picture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import resource
+import time
+
+import torch
+
+import lmscope
+from lmscope import specs
+from lmscope.app import App
+
+from common import check, finish, interleaved, ratio, record
+
+flow_mod = importlib.import_module("lmscope.localization.flow")
+TEXT = ("When Mary and John went to the store, John gave a drink to Mary. Then the cat sat on the mat while "
+        "the dog ran around the garden, and everyone in the small town of Springfield went home for dinner "
+        "because the sun had set over the river and the stars were out. ")
+
+
+def prompt_of(model, n_tokens: int) -> str:
+    words = (TEXT * 40).split(" ")
+    lo, hi = 1, len(words)
+    while lo < hi:  # the longest word prefix with at most n_tokens tokens
+        mid = (lo + hi + 1) // 2
+        if len(model.to_str_tokens(" ".join(words[:mid]))) <= n_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return " ".join(words[:lo])
+
+
+def one_block(model, prompt):
+    old = flow_mod.CHUNK_FLOATS
+    flow_mod.CHUNK_FLOATS = 1 << 62
+    try:
+        return flow_mod.flow_contributions(model, prompt)
+    finally:
+        flow_mod.CHUNK_FLOATS = old
+
+
+def main() -> None:
+    model = lmscope.load(progress=False)
+    p64 = prompt_of(model, 64)
+    t64 = len(model.to_str_tokens(p64))
+    timings, outs = interleaved({"one block": lambda: one_block(model, p64),
+                                 "lmscope blockwise": lambda: flow_mod.flow_contributions(model, p64)})
+    checks = [check("attention importances, blockwise vs one block", outs["lmscope blockwise"].attn,
+                    outs["one block"].attn, atol=1e-6, why="the same float32 sums in another grouping")]
+    app = App(model)
+    cold = app.run({"method": "flow-graph", "inputs": p64, "config": {}})
+    warm = app.run({"method": "flow-graph", "inputs": p64, "config": {}})
+    edges = cold["result"]["meta"]["edges"]
+    t0 = time.perf_counter()
+    routed = flow_mod.route(edges, model.spec.n_layers, t64 - 1, 0.04)
+    route_ms = (time.perf_counter() - t0) * 1e3
+    direct = flow_mod.flow(model, p64, threshold=0.04, contributions=outs["lmscope blockwise"])
+    checks.append(check("route from the full graph vs flow()", sorted(e["weight"] for e in routed),
+                        sorted(e["weight"] for e in direct.meta["edges"]), atol=1e-9, why="same edges, same sums"))
+    p512 = prompt_of(model, 512)
+    t512 = len(model.to_str_tokens(p512))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    g512 = specs.run_json(model, "flow-graph", p512, {})
+    s512 = time.perf_counter() - t0
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    s = model.spec
+    record("app_graph", work={
+        "one block": "flow_contributions with every causal pair's (H, D) parts in one tensor",
+        "lmscope blockwise": "flow_contributions, parts in blocks of at most CHUNK_FLOATS floats"},
+        checks=checks, timings=timings, model=model.name, tokens=t64,
+        speedup=ratio(timings["one block"], timings["lmscope blockwise"]),
+        api_flow_graph_cold_ms=cold["meta"]["latency_ms"], api_flow_graph_cached_ms=warm["meta"]["latency_ms"],
+        graph_edges_above_0_01=len(edges), route_ms_python=round(route_ms, 2), route_edges=len(routed),
+        json_mb=round(len(__import__("json").dumps(cold["result"])) / 1e6, 2),
+        tokens_512=t512, seconds_512=round(s512, 2), edges_512=len(g512.meta["edges"]),
+        peak_rss_growth_mb_512=round((rss1 - rss0) / 1024, 1),
+        one_block_parts_gb_512=round(t512 * (t512 + 1) / 2 * s.n_heads * s.d_model * 4 / 1e9, 2))
+    finish()
+
+
+def screenshot(path: str, prompt: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from lmscope.app import start
+
+    model = lmscope.load(progress=False)
+    server, _ = start(App(model))
+    url = f"http://127.0.0.1:{server.server_address[1]}/#" + __import__("urllib.parse").parse.urlencode(
+        {"prompt": prompt, "threshold": 0.04})
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/lib/chromium/chromium", args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']", timeout=300_000)
+        k = page.evaluate("""() => { const g = window.lmscope, last = g.graph.meta.tokens.length - 1;
+            let best = -1; g.edges.forEach((e, i) => { if (e.kind === 'attn' && e.target.endsWith('_' + last) &&
+              (best < 0 || e.weight > g.edges[best].weight)) best = i; }); return best; }""")
+        page.locator(f"path[data-edge='{k}']").click()
+        page.wait_for_selector("#head-detail[data-head]", timeout=120_000)
+        page.screenshot(path=path)
+        browser.close()
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--screenshot", default=None)
+    ap.add_argument("--prompt", default="When Mary and John went to the store, John gave a drink to")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.screenshot:
+        screenshot(args.screenshot, args.prompt)
+    else:
+        main()

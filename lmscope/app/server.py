@@ -1,0 +1,244 @@
+"""``lmscope app``: a single-page explorer and a JSON API over the method specs (stdlib ``http.server``).
+
+The API has no method logic of its own: ``POST /api/run {"method", "inputs", "config"}`` answers
+``{"result": specs.run_json(model, method, inputs, config).to_dict(), "meta": {...}}``, with the latency
+of the call (queue wait and compute, in ms) and whether it came from the cache. ``GET /api/info`` lists
+the model and the methods the app may run (their config fields, defaults and help); ``GET /`` and
+``/static/<file>`` serve the page from the package (no CDN).
+
+Safety: binds 127.0.0.1 unless told otherwise; one lock per model (hooks are global to a model), a bounded
+queue of waiting jobs (503 past it), limits on body size and prompt tokens (413), every bad input a 4xx
+with the library's message. Only methods whose inputs are prompts, prompt pairs or nothing are served,
+and no config option that names a file (the server reads no user files and unpickles nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import MISSING
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+
+from lmscope import specs
+from lmscope.errors import InputError, LmscopeError
+
+SERVED_INPUTS = ("prompt", "pairs", "none")
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _file_fields(spec: specs.MethodSpec) -> list[str]:
+    words = ("path", "dir", "folder", "html", "png", "store", "file")
+    return [f.name for f in specs.fields_of(spec.config) if f.name == "out" or any(w in f.name for w in words)]
+
+
+def served_specs() -> dict[str, specs.MethodSpec]:
+    """The methods the app runs: those whose inputs are prompts, prompt pairs or nothing (file options are
+    refused per request)."""
+    return {s.name: s for s in specs.all_specs() if s.input_kind in SERVED_INPUTS}
+
+
+def _fields_doc(config_cls: type) -> list[dict]:
+    types_ = specs.field_types(config_cls)
+    return [{"name": f.name, "default": json.loads(json.dumps(None if f.default is MISSING else f.default, default=str)),
+             "help": f.metadata.get("help", ""), "choices": f.metadata.get("choices"),
+             "type": getattr(types_[f.name], "__name__", str(types_[f.name]))} for f in specs.fields_of(config_cls)]
+
+
+class App:
+    """The API's state: one model, its lock, a queue bound and an LRU cache of Result JSON per request."""
+
+    def __init__(self, model, *, max_tokens: int = 512, max_body: int = 1 << 20, max_queue: int = 32,
+                 cache_size: int = 128):
+        self.model, self.max_tokens, self.max_body, self.max_queue = model, max_tokens, max_body, max_queue
+        self.lock = threading.Lock()  # one model, one forward at a time
+        self._state = threading.Lock()  # guards the cache and the queue count
+        self._cache: OrderedDict[str, dict] = OrderedDict()
+        self.cache_size, self.waiting = cache_size, 0
+        self.methods = served_specs()
+
+    def info(self) -> dict:
+        s = self.model.spec
+        return {"model": self.model.name, "n_layers": s.n_layers, "n_heads": s.n_heads, "d_model": s.d_model,
+                "max_tokens": self.max_tokens,
+                "methods": [{"name": m.name, "family": m.family, "input_kind": m.input_kind, "summary": m.summary,
+                             "fields": _fields_doc(m.config)}
+                            for m in self.methods.values()]}
+
+    def _check_prompts(self, inputs: Any) -> None:
+        texts = []
+        if isinstance(inputs, str):
+            texts = [inputs]
+        elif isinstance(inputs, dict):
+            texts = [v for k, v in inputs.items() if k in ("prompt", "clean", "corrupt") and isinstance(v, str)]
+            if isinstance(inputs.get("n"), int) and inputs["n"] > 256:
+                raise HTTPError(413, f"n={inputs['n']}: the app runs at most 256 generated pairs.")
+        elif isinstance(inputs, list):
+            if len(inputs) > 256:
+                raise HTTPError(413, f"{len(inputs)} pairs: the app runs at most 256.")
+            texts = [v for d in inputs if isinstance(d, dict) for k, v in d.items()
+                     if k in ("clean", "corrupt") and isinstance(v, str)]
+        for text in texts:
+            if len(text) > 20 * self.max_tokens:
+                raise HTTPError(413, f"A prompt of {len(text)} characters is too long for the app "
+                                     f"(at most {self.max_tokens} tokens; start it with --max-tokens N for more).")
+            n = len(self.model.to_str_tokens(text)) if text else 0
+            if n > self.max_tokens:
+                raise HTTPError(413, f"A prompt of {n} tokens is too long for the app (at most {self.max_tokens}; "
+                                     "start it with --max-tokens N for more).")
+
+    def run(self, body: Any) -> dict:
+        """``{"method", "inputs", "config"}`` -> ``{"result": Result JSON, "meta": {...}}``."""
+        t0 = time.perf_counter()
+        if not isinstance(body, dict) or not isinstance(body.get("method"), str):
+            raise HTTPError(400, 'Send {"method": name, "inputs": ..., "config": {...}}.')
+        extra = set(body) - {"method", "inputs", "config"}
+        if extra:
+            raise HTTPError(400, f"Unknown key(s) {sorted(extra)}: send method, inputs and config.")
+        name, inputs, config = body["method"], body.get("inputs"), body.get("config") or {}
+        if name not in self.methods:
+            raise HTTPError(404, f"No method {name!r} in the app; it serves {', '.join(sorted(self.methods))}.")
+        if not isinstance(config, dict):
+            raise HTTPError(400, "config must be a JSON object of the method's fields.")
+        files = [f for f in _file_fields(self.methods[name]) if config.get(f) is not None]
+        if files:
+            raise HTTPError(403, f"The app reads no files: leave out {', '.join(files)} (use the command line).")
+        self._check_prompts(inputs)
+        key = json.dumps([name, inputs, config], sort_keys=True)
+        with self._state:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+            elif self.waiting >= self.max_queue:
+                raise HTTPError(503, f"{self.waiting} jobs are waiting for the model; try again shortly.")
+            else:
+                self.waiting += 1
+        queue_ms = compute_ms = 0.0
+        if hit is None:
+            try:
+                with self.lock:
+                    t1 = time.perf_counter()
+                    queue_ms = (t1 - t0) * 1e3
+                    with self._state:
+                        hit = self._cache.get(key)
+                    if hit is None:
+                        hit = specs.run_json(self.model, name, inputs, config).to_dict()
+                    compute_ms = (time.perf_counter() - t1) * 1e3
+            finally:
+                with self._state:
+                    self.waiting -= 1
+            with self._state:
+                self._cache[key] = hit
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            cached = False
+        else:
+            cached = True
+        meta = {"latency_ms": round((time.perf_counter() - t0) * 1e3, 2), "queue_ms": round(queue_ms, 2),
+                "compute_ms": round(compute_ms, 2), "cached": cached}
+        return {"result": hit, "meta": meta}
+
+
+def _static(name: str) -> tuple[bytes, str]:
+    folder = resources.files("lmscope.app") / "static"
+    names = {p.name for p in folder.iterdir()}
+    if name == "" or name == "index.html":
+        name = "index.html"
+    if name not in names or "/" in name:
+        raise HTTPError(404, f"No file {name!r}.")
+    suffix = name[name.rfind("."):]
+    return (folder / name).read_bytes(), STATIC_TYPES.get(suffix, "application/octet-stream")
+
+
+def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "lmscope"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # quiet by default
+            pass
+
+        def _send(self, status: int, body: bytes, ctype: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, doc: dict) -> None:
+            self._send(status, json.dumps(doc, ensure_ascii=False, allow_nan=False).encode(), "application/json")
+
+        def _guard(self, fn) -> None:
+            try:
+                fn()
+                return
+            except HTTPError as err:
+                self._json(err.status, {"error": str(err), "status": err.status})
+            except (LmscopeError, InputError, TypeError, ValueError, KeyError, IndexError) as err:
+                self._json(400, {"error": str(err) or type(err).__name__, "status": 400})
+            except Exception as err:  # noqa: BLE001 - a bug: say so, keep serving
+                self._json(500, {"error": f"{type(err).__name__}: {err}", "status": 500})
+            self.close_connection = True  # the body of a refused request may be unread
+
+        def do_GET(self):
+            def get():
+                path = self.path.split("?", 1)[0]
+                if path == "/favicon.ico":
+                    return self._send(204, b"", "image/x-icon")
+                if path == "/api/info":
+                    return self._json(200, app.info())
+                if path == "/" or path.startswith("/static/"):
+                    body, ctype = _static(path.removeprefix("/static/").lstrip("/"))
+                    return self._send(200, body, ctype)
+                raise HTTPError(404, f"No page {path!r}; the app is at /.")
+
+            self._guard(get)
+
+        def do_POST(self):
+            def post():
+                if self.path.split("?", 1)[0] != "/api/run":
+                    raise HTTPError(404, "POST /api/run is the only API call.")
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    raise HTTPError(400, "Bad Content-Length.") from None
+                if length < 0 or length > app.max_body:
+                    self.close_connection = True
+                    raise HTTPError(413, f"The request body is over {app.max_body} bytes.")
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    raise HTTPError(400, f"The body is not JSON ({err}).") from None
+                self._json(200, app.run(body))
+
+            self._guard(post)
+
+    return Handler
+
+
+def make_server(app: App, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """A threaded server for ``app`` (port 0: any free port; ``server.server_address`` says which)."""
+    server = ThreadingHTTPServer((host, port), make_handler(app))
+    server.daemon_threads = True
+    return server
+
+
+def start(app: App, host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadingHTTPServer, threading.Thread]:
+    """Serve ``app`` in a background thread; stop with ``server.shutdown(); server.server_close()``."""
+    server = make_server(app, host, port)
+    thread = threading.Thread(target=server.serve_forever, name="lmscope-app", daemon=True)
+    thread.start()
+    return server, thread

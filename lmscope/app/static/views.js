@@ -1,0 +1,104 @@
+// Plain SVG/HTML renderers of Result JSON (heat maps, bars, token rows); no method logic here.
+(function (root) {
+  "use strict";
+  const SVG = "http://www.w3.org/2000/svg";
+  function el(tag, attrs, parent) {
+    const e = document.createElementNS(SVG, tag);
+    for (const k in attrs || {}) e.setAttribute(k, attrs[k]);
+    if (parent) parent.appendChild(e);
+    return e;
+  }
+  function html(tag, attrs, text, parent) {
+    const e = document.createElement(tag);
+    for (const k in attrs || {}) e.setAttribute(k, attrs[k]);
+    if (text !== undefined && text !== null) e.textContent = text;
+    if (parent) parent.appendChild(e);
+    return e;
+  }
+  function color(v, max) {  // blue for positive, red for negative, white at 0
+    const a = max > 0 ? Math.min(1, Math.abs(v) / max) : 0;
+    const c = Math.round(255 * (1 - a));
+    return v >= 0 ? `rgb(${c},${c},255)` : `rgb(255,${c},${c})`;
+  }
+  function absMax(rows) {
+    let m = 0;
+    for (const r of rows) for (const v of r) if (v !== null && Math.abs(v) > m) m = Math.abs(v);
+    return m;
+  }
+  // rows: 2-D array; rowLabels / colLabels; returns an <svg>
+  function heatmap(rows, rowLabels, colLabels, opts) {
+    opts = opts || {};
+    const cell = opts.cell || Math.max(6, Math.min(22, Math.floor(360 / Math.max(1, colLabels.length))));
+    const left = opts.left || 70, top = opts.top || 60;
+    const w = left + cell * colLabels.length + 10, h = top + cell * rows.length + 10;
+    const svg = el("svg", { width: w, height: h, class: "heatmap" });
+    if (opts.title) el("text", { x: 2, y: 12, "font-size": 12, "font-weight": "bold" }, svg).textContent = opts.title;
+    const max = opts.max || absMax(rows);
+    rows.forEach((r, i) => {
+      r.forEach((v, j) => {
+        const rect = el("rect", { x: left + j * cell, y: top + i * cell, width: cell, height: cell,
+          fill: v === null ? "#eee" : color(v, max), class: "heat-cell", "data-i": i, "data-j": j }, svg);
+        if (opts.onclick) { rect.style.cursor = "pointer"; rect.addEventListener("click", () => opts.onclick(i, j, v)); }
+        el("title", {}, rect).textContent = `${rowLabels[i]} / ${colLabels[j]}: ${v === null ? "—" : (+v).toFixed(4)}`;
+      });
+      if (cell >= 9) el("text", { x: left - 3, y: top + i * cell + cell * 0.75, "text-anchor": "end", "font-size": 10 }, svg)
+        .textContent = String(rowLabels[i]).slice(0, 12);
+    });
+    if (cell >= 9) colLabels.forEach((lab, j) => {
+      const x = left + j * cell + cell * 0.7, y = top - 3;
+      el("text", { x, y, transform: `rotate(-60 ${x} ${y})`, "font-size": 10 }, svg).textContent = String(lab).slice(0, 12);
+    });
+    return svg;
+  }
+  function bars(values, labels, opts) {
+    opts = opts || {};
+    const bh = 14, left = opts.left || 90, width = opts.width || 220;
+    const svg = el("svg", { width: left + width + 60, height: bh * values.length + 4 });
+    const max = Math.max(1e-12, ...values.map((v) => Math.abs(v)));
+    values.forEach((v, i) => {
+      const g = el("g", { class: "bar-row", "data-index": i }, svg);
+      el("text", { x: left - 4, y: i * bh + 11, "text-anchor": "end", "font-size": 11 }, g).textContent = labels[i];
+      el("rect", { x: left, y: i * bh + 2, width: Math.max(1, (width * Math.abs(v)) / max), height: bh - 3,
+        class: "bar" + (opts.selected === i ? " sel" : ""), fill: v < 0 ? "#d62728" : undefined }, g);
+      el("text", { x: left + 4 + (width * Math.abs(v)) / max, y: i * bh + 11, "font-size": 10 }, g)
+        .textContent = (+v).toFixed(3);
+      if (opts.onclick) { g.style.cursor = "pointer"; g.addEventListener("click", () => opts.onclick(i)); }
+    });
+    return svg;
+  }
+  function tokenRow(name, tokens, values) {
+    const row = html("div", { class: "attr-row" });
+    html("span", { class: "name" }, name, row);
+    const max = Math.max(1e-12, ...values.map((v) => Math.abs(v || 0)));
+    tokens.forEach((t, i) => {
+      const s = html("span", { class: "t", title: `${t}: ${values[i]}` }, t, row);
+      s.style.background = color(values[i] || 0, max);
+    });
+    return row;
+  }
+  // any Result JSON: 1-D bars, 2-D heat map, otherwise its shape and top values
+  function result(doc) {
+    const box = html("div", { class: "result" });
+    const axes = doc.axes || [];
+    if (axes.length === 1) box.appendChild(bars(doc.values.slice(0, 60), axes[0].labels.slice(0, 60), {}));
+    else if (axes.length === 2 && doc.values.length * doc.values[0].length > 4000) {  // too many cells: the top 40
+      const flat = [];
+      doc.values.forEach((r, i) => r.forEach((v, j) => { if (v !== null) flat.push([v, `${axes[0].name} ${axes[0].labels[i]} ${axes[1].name} ${axes[1].labels[j]}`]); }));
+      flat.sort((x, y) => Math.abs(y[0]) - Math.abs(x[0]));
+      const top = flat.slice(0, 40);
+      html("p", {}, `the 40 largest of ${flat.length} (by |value|):`, box);
+      box.appendChild(bars(top.map((x) => x[0]), top.map((x) => x[1]), { left: 190 }));
+    } else if (axes.length === 2) box.appendChild(heatmap(doc.values, axes[0].labels, axes[1].labels, {}));
+    else if (axes.length === 3) {
+      const first = doc.values[0];
+      html("p", {}, `${axes[0].name} ${axes[0].labels[0]} of ${axes[0].labels.length}:`, box);
+      box.appendChild(heatmap(first, axes[1].labels, axes[2].labels, {}));
+    } else html("pre", {}, JSON.stringify(doc.shape), box);
+    const a = html("a", { download: `${doc.method}.json`, href: "#" }, "export Result JSON", box);
+    a.addEventListener("click", () => {
+      a.href = URL.createObjectURL(new Blob([JSON.stringify(doc)], { type: "application/json" }));
+    });
+    return box;
+  }
+  root.LmViews = { el, html, heatmap, bars, tokenRow, result, color };
+})(window);

@@ -1,0 +1,313 @@
+"""`lmscope app`: the JSON API answers what specs.run_json computes, bad input gets a 4xx, concurrent calls
+equal sequential ones; the graph view's route (route.js, run with node) equals the library's; and, where
+Playwright and Debian's chromium are installed, the page in a real browser."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from lmscope import specs
+from lmscope.app import App, start
+from lmscope.localization.flow import flow, flow_contributions, graph_edges, route
+
+P = "when Mary and John went to the store John gave a drink to"
+P2 = "the cat sat on the mat and the dog ran to the"
+CASES = [  # (method, inputs, config): every view of the graph page, and a few other methods
+    ("flow-graph", P, {}),
+    ("flow-node", P, {"component": "attn_heads", "layer": 1, "position": 7}),
+    ("flow-node", P, {"component": "mlp_neurons", "layer": 2, "position": 12, "k": 4}),
+    ("flow-node", {"prompt": P, "target": "Mary"}, {"component": "resid_post", "layer": 1}),
+    ("flow-node", P, {"component": "resid_mid", "layer": 0, "position": 3}),
+    ("flow-node", P, {"component": "embed", "position": 2}),
+    ("flow", P, {"threshold": 0.05}),
+    ("dla", {"prompt": P, "target": "Mary", "foil": "John"}, {"by": "head"}),
+    ("lens", P, {"k": 3}),
+    ("attribute", {"prompt": P, "target": "Mary"}, {"method": "saliency"}),
+]
+
+
+def _plain(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k != "provenance"}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama):
+    app = App(tiny_llama, max_tokens=64, max_queue=64)
+    server, thread = start(app)
+    yield app, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def call(url: str, body=None, raw: bytes | None = None, timeout: float = 60) -> tuple[int, dict | bytes]:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            payload = r.read()
+            status = r.status
+    except urllib.error.HTTPError as err:
+        payload, status = err.read(), err.code
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload
+
+
+def test_api_answers_what_run_json_computes(served, tiny_llama):
+    app, url = served
+    status, info = call(url + "/api/info")
+    assert status == 200 and info["model"] == tiny_llama.name and info["n_layers"] == tiny_llama.spec.n_layers
+    names = {m["name"] for m in info["methods"]}
+    assert {"flow-graph", "flow-node", "flow", "dla", "lens", "attribute", "patch"} <= names
+    assert not names & {"lens-train", "sae-train", "probe", "lens-eval"}  # files and corpora are not served
+    for method, inputs, config in CASES:
+        status, doc = call(url + "/api/run", {"method": method, "inputs": inputs, "config": config})
+        assert status == 200, (method, doc)
+        want = specs.run_json(tiny_llama, method, inputs, config).to_dict()
+        assert _plain(doc["result"]) == json.loads(json.dumps(_plain(want))), (method, config)
+        assert doc["meta"]["latency_ms"] >= doc["meta"]["compute_ms"] >= 0 and doc["meta"]["cached"] is False
+        status, again = call(url + "/api/run", {"method": method, "inputs": inputs, "config": config})
+        assert again["meta"]["cached"] is True and again["result"] == doc["result"]
+    status, page = call(url + "/")
+    assert status == 200 and b"route.js" in page
+    assert call(url + "/static/app.js")[0] == 200
+
+
+def test_bad_requests_get_a_4xx_with_the_reason(served):
+    app, url = served
+    bad = [
+        ({"method": "nope", "inputs": P}, 404, "No method"),
+        ({"method": "lens-train", "inputs": "default"}, 404, "No method"),
+        ({"method": "lens", "inputs": P, "config": {"kind": "tuned", "lens_path": "/etc"}}, 403, "reads no files"),
+        ({"method": "flow", "inputs": P, "config": {"threshold": 2}}, 400, "threshold"),
+        ({"method": "flow", "inputs": P, "config": {"bogus": 1}}, 400, "bogus"),
+        ({"method": "flow-node", "inputs": P, "config": {"component": "x"}}, 400, "choice"),
+        ({"method": "flow-node", "inputs": P, "config": {"layer": 99}}, 400, "layer"),
+        ({"method": "flow", "inputs": " ".join(["cat"] * 100)}, 413, "too long"),
+        ({"method": "flow", "inputs": 5}, 400, "prompt"),
+        ({"inputs": P}, 400, "method"),
+    ]
+    for body, status, words in bad:
+        got, doc = call(url + "/api/run", body)
+        assert got == status and words in doc["error"], (body, got, doc)
+    assert call(url + "/api/run", raw=b"{not json")[0] == 400
+    assert call(url + "/static/../server.py")[0] == 404
+    assert call(url + "/static/nothere.js")[0] == 404
+
+
+def test_fuzzed_json_never_gives_a_500(served):
+    app, url = served
+    rng = random.Random(0)
+    atoms = [None, True, 0, -1, 3, 1.5, "", "x", P, [], {}, [1, "a"], {"prompt": P}, {"prompt": 3}, "∑\u0000"]
+    methods = ["flow", "flow-node", "flow-graph", "dla", "lens", "attribute", "project", 7, None]
+    fields = ["threshold", "position", "component", "layer", "k", "by", "method", "floor", "zzz"]
+    for _ in range(40):
+        body = {"method": rng.choice(methods), "inputs": rng.choice(atoms),
+                "config": {rng.choice(fields): rng.choice(atoms) for _ in range(rng.randint(0, 2))}}
+        if rng.random() < 0.2:
+            body = rng.choice(atoms)
+        status, doc = call(url + "/api/run", body, timeout=60)
+        assert status in (200, 400, 403, 404, 413), (body, status, doc)
+
+
+def test_twenty_concurrent_calls_equal_sequential_ones(served, tiny_llama):
+    app, url = served
+    jobs = [("flow-node", P if i % 2 else P2, {"component": "resid_post", "layer": i % 3, "position": i % 5})
+            for i in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        got = list(pool.map(lambda j: call(url + "/api/run", {"method": j[0], "inputs": j[1], "config": j[2]}), jobs))
+    for (method, inputs, config), (status, doc) in zip(jobs, got):
+        assert status == 200
+        assert _plain(doc["result"]) == json.loads(json.dumps(_plain(specs.run_json(tiny_llama, method, inputs,
+                                                                                     config).to_dict())))
+    assert app.waiting == 0 and not app.lock.locked()
+
+
+def test_full_graph_route_equals_flow(tiny):
+    c = flow_contributions(tiny, P)
+    full = graph_edges(c, 0.01)
+    for tau in (0.01, 0.04, 0.1):
+        for pos in (12, 5):
+            want = flow(tiny, P, position=pos, threshold=tau, contributions=c).meta["edges"]
+            got = route(full, tiny.spec.n_layers, pos, tau)
+            key = lambda es: sorted((e["source"], e["target"], e["kind"], round(e["weight"], 6)) for e in es)  # noqa: E731
+            assert key(got) == key(want) and got, (tau, pos)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_route_js_equals_the_library(tiny_llama, tmp_path):
+    g = specs.run_json(tiny_llama, "flow-graph", P, {})
+    cases = [(tau, pos) for tau in (0.01, 0.025, 0.04, 0.07, 0.1) for pos in (0, 6, 12)]
+    want = [route(g.meta["edges"], tiny_llama.spec.n_layers, pos, tau) for tau, pos in cases]
+    js = resources.files("lmscope.app") / "static" / "route.js"
+    (tmp_path / "graph.json").write_text(json.dumps({"edges": g.meta["edges"], "n": tiny_llama.spec.n_layers,
+                                                     "cases": cases}))
+    script = (f"const R = require({json.dumps(str(js))}); const g = require('./graph.json');"
+              "const inc = R.indexEdges(g.edges);"
+              "console.log(JSON.stringify(g.cases.map(([t, p]) => R.route(inc, g.n, p, t))));")
+    out = subprocess.run(["node", "-e", script], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True)
+    got = json.loads(out.stdout)
+    for (tau, pos), w, o in zip(cases, want, got):
+        assert len(o) == len(w), (tau, pos)
+        for a, b in zip(sorted(o, key=lambda e: (e["source"], e["target"], e["kind"])),
+                        sorted(w, key=lambda e: (e["source"], e["target"], e["kind"]))):
+            assert (a["source"], a["target"], a["kind"]) == (b["source"], b["target"], b["kind"])
+            assert a["weight"] == pytest.approx(b["weight"], abs=1e-9)
+            assert a.get("heads", [])== pytest.approx(b.get("heads", []), abs=2e-6)
+
+
+def test_cli_app_serves_one_request_and_stops(tmp_path, monkeypatch, tiny_llama):
+    from typer.testing import CliRunner
+
+    import lmscope.cli.common as common
+    from lmscope.cli.main import app as cli
+
+    from conftest import free_port
+
+    port = free_port()
+    monkeypatch.setattr(common, "load_model", lambda spec: tiny_llama)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=CliRunner().invoke(cli, ["app", "--port", str(port),
+                                                                                 "--requests", "1"])))
+    t.start()
+    for _ in range(100):
+        try:
+            status, info = call(f"http://127.0.0.1:{port}/api/info", timeout=5)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            threading.Event().wait(0.1)
+    t.join(30)
+    assert status == 200 and info["model"] == tiny_llama.name
+    assert result["r"].exit_code == 0 and f"127.0.0.1:{port}" in result["r"].output
+    bad = CliRunner().invoke(cli, ["app", "--port", "70000"])
+    assert bad.exit_code == 2 and "--port 70000" in bad.output
+
+
+def _browser():
+    pw = pytest.importorskip("playwright.sync_api")
+    exe = next((p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium") or "") if p and Path(p).exists()),
+               None)
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    return pw, exe
+
+
+def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
+    pw, exe = _browser()
+    app, url = served
+    shots = Path(__file__).parent / "screenshots"
+    shots.mkdir(exist_ok=True)
+    c = flow_contributions(tiny_llama, P)
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.fill("#prompt", P)
+        page.click("#run")
+        page.wait_for_function("window.lmscope.graph && window.lmscope.graph.meta.prompt === %s" % json.dumps(P))
+        page.wait_for_selector("#graph[data-edges]")
+        want = flow(tiny_llama, P, threshold=0.04, contributions=c)
+        assert int(page.get_attribute("#graph", "data-nodes")) == len(want.meta["nodes"])
+        assert int(page.get_attribute("#graph", "data-edges")) == len(want.meta["edges"])
+        page.screenshot(path=str(shots / "app-graph.png"))
+        # the threshold slider re-routes without a forward, in under 100 ms of drawing
+        page.eval_on_selector("#threshold", "el => { el.value = '0.01'; el.dispatchEvent(new Event('input')); }")
+        low = flow(tiny_llama, P, threshold=0.01, contributions=c)
+        assert int(page.get_attribute("#graph", "data-edges")) == len(low.meta["edges"]) > len(want.meta["edges"])
+        # drawing time: the median of 5 redraws (a bound loose enough for a loaded CI machine; quiet: a few ms)
+        draws = page.evaluate("""() => { const ms = []; for (let k = 0; k < 5; k++) {
+            document.getElementById('threshold').dispatchEvent(new Event('input'));
+            ms.push(+document.getElementById('graph').getAttribute('data-draw-ms')); }
+            return ms.sort((a, b) => a - b)[2]; }""")
+        print(f"graph redraw median {draws:.1f} ms")
+        assert draws < 100
+        # another position by clicking its token
+        page.click("text.token[data-position='5']")
+        at5 = flow(tiny_llama, P, position=5, threshold=0.01, contributions=c)
+        assert int(page.get_attribute("#graph", "data-edges")) == len(at5.meta["edges"])
+        # verify in place: the number the library computes for this graph
+        page.click("#verify")
+        page.wait_for_selector("#verify-out[data-faithfulness]")
+        lib = specs.run_json(tiny_llama, "flow-verify", P, {"threshold": 0.01, "position": 5})
+        assert float(page.get_attribute("#verify-out", "data-faithfulness")) == pytest.approx(float(lib.values[3]),
+                                                                                                abs=1e-6)
+        # the graph exports its Result JSON: the library's flow-graph Result
+        with page.expect_download() as dl:
+            page.click("#graph-export")
+        exported = json.loads(Path(dl.value.path()).read_text())
+        assert _plain(exported) == json.loads(json.dumps(_plain(specs.run_json(tiny_llama, "flow-graph", P).to_dict())))
+        # an attention edge: head shares, attention map and contribution map, promoted tokens
+        page.locator("path.edge.attn").first.click()
+        page.wait_for_selector("#head-detail[data-head]")
+        assert page.locator("#head-detail svg.heatmap").count() == 2
+        assert "promotes" in page.inner_text("#head-detail")
+        page.screenshot(path=str(shots / "app-head.png"))
+        # an FFN node: its neurons
+        page.locator("rect.node.mlp").first.click()
+        page.wait_for_selector("#neurons tr:nth-child(2)")
+        shared = page.url
+        # two prompts: the patching heat map is the library's, a clicked cell shows its value and causal cone
+        page.click("button.tab[data-tab='pairs']")
+        page.fill("#corrupt", P.replace("John gave", "Mary gave"))
+        page.fill("#pair-target", "Mary")
+        page.fill("#pair-foil", "John")
+        page.click("#pair-run")
+        page.wait_for_selector("#pair-output svg.heatmap")
+        lib = specs.run_json(tiny_llama, "patch", [{"clean": P, "corrupt": P.replace("John gave", "Mary gave"),
+                                                     "target": "Mary", "foil": "John"}], {"site": "resid_pre"})
+        assert page.locator("#pair-output rect.heat-cell").count() == lib.values.numel()
+        page.click("#pair-output rect[data-i='1'][data-j='8']")
+        assert float(page.get_attribute("#pair-cell", "data-value")) == pytest.approx(float(lib.values[1, 8]), abs=1e-6)
+        assert page.locator("#pair-output rect.cone").count() == (lib.shape[0] - 1) * (lib.shape[1] - 8) - 1
+        page.screenshot(path=str(shots / "app-pairs.png"))
+        # attribution of every method side by side; DLA by layer, head and neuron
+        page.click("button.tab[data-tab='attribution']")
+        page.fill("#attr-target", "Mary")
+        page.click("#attr-run")
+        n_methods = len(specs.get("attribute").config.__dataclass_fields__["method"].metadata["choices"])
+        page.wait_for_function(f"document.querySelectorAll('#attr-output .attr-row').length === {n_methods}",
+                               timeout=120_000)
+        page.click("button.tab[data-tab='dla']")
+        page.fill("#dla-target", "Mary")
+        page.fill("#dla-foil", "John")
+        page.click("#dla-run")
+        page.wait_for_selector("#dla-output div[data-by='neuron'] svg")
+        assert page.locator("#dla-output svg").count() == 3
+        page.click("button.tab[data-tab='graph']")
+        # the URL restores the view
+        page2 = browser.new_page(viewport={"width": 1400, "height": 900})
+        page2.goto(shared)
+        page2.wait_for_selector("body[data-ready='1']")
+        page2.wait_for_selector("#neurons tr:nth-child(2)")
+        assert page2.input_value("#prompt") == P and page2.input_value("#threshold") == "0.01"
+        assert page2.get_attribute("#graph", "data-edges") == str(len(at5.meta["edges"]))
+        browser.close()
+    assert not errors, errors
+
+
+def test_a_full_queue_answers_503(tiny_llama):
+    from lmscope.app.server import HTTPError
+
+    app = App(tiny_llama, max_queue=1)
+    app.waiting = 1  # one job already waits for the model
+    with pytest.raises(HTTPError) as err:
+        app.run({"method": "flow", "inputs": P})
+    assert err.value.status == 503 and "waiting" in str(err.value)
+    app.waiting = 0
+    assert app.run({"method": "flow", "inputs": P})["meta"]["cached"] is False

@@ -27,7 +27,7 @@ from lmscope.localization.metrics import Metric
 from lmscope.localization.tasks import ioi
 
 import common
-from common import check, finish, interleaved, ratio, record
+from common import check, finish, interleaved, quick, ratio, record
 
 
 def plain_atp_heads(model, clean, corrupt, targets, foils) -> torch.Tensor:
@@ -84,7 +84,8 @@ def timing(model, n_prompts: int = 4) -> None:
     all_nodes = interleaved({"lmscope_all_nodes": lambda: atp(model, pairs, nodes=("head", "mlp", "neuron", "resid"),
                                                                 direction="noise", batch_size=n_prompts),
                              "lmscope_atp_star": lambda: atp_star(model, pairs, nodes=("head",),
-                                                                  direction="noise", batch_size=n_prompts)}, warmup=False)[0]
+                                                                  direction="noise", batch_size=n_prompts)},
+                             warmup=False)[0]
     times.update(all_nodes)
     fb = times["forward_backward"]
     # Each estimate sums ~T·dh products of float32 activations and gradients through 30 layers, computed by two
@@ -135,7 +136,8 @@ def plain_mlp_importances(model, prompt) -> tuple[torch.Tensor, torch.Tensor]:
     hooks = []
     for layer in model.hf.model.layers:
         hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: mids.append(a[0][0])))
-        hooks.append(layer.register_forward_hook(lambda m, a, o: posts.append((o[0] if isinstance(o, tuple) else o)[0])))
+        hooks.append(layer.register_forward_hook(
+            lambda m, a, o: posts.append((o[0] if isinstance(o, tuple) else o)[0])))
     try:
         with torch.no_grad():
             model.hf(model.encode(prompt).input_ids, use_cache=False)
@@ -216,7 +218,7 @@ def main() -> None:
     if "timing" in parts:
         timing(model)
     if "ranking" in parts:
-        ranking(model, int(os.environ.get("BENCH_IOI_PROMPTS", "50")))
+        ranking(model, int(os.environ.get("BENCH_IOI_PROMPTS", quick("50", "4"))))
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ from lmscope.attribution import integrated_gradients, occlusion
 from lmscope.interventions import Patch
 from lmscope.models import embed_parts
 
-from common import Measured, check, finish, interleaved, ratio, record
+from common import Measured, check, finish, interleaved, quick, ratio, record
 
 PROMPT = "When Mary and John went to the store after a long day at work, John gave a drink to"
 TARGET, FOIL = " Mary", " John"
-TOLERANCE = 0.01  # relative completeness error to reach
-START_STEPS, MAX_STEPS, IBS, SCALE = 2, 512, 16, 0.3
+TOLERANCE = quick(0.01, 0.05)  # relative completeness error to reach (quick: 5%)
+START_STEPS, MAX_STEPS, IBS, SCALE = 2, quick(512, 32), 16, 0.3
 # Attributions (T × D) at the same Gauss-Legendre nodes: lmscope keeps the last position's logits only and sums
 # the quadrature in float64, Captum in float32 over all-position logits; float32 gradients through 30 layers
 # agree to ~2e-7 of the largest attribution (seen 5e-7 on entries up to 2.4). 1e-4 of it (plus 1e-6 for
@@ -59,9 +59,11 @@ def bench_ig(model, batch) -> None:
         return lg[:, tid] - lg[:, fid]
 
     def ours():
-        r = integrated_gradients(model, batch.input_ids, TARGET, FOIL, steps=START_STEPS, tolerance=TOLERANCE,
-                                 max_steps=MAX_STEPS, internal_batch_size=IBS, baseline="scaled",
-                                 baseline_scale=SCALE, keep_first=False, refine="double", warn_above=float("inf"))
+        # every setting explicit (baseline, quadrature, steps, refinement): the library's defaults may change
+        r = integrated_gradients(model, batch.input_ids, TARGET, FOIL, metric="logit", steps=START_STEPS,
+                                 method="gausslegendre", baseline="scaled", baseline_scale=SCALE, keep_first=False,
+                                 refine="double", tolerance=TOLERANCE, max_steps=MAX_STEPS, internal_batch_size=IBS,
+                                 warn_above=float("inf"))
         return r.extras["granular"], r.meta["steps"], r.meta["relative_delta"]
 
     def naive_at(steps):
@@ -136,7 +138,8 @@ def bench_ig(model, batch) -> None:
         "naive_loop": "the same doubling, one forward + backward per path point, logits of every position computed; "
                       "f(x) and f(x') once",
     }
-    record("attribution_ig", work=work, timings=times, checks=checks, **figures,
+    notes = {side: f"{o[1]} steps, completeness error {o[2]:.2%}" for side, o in out.items()}
+    record("attribution_ig", work=work, timings=times, checks=checks, notes=notes, **figures,
            target="≤ Captum's time, ≥ 3× faster than the loop")
 
 

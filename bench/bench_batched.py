@@ -9,7 +9,7 @@ import torch
 import lmscope
 from lmscope import Patch
 
-from common import check, finish, interleaved, ratio, record
+from common import check, finish, interleaved, quick, ratio, record
 
 CLEAN = "When Mary and John went to the store, John gave a drink to her friend Mary"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to her friend John"
@@ -27,7 +27,8 @@ def main() -> None:
     layers = list(range(0, model.spec.n_layers, max(1, model.spec.n_layers // 8)))[:8]
     cache = model.run(clean, cache=[f"blocks.{l}.resid_pre" for l in layers])
     sets = []
-    for i in range(64):
+    n_sets = quick(64, 8)
+    for i in range(n_sets):
         layer, pos = layers[i % len(layers)], (i // len(layers)) % t
         site = f"blocks.{layer}.resid_pre"
         sets.append([Patch(site, value=cache[site], positions=[pos])])
@@ -42,10 +43,10 @@ def main() -> None:
     checks = [check("lmscope vs loop, last-position logits", out["lmscope"], out["loop"], atol=ATOL, why=why),
               check("lmscope_no_reuse vs loop", out["lmscope_no_reuse"], out["loop"], atol=ATOL, why=why)]
     work = {
-        "lmscope": "64 sets in batched forwards; each set joins at its patched layer and runs only the positions from "
+        "lmscope": f"{n_sets} sets in batched forwards; each set joins at its patched layer and runs only the positions from "
                    "its patched one on (earlier keys/values from one unpatched run); last-position logits only",
-        "lmscope_no_reuse": "64 sets in one batched forward over every layer and position; last-position logits only",
-        "loop": "64 single forwards (model.run with the patch): every layer and position, logits of all positions "
+        "lmscope_no_reuse": f"{n_sets} sets in one batched forward over every layer and position; last-position logits only",
+        "loop": f"{n_sets} single forwards (model.run with the patch): every layer and position, logits of all positions "
                 "computed, the last kept",
     }
     record("batched_patching", work=work, timings=times, checks=checks, tokens=t, variants=len(sets),

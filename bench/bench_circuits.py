@@ -9,10 +9,10 @@ prompts and on 50 held-out ones (seed 1). The recovered share of the clean-minus
 difference is recorded per circuit size. Issue 4's target is ≥ 0.70 at ≤ 10% of edges (a measurement,
 not a check). The check: the circuit evaluation keeping every edge must give the clean forward's metric,
 and keeping none the corrupted forward's. Slow (EAP-IG scores take about 15 s per step on a quiet 2-core
-machine, each curve a few minutes): run with `python bench/run.py circuits`. BENCH_IOI_PROMPTS, BENCH_EAP_METHODS (default "eap,eap-ig";
-"clean-corrupted" also works), BENCH_EAP_SELECT (default "pruned"; "top" and "greedy" also work),
-BENCH_EAP_RANK (default "support,abs") and BENCH_IG_STEPS (default 5, the library default; the
-reference implementation uses 30) change the setup. Figures: see the README's table.
+machine, each curve a few minutes): run with `python bench/run.py circuits`. BENCH_IOI_PROMPTS,
+BENCH_EAP_METHODS (default "eap,eap-ig"; "clean-corrupted" also works), BENCH_EAP_SELECT (default
+"pruned"; "top" and "greedy" also work), BENCH_EAP_RANK (default "support,abs") and BENCH_IG_STEPS
+(default 5, the library default; the reference implementation uses 30) change the setup. Figures: see the README's table.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from lmscope.localization.eap import eap
 from lmscope.localization.tasks import ioi
 from lmscope.models.edges import edge_graph
 
-from common import check, finish, record
+from common import check, finish, quick, record
 
 FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.10, 0.20)
 WORK = {"lmscope": "eap() edge scores on the prompts, then for each circuit size a clean forward through the edge "
@@ -54,23 +54,24 @@ def edge_forward_checks(model, pairs) -> list[dict]:
 
 def main() -> None:
     model = lmscope.load(progress=False)
-    n_prompts = int(os.environ.get("BENCH_IOI_PROMPTS", "50"))
+    n_prompts = int(os.environ.get("BENCH_IOI_PROMPTS", quick("50", "4")))
     ig_steps = int(os.environ.get("BENCH_IG_STEPS", "5"))
     pairs = ioi(model, n_prompts, seed=0)
     held = ioi(model, n_prompts, seed=1)
     checks = edge_forward_checks(model, pairs)
-    for method in os.environ.get("BENCH_EAP_METHODS", "eap,eap-ig").split(","):
+    for method in os.environ.get("BENCH_EAP_METHODS", quick("eap,eap-ig", "eap")).split(","):
         t0 = time.perf_counter()
         scores = eap(model, pairs, method=method, ig_steps=ig_steps, batch_size=10)
         t_scores = time.perf_counter() - t0
         total = scores.graph.n_edges
         sizes = [round(f * total) for f in FRACTIONS]
         for how in os.environ.get("BENCH_EAP_SELECT", "pruned").split(","):
-            for rank in os.environ.get("BENCH_EAP_RANK", "support,abs").split(","):
+            for rank in os.environ.get("BENCH_EAP_RANK", quick("support,abs", "abs")).split(","):
                 for label, eval_pairs in (("same prompts", pairs), ("held-out prompts (seed 1)", held)):
                     curve = faithfulness_curve(model, eval_pairs, scores, sizes, how=how, absolute=rank == "abs",
                                                batch_size=10)
-                    record("eap_faithfulness", work=WORK, checks=checks, method=method, ig_steps=ig_steps if method == "eap-ig" else None,
+                    record("eap_faithfulness", work=WORK, checks=checks, method=method,
+                           ig_steps=ig_steps if method == "eap-ig" else None,
                            selection=how, rank=rank, prompts=n_prompts, evaluated_on=label, edges_total=total,
                            fractions=list(FRACTIONS), edges_budget=sizes,
                            edges_kept=[int(k) for k in curve.extras["kept"].tolist()],

@@ -108,8 +108,8 @@ def main() -> None:
                     atol=1e-6, rtol=1e-3, why="float32 sums of ~25M terms per step in another order: seen 1.4e-4 "
                                               "relative at step 0 (the logit lens on both sides)")]
     # AdamW's first update is ±lr per entry (m/√v = sign g): the few entries whose gradient is at rounding level
-    # (seen 2 of 10M) may move the other way, so compare the translators as a whole, ‖W − W_ref‖ / ‖W_ref‖ (seen
-    # ~1e-5). 1e-3 catches a wrong learning rate, schedule or gradient, each of which is off by ≥ 10%.
+    # (seen 2 of 10M) may move the other way, so compare the translators as a whole, ‖W − W_ref‖ / ‖W_ref‖
+    # (seen ~1e-5). 1e-3 catches a wrong learning rate, schedule or gradient, each of which is off by ≥ 10%.
     trained = torch.stack([lens.translators[i].weight.detach() for i in lens.trained])
     checks.append(check("translator weights vs plain training, relative Frobenius difference",
                         float((trained - A).norm() / A.norm()), 0.0, atol=1e-3,

@@ -16,18 +16,18 @@ from lmscope import Patch
 from lmscope.localization.patching import activation_patching
 from lmscope.localization.tasks import pair
 
-from common import check, finish, interleaved, ratio, record
+from common import check, finish, interleaved, quick, ratio, record
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 TARGET, FOIL = " Mary", " John"
 
 
-def nnsight_sweep(model, clean_ids, corrupt_ids, t_id, f_id):
+def nnsight_sweep(model, clean_ids, corrupt_ids, t_id, f_id, n_layers):
     from nnsight import LanguageModel
 
     lm = LanguageModel(model.hf, tokenizer=model.tokenizer)
-    L, T = model.spec.n_layers, clean_ids.shape[1]
+    L, T = n_layers, clean_ids.shape[1]
     layers = lm.model.layers
     with torch.no_grad():
         clean_h = []
@@ -53,13 +53,13 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model = lmscope.load(progress=False)
     clean, corrupt = model.encode(CLEAN), model.encode(CORRUPT)
-    L, T = model.spec.n_layers, clean.input_ids.shape[1]
+    L, T = quick(model.spec.n_layers, 3), clean.input_ids.shape[1]  # quick: the first 3 layers
     t_id, f_id = model.token_id(TARGET), model.token_id(FOIL)
     pp = pair(CLEAN, CORRUPT, TARGET, FOIL)
     names = [f"blocks.{layer}.resid_pre" for layer in range(L)]
 
     def ours():
-        return activation_patching(model, pp, "resid_pre", normalise=False).values
+        return activation_patching(model, pp, "resid_pre", layers=range(L), normalise=False).values
 
     def no_reuse():  # the same cells through run_sets without work reuse
         cache = model.run(clean, cache=names).cache
@@ -85,7 +85,7 @@ def main() -> None:
     else:
         peer = None
         ids_c, ids_r = clean.input_ids, corrupt.input_ids
-        sides["nnsight"] = lambda: nnsight_sweep(model, ids_c, ids_r, t_id, f_id)
+        sides["nnsight"] = lambda: nnsight_sweep(model, ids_c, ids_r, t_id, f_id, L)
     times, out = interleaved(sides, warmup=[s for s in sides if s != "loop"])
     # every cell is a logit difference (~3) of float32 logits from batches of other sizes (and, with reuse, from
     # cached keys/values on fewer positions): summation order differs, seen ~1e-5; 1e-3 leaves margin and is far

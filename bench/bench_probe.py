@@ -14,9 +14,9 @@ import torch
 
 from lmscope.decoding.probes import ProbeConfig, cross_validate, fit_probe
 
-from common import check, finish, interleaved, record
+from common import check, finish, interleaved, quick, record
 
-N, D = 100_000, 576
+N, D = quick(100_000, 5_000), 576
 
 
 def data(seed: int = 0):

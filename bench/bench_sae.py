@@ -28,16 +28,16 @@ from pathlib import Path
 
 import torch
 
-from common import Measured, check, finish, interleaved, record
+from common import Measured, check, finish, interleaved, quick, record
 
 D = 576
-F = int(os.environ.get("LMSCOPE_SAE_BENCH_WIDTH", "4608"))
+F = int(os.environ.get("LMSCOPE_SAE_BENCH_WIDTH", quick("4608", "1152")))
 K = 32
-BS = int(os.environ.get("LMSCOPE_SAE_BENCH_BATCH", "4096"))
-STEPS = int(os.environ.get("LMSCOPE_SAE_BENCH_STEPS", "50"))
+BS = int(os.environ.get("LMSCOPE_SAE_BENCH_BATCH", quick("4096", "512")))
+STEPS = int(os.environ.get("LMSCOPE_SAE_BENCH_STEPS", quick("50", "10")))
 CHUNK = max(1, STEPS // 10)
 CAP = 3 * STEPS
-HELD = 8192
+HELD = quick(8192, 2048)
 LR = 4e-4
 
 
@@ -53,7 +53,8 @@ class Chunked:
     """
 
     def __init__(self, acts: torch.Tensor, held: torch.Tensor, fvu_of, target: float, cap: int = CAP):
-        self.acts, self.d, self.held, self.fvu_of, self.target, self.cap = acts, acts.shape[1], held, fvu_of, target, cap
+        self.acts, self.d, self.held, self.fvu_of = acts, acts.shape[1], held, fvu_of
+        self.target, self.cap = target, cap
         self.history: list[tuple[int, float]] = []
         self.eval_s = 0.0
         self.reached: tuple[int, float, float] | None = None  # (step, clock, evaluation time before) at the target
@@ -208,7 +209,7 @@ def main() -> None:
     from lmscope.sae import TensorSource, evaluate_activations
     from lmscope.sae.evaluation import METRICS
 
-    store = _store(int(os.environ.get("LMSCOPE_SAE_BENCH_TOKENS", "200000")))
+    store = _store(int(os.environ.get("LMSCOPE_SAE_BENCH_TOKENS", quick("200000", "20000"))))
     acts = TensorSource.from_store(store, max_norm_ratio=10).acts
     acts, held = acts[:-HELD], acts[-HELD:]
     peer = "saelens" if _saelens_available() else "plain"
@@ -251,7 +252,9 @@ def main() -> None:
     }
     if peer != "saelens":
         work["saelens"] = "not installed (pip install sae-lens); the plain loop sets the target"
-    record("sae_train", work=work, timings=times, checks=checks, store_tokens=len(store), train_rows=len(acts),
+    notes = {side: (f"held-out FVU ≤ {target:.4f} at step {r['steps']} ({r['tokens']:,} tokens)" if r["steps"] is not None
+                    else f"did not reach FVU {target:.4f} within {CAP} steps") for side, r in reached.items()}
+    record("sae_train", work=work, timings=times, checks=checks, notes=notes, store_tokens=len(store), train_rows=len(acts),
            held_out_rows=len(held), d_sae=F, k=K, batch=BS, chunk_steps=CHUNK, cap_steps=CAP,
            target=f"held-out FVU of {peer} after {STEPS} steps", target_fvu=round(target, 4),
            calibration_s_single_run=round(calibration_s, 1), reached=reached,

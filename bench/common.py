@@ -11,7 +11,11 @@
 * :func:`record` appends one JSON line to ``results/<name>.jsonl``: the figures, ``work`` (side ->
   one line on what that side computes, so a speed-up that comes from doing less work says so),
   ``checks``, the machine and its load average (1, 5, 15 min; a figure taken under load is slow
-  and noisy, and the line says so).
+  and noisy, and the line says so). :func:`summary_markdown` turns this run's records into the
+  tables ``bench/run.py`` writes to ``results/SUMMARY.md`` (for the README).
+* ``BENCH_QUICK=1`` (``bench/run.py --quick``) shrinks every bench to a tiny setting (:func:`quick`) and
+  one round, to see that it runs end to end; its figures mean nothing. ``BENCH_WRONG_REFERENCE=1``
+  shifts every reference in :func:`check` beyond its tolerance, to see that each bench then fails.
 """
 
 from __future__ import annotations
@@ -30,9 +34,18 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(os.environ.get("LMSCOPE_BENCH_OUT", Path(__file__).parent / "results"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))  # fewer than 3 only to try a bench out; the line says so
+QUICK = os.environ.get("BENCH_QUICK", "") == "1"
+WRONG_REFERENCE = os.environ.get("BENCH_WRONG_REFERENCE", "") == "1"
+# fewer than 3 only to try a bench out (the quick setting); the line says so
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1" if QUICK else "3"))
 
 _FAILED: list[str] = []
+_RECORDS: list[dict] = []
+
+
+def quick(full, small):
+    """``small`` under BENCH_QUICK=1 (a tiny setting that only shows the bench runs), else ``full``."""
+    return small if QUICK else full
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,9 @@ def check(name: str, got, reference, *, atol: float, why: str, rtol: float = 0.0
     got_t = torch.as_tensor(got, dtype=torch.float64).detach().cpu()
     ref_t = torch.as_tensor(reference, dtype=torch.float64).detach().cpu()
     row = {"check": name, "atol": atol, "rtol": rtol, "why": why}
+    if WRONG_REFERENCE:  # a deliberately wrong reference: ten tolerances off, so the check must fail
+        ref_t = ref_t + 10 * (atol + rtol * (float(ref_t.abs().max()) if ref_t.numel() else 0.0)) + 1e-3
+        row["wrong_reference"] = True
     if got_t.shape != ref_t.shape:
         row.update(ok=False, error=f"shape {tuple(got_t.shape)} against reference {tuple(ref_t.shape)}")
     else:
@@ -120,8 +136,10 @@ def _failure(row: dict) -> str:
 
 
 def record(name: str, *, work: dict[str, str], checks: list[dict] = (), timings: dict[str, Timing] | None = None,
-           **figures) -> dict:
-    """Append one benchmark record to results/<name>.jsonl and print it; failed checks are remembered."""
+           notes: dict[str, str] | None = None, **figures) -> dict:
+    """Append one benchmark record to results/<name>.jsonl and print it; failed checks are remembered.
+
+    ``notes`` (side -> a few words, e.g. the steps a side took to reach a target) go into the summary table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     checks = list(checks)
     import lmscope
@@ -129,15 +147,18 @@ def record(name: str, *, work: dict[str, str], checks: list[dict] = (), timings:
     row = {"bench": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "lmscope": _provenance(lmscope.__file__),
            "machine": platform.machine(),
            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "loadavg": [round(x, 2) for x in os.getloadavg()], "rounds": ROUNDS, "work": work}
+           "loadavg": [round(x, 2) for x in os.getloadavg()], "rounds": ROUNDS, "quick": QUICK, "work": work}
     if timings:
         row["timings"] = {side: t.figures() for side, t in timings.items()}
+    if notes:
+        row["notes"] = notes
     row.update(figures)
     row["checks"] = checks
     row["ok"] = all(c["ok"] for c in checks)
     for c in checks:
         if not c["ok"]:
             _FAILED.append(f"{name}: {c['check']}: {_failure(c)}")
+    _RECORDS.append(row)
     with open(RESULTS / f"{name}.jsonl", "a") as fh:
         fh.write(json.dumps(row) + "\n")
     print(json.dumps(row, indent=1), flush=True)
@@ -164,3 +185,41 @@ def finish() -> None:
     """Exit non-zero when a check failed (for a bench run as a script)."""
     if _FAILED:
         raise SystemExit("failed checks:\n  " + "\n  ".join(_FAILED))
+
+
+# figures of a record shown in the summary besides the timings: scalars only (lists and tables stay in the JSON)
+_SKIPPED = {"bench", "time", "lmscope", "machine", "cpus", "torch", "threads", "loadavg", "rounds", "quick", "work",
+            "timings", "notes", "checks", "ok"}
+
+
+def summary_markdown(records: list[dict] | None = None) -> str:
+    """This run's records as Markdown for the README: one table of every timed side (median and min–max over
+    the interleaved rounds, and the work that side does), then each record's other scalar figures and checks."""
+    records = _RECORDS if records is None else records
+    if not records:
+        return "No benchmark records.\n"
+    first = records[0]
+    rounds = sorted({r["rounds"] for r in records})
+    lines = [f"Benchmarks of lmscope ({first['lmscope']}), torch {first['torch']}, {first['cpus']} CPUs, "
+             f"{first['threads']} threads; load average at each record in the JSON lines. Times: median "
+             f"(min–max) of {'/'.join(map(str, rounds))} interleaved rounds."]
+    if any(r.get("quick") for r in records):
+        lines.append("**QUICK SETTING (BENCH_QUICK=1): tiny sizes, one round; these figures mean nothing.**")
+    if any(c.get("wrong_reference") for r in records for c in r["checks"]):
+        lines.append("**BENCH_WRONG_REFERENCE=1: every reference was shifted on purpose; every check must fail.**")
+    lines += ["", "| bench | side | time, s: median (min–max) | note | work |", "|---|---|---|---|---|"]
+    for r in records:
+        for side, t in (r.get("timings") or {}).items():
+            note = (r.get("notes") or {}).get(side, "")
+            lines.append(f"| {r['bench']} | {side} | {t['median_s']:.3g} ({t['min_s']:.3g}–{t['max_s']:.3g}) | "
+                         f"{_cell(note)} | {_cell(r['work'].get(side, ''))} |")
+    lines += ["", "| bench | figures | checks |", "|---|---|---|"]
+    for r in records:
+        figures = ", ".join(f"{k} {v}" for k, v in r.items() if k not in _SKIPPED and isinstance(v, (int, float, str)))
+        checks = "; ".join(f"{c['check']}: {'ok' if c['ok'] else 'FAILED'}" for c in r["checks"]) or "none"
+        lines.append(f"| {r['bench']} | {_cell(figures)} | {_cell(checks)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")

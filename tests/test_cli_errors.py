@@ -2,9 +2,8 @@
 traceback, and nothing written.
 
 Each case either fails before any model is loaded or on a tiny random model saved to disk, so the
-whole table runs in seconds. ``models`` takes no options and is left out (click itself rejects an
-unknown option, with its usage text). Errors of click's own parsing (a missing required option, a
-non-integer count) are click's and not repeated here.
+whole table runs in seconds. Errors of click's own parsing (an unknown command or option, a missing
+required option, a non-integer count) follow the same contract: one line, and the `--help` to run.
 """
 
 from __future__ import annotations
@@ -98,6 +97,8 @@ CASES = [
     ("negative generate", ["attribute", "--prompt", P, "--generate", "-1", *_M], r"--generate -1: give a positive number of tokens"),
     ("zero samples", ["trace", "--prompt", P, "--subject", "Mary", "--samples", "0", *_M],
      r"--samples and --window must be positive"),
+    ("too many samples", ["trace", "--prompt", P, "--subject", "Mary", "--samples", "100000"],
+     r"--samples 100000: give at most 256 noised copies"),
     ("absurd window", ["trace", "--prompt", P, "--subject", "Mary", "--kind", "mlp", "--window", "50", *_M],
      r"window=50: restore between 1 and 3"),
     ("negative n", ["circuit", "--n", "-3", *_M], r"n must be at least 1"),
@@ -112,13 +113,25 @@ CASES = [
     ("one fold", ["probe", "--dataset", "sst2", "--folds", "1"], r"folds=1: cross-validation needs at least 2"),
     ("zero new tokens", [*_STEER, "--layer", "1", "--max-new-tokens", "0"], r"--max-new-tokens must be at least 1"),
     ("negative lens tokens", ["lens", "train", "--tokens", "-5", "--out", "{W}/o-lens"],
-     r"--tokens, .* must not be negative"),
+     r"--tokens, --lstsq-tokens, --eval-tokens and --ridge must not be negative"),
     ("zero eval tokens", ["lens", "eval", "--tokens", "0"], r"--tokens must be positive"),
     ("zero latents", ["sae", "train", "--arch", "topk", "--latents", "0", "--layer", "1", "--out",
                       "{W}/o-latents", *_M], r"--latents 0: give at least 1"),
     ("negative sae tokens", ["sae", "train", "--arch", "topk", "--tokens", "-1", "--layer", "1", "--out",
                              "{W}/o-tokens", *_M], r"--tokens -1: give at least 1"),
     ("zero contexts", ["sae", "eval", "{W}/narrow-sae", "--contexts", "0"], r"--contexts 0: give 1 or more"),
+    # click's own parsing
+    ("unknown command", ["dal", "--prompt", P], r"No such command 'dal'\. Did you mean 'dla'\? Run `lmscope --help`"),
+    ("unknown subcommand", ["sae", "evaluate", "{W}/narrow-sae"], r"No such command 'evaluate'.* Run `lmscope sae "
+                                                                   r"--help`"),
+    ("unknown option", [*_DLA, "--layer", "3"], r"No such option: --layer.*Run `lmscope dla --help`"),
+    ("missing required option", ["lens", "train", "--out", "{W}/o-req"],
+     r"Missing option '--tokens': KL fine-tuning tokens.*Run `lmscope lens train --help`"),
+    ("missing argument", ["sae", "eval"], r"Missing argument 'SAE_DIR': SAE folder.*Run `lmscope sae eval --help`"),
+    ("option without its value", ["dla", "--prompt"], r"Option '--prompt' requires an argument\. Run `lmscope dla"),
+    ("non-integer count", ["trace", "--prompt", P, "--subject", "Mary", "--samples", "many"],
+     r"Invalid value for '--samples'.*Run `lmscope trace --help`"),
+    ("unknown option of models", ["models", "--all"], r"No such option: --all.*Run `lmscope models --help`"),
     # corpora
     ("non-UTF-8 corpus", ["lens", "train", "--tokens", "4096", "--out", "{W}/o-c1", "--corpus",
                           "{W}/latin1.txt"], r"latin1\.txt is not UTF-8 text.*convert it"),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -49,6 +51,56 @@ def friendly(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+# click's own exception classes, wherever they live (typer ≥ 0.26 vendors click as typer._click)
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class OneLineErrors(TyperGroup):
+    """The root command group: click's own usage errors (an unknown command or option, a missing or malformed
+    value) print one line that names the fix and exit 2, like lmscope's errors (no usage box)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line(self, None, args):
+            ctx = super().make_context(info_name, list(args), parent=parent, **extra)
+        ctx.meta["lmscope.args"] = list(args)
+        return ctx
+
+    def invoke(self, ctx):
+        with _one_line(self, ctx, ctx.meta.get("lmscope.args", [])):
+            return super().invoke(ctx)
+
+
+def _command_words(group, ctx, args) -> list[str]:
+    """The leading words of ``args`` that name a command (``["sae", "eval"]``), for the help hint."""
+    words, command = [], group
+    for word in args:
+        sub = command.get_command(ctx, word) if ctx is not None and hasattr(command, "get_command") else None
+        if sub is None:
+            break
+        words.append(word)
+        command = sub
+    return words
+
+
+@contextlib.contextmanager
+def _one_line(group, ctx, args):
+    try:
+        yield
+    except _ClickException as err:
+        if type(err).__name__ == "NoArgsIsHelpError":   # `lmscope` alone shows the help, as it should
+            raise
+        message = " ".join(err.format_message().split())
+        param = getattr(err, "param", None)
+        if type(err).__name__ == "MissingParameter" and getattr(param, "help", None):
+            message = f"{message.rstrip('.')}: {' '.join(param.help.split())}"
+        if not message.endswith((".", "?", "!")):
+            message += "."
+        command = " ".join(["lmscope", *_command_words(group, ctx, args)])
+        console.print(f"[bold red]error:[/] {escape(message)} Run `{escape(command)} --help` for the options.",
+                      soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def check_output(path: Path, flag: str, *, folder: bool = False) -> None:

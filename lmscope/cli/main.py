@@ -13,9 +13,9 @@ import typer
 from rich.table import Table
 
 from lmscope.cli import cmd_clamp, generated
-from lmscope.cli.common import DEMO_PROMPT, ModelOpt, console, friendly, out
+from lmscope.cli.common import DEMO_PROMPT, ModelOpt, OneLineErrors, console, friendly, out
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
                   help="lmscope: open up decoder language models (attribution, patching, lenses).")
 
 

@@ -52,6 +52,13 @@ CASES = [
     ("sae eval", ["{SAE}"], "topk SAE on blocks.15.resid_post"),
     ("sae features", ["{SAE}", "--html", "features.html"], "wrote features.html"),
     ("sae compare", ["{SAE}"], "SAE comparison"),
+    ("heads", [], "induction"),
+    ("neurons", [], "ResultSet(method='neurons'"),
+    ("clamp run", [], "wrote clamp.json"),
+    ("clamp plot", ["clamp.json"], "wrote clamp.png"),   # plots what `clamp run` (with its SIZE) writes first
+    ("edit", ["--prompt", FACT, "--subject", "The Eiffel Tower", "--target", " Rome"], "(chosen by causal tracing)"),
+    ("edit eval", [], "counterfactual facts at layer"),
+    ("attribute evaluate", [], "random"),
 ]
 
 # Commands that do not end by themselves, with where they are run instead.
@@ -70,6 +77,15 @@ SIZE = {
     "sae eval": (["--contexts", "2"], "2 held-out contexts instead of 32 (three forwards each)"),
     "sae features": (["--contexts", "2"], "2 held-out contexts instead of 64"),
     "sae compare": (["--contexts", "2"], "as `sae eval` (used when the folder has no eval.json yet)"),
+    "clamp run": (["--steps", "20", "--eval-every", "10"], "20 training steps instead of 3000: every condition's "
+                                                          "forward, loss and evaluation still run"),
+    "edit": (["--tokens", "2048", "--steps", "5"], "C from 2048 corpus keys instead of 10^6 and 5 Adam steps for v* "
+                                                    "instead of 20: the traced layer, prefixes and update are the same"),
+    "edit eval": (["--n", "1", "--tokens", "2048", "--steps", "5", "--trace-facts", "1", "--gen-tokens", "5"],
+                  "1 fact instead of 100 (as `edit`), 1 traced fact and 5 generated tokens"),
+    "attribute evaluate": (["--n", "1", "--sanity", "1", "--tasks", "ioi"],
+                           "1 IOI prompt (and 1 for the sanity checks) instead of 100 per task set; the factual and "
+                           "induction sets go through the same erasure code (tests/test_faithfulness.py)"),
 }
 # `lens train --tokens` is required: 1024 is its smallest budget (one step of 8 contexts × 128 tokens).
 
@@ -158,6 +174,8 @@ def test_default_model(command, args, expect, tmp_path, monkeypatch, request):
         if command != "sae train":
             out = _run(_args(command, args, str(sae)), tmp_path, monkeypatch)
     else:
+        if command == "clamp plot":
+            _run(_args("clamp run", []), tmp_path, monkeypatch)
         out = _run(_args(command, args), tmp_path, monkeypatch)
     assert expect in out, out[-2000:]
 

@@ -31,6 +31,7 @@ import dataclasses
 import importlib
 import json
 import pkgutil
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -133,7 +134,8 @@ class MethodSpec:
             object.__setattr__(self, "cli", (self.name,))
         if not self.summary:
             doc = (self.run.__doc__ or self.config.__doc__ or "").strip()
-            object.__setattr__(self, "summary", " ".join(doc.split("\n\n")[0].split()))
+            plain = re.sub(r":\w+:`~?([^`]+)`|``([^`]+)``", lambda m: m.group(1) or m.group(2), doc.split("\n\n")[0])
+            object.__setattr__(self, "summary", " ".join(plain.split()))
 
 
 def register(spec: MethodSpec) -> MethodSpec:

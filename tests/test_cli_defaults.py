@@ -34,10 +34,10 @@ CASES = [
     ("dla", ["--prompt", IOI, "--target", " Mary"], "DLA of logit"),
     ("circuit", [], "EAP circuit for ioi"),
     ("flow", ["--prompt", IOI], "Route into position"),
-    ("flow-graph", ["--prompt", IOI], ""),     # added at the merge of wt-app: exit 0 is the check so far
-    ("flow-node", ["--prompt", IOI], ""),
-    ("flow-verify", ["--prompt", IOI], ""),
-    ("path-patching", [], ""),                 # added at the merge of wt-twelve: the IOI task by default
+    ("flow-graph", ["--prompt", IOI], "(resid)"),
+    ("flow-node", ["--prompt", IOI], "flow-node (smollm2-135m)"),
+    ("flow-verify", ["--prompt", IOI], "faithfulness"),
+    ("path-patching", [], "sender"),            # the IOI task by default
     ("patch", ["--clean", IOI, "--corrupt", IOI_CORRUPT, "--target", " Mary"], "of resid_pre"),
     ("trace", ["--prompt", FACT, "--subject", "The Eiffel Tower"], "Causal trace (hidden)"),
     ("probe", ["--dataset", "sst2"], "logistic probe on sst2 (40 examples"),

@@ -58,6 +58,8 @@ CASES = [
     ("clamp plot", ["clamp.json"], "wrote clamp.png"),   # plots what `clamp run` (with its SIZE) writes first
     ("edit", ["--prompt", FACT, "--subject", "The Eiffel Tower", "--target", " Rome"], "(chosen by causal tracing)"),
     ("edit eval", [], "counterfactual facts at layer"),
+    ("edit sequential", [], "edits kept at layer"),
+    ("recall", [], "in-context answer wins"),
     ("attribute evaluate", [], "random"),
 ]
 
@@ -83,6 +85,11 @@ SIZE = {
                                                     "instead of 20: the traced layer, prefixes and update are the same"),
     "edit eval": (["--n", "1", "--tokens", "2048", "--steps", "5", "--trace-facts", "1", "--gen-tokens", "5"],
                   "1 fact instead of 100 (as `edit`), 1 traced fact and 5 generated tokens"),
+    "edit sequential": (["--n", "2", "--tokens", "2048", "--steps", "3", "--prefixes", "2", "--every", "1",
+                         "--ppl-tokens", "256", "--trace-facts", "1"],
+                        "2 edits instead of 100, C from 2048 keys, 3 Adam steps and 2 prefixes (as `edit eval`), "
+                        "256 held-out tokens; the curve is measured after every edit"),
+    "recall": (["--n", "2"], "2 facts instead of 40: every knockout, layer and head is still measured"),
     "attribute evaluate": (["--n", "1", "--sanity", "1", "--tasks", "ioi"],
                            "1 IOI prompt (and 1 for the sanity checks) instead of 100 per task set; the factual and "
                            "induction sets go through the same erasure code (tests/test_faithfulness.py)"),

@@ -13,7 +13,7 @@ from rich.table import Table
 from lmscope.cli.common import top_table
 
 NO_PLOT = ("circuit", "flow", "lens-train", "sae-train", "sae-eval", "sae-features",
-           "sae-compare", "edit", "edit-eval", "attribute-evaluate")
+           "sae-compare", "edit", "edit-eval", "edit-sequential", "recall", "attribute-evaluate")
 SAE_SHOWN = ("l0", "fve", "gamma", "gamma_centred", "ce_recovered", "delta_ce", "dead_frac", "dense_frac", "tokens")
 
 
@@ -291,6 +291,36 @@ def _edit_eval(result, config):
     return lines, result
 
 
+def _edit_sequential(result, config):
+    lines = [f"sequential ROME: {len(result.meta['facts'])} edits kept at layer {result.meta['layer']}"]
+    for label, row in zip(result.axes[0].labels, result.values.tolist()):
+        lines.append(f"  after {label:>4} edits: " + ", ".join(f"{m} {v:.3f}" for m, v in zip(result.axes[1].labels, row)))
+    return lines, result
+
+
+def _recall(result, config):
+    s = result.meta
+    lines = [f"memorised vs in-context recall on {s['facts']} facts: in-context answer wins {s['in_context_wins']:.3f}, "
+             f"memorised {s['memorised_wins']:.3f} (top-1: in-context {s['top1_in_context']:.3f}, memorised "
+             f"{s['top1_memorised']:.3f}, other {s['top1_other']:.3f})"]
+    ko = result["knockout"]
+    for i, target in enumerate(ko.axes[0].labels):
+        col = ko.values[i, :, 0]
+        layer = int(col.argmin())
+        lines.append(f"  knockout last -> {target}: P(in-context) falls most at layer {layer} ({float(col[layer]):+.3f})")
+    pl = result["patch_layers"]
+    for i, comp in enumerate(pl.axes[0].labels):
+        layer = int(pl.values[i].argmax())
+        lines.append(f"  patching {comp} at the last position: recovery peaks at layer {layer} "
+                     f"({float(pl.values[i, layer]):.3f})")
+    if "patch_heads" in result:
+        ph = result["patch_heads"].values
+        top = ph.flatten().argsort(descending=True)[:5].tolist()
+        lines.append("  top heads: " + ", ".join(f"{i // ph.shape[1]}.{i % ph.shape[1]} ({float(ph.flatten()[i]):.3f})"
+                                                  for i in top))
+    return lines, result
+
+
 def _heads(result, config):
     from lmscope.behaviors.heads import atlas_grid
 
@@ -345,7 +375,8 @@ def _sae_compare(result, config):
     return shown + ([f"wrote {config.png}"] if config.png else []), result
 
 
-VIEWS = {"edit": _edit, "edit-eval": _edit_eval, "attribute-evaluate": _evaluate,
+VIEWS = {"edit": _edit, "edit-eval": _edit_eval, "edit-sequential": _edit_sequential, "recall": _recall,
+         "attribute-evaluate": _evaluate,
          "attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
          "flow": _flow, "lens": _lens, "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
          "probe": _probe, "steer": _steer, "project": _project, "sae-train": _sae_train,

@@ -2,7 +2,7 @@
 
     python bench/edit_report.py eval --n 100 --layer 4 --tokens 200000 --prefixes 4
     python bench/edit_report.py sequential --n 100 --layer 4 --tokens 200000 --prefixes 4 --every 10
-    python bench/edit_report.py recall --model gemma3-270m --n 40
+    python bench/edit_report.py recall --model gemma3-270m --n 100 --localise 30
     python bench/edit_report.py layers --n 10 --layers 0,2,4,6,8,12,16,20 --tokens 20000 --prefixes 4
 
 ``eval``: ROME on the first n known counterfactual facts, one at a time (each undone), one JSON line per
@@ -78,7 +78,7 @@ def run_sequential(model, args, path: Path) -> dict:
 
 
 def run_recall(model, args, path: Path) -> dict:
-    res = recall(model, None, RecallConfig(n=args.n, window=args.window, seed=args.seed))
+    res = recall(model, None, RecallConfig(n=args.n, localise=args.localise, window=args.window, seed=args.seed))
     res.save_json(path.with_suffix(".json"))
     return dict(res.meta)
 
@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--ppl-tokens", type=int, default=2048)
     p.add_argument("--window", type=int, default=5)
+    p.add_argument("--localise", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="")
     args = p.parse_args()

@@ -89,7 +89,8 @@ SIZE = {
                          "--ppl-tokens", "256", "--trace-facts", "1"],
                         "2 edits instead of 100, C from 2048 keys, 3 Adam steps and 2 prefixes (as `edit eval`), "
                         "256 held-out tokens; the curve is measured after every edit"),
-    "recall": (["--n", "2"], "2 facts instead of 40: every knockout, layer and head is still measured"),
+    "recall": (["--n", "2"], "2 facts instead of 100 (knockout and patching on both instead of 20): every "
+                                 "knockout window, layer and head is still measured"),
     "attribute evaluate": (["--n", "1", "--sanity", "1", "--tasks", "ioi"],
                            "1 IOI prompt (and 1 for the sanity checks) instead of 100 per task set; the factual and "
                            "induction sets go through the same erasure code (tests/test_faithfulness.py)"),

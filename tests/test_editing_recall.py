@@ -4,31 +4,23 @@ in-context recall (knockout and patching against plain single-prompt runs)."""
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 
-from conftest import WORDS, make_tiny
+from conftest import make_tiny
 from lmscope import Knockout, Patch
 from lmscope.editing import CounterFact, RomeSettings, object_scores, second_moment
 from lmscope.editing.recall import RecallConfig, knockout_sets, recall, story, token_span
 from lmscope.editing.sequential import edit_sequence, perplexity
 from lmscope.errors import InputError
+from test_editing import corpus  # noqa: F401  (the same tiny corpus fixture)
 
 FAST = RomeSettings(steps=4, prefixes=((1, 3),))
 FACTS = [CounterFact("custom", "Mary", " tree", " river", "Mary went to the", (), (("John went to the", " tree"),), ()),
          CounterFact("custom", "the dog", " house", " moon", "the dog sat on the", (), (("the cat sat on the", " mat"),),
                      ()),
          CounterFact("custom", "he", " store", " sun", "he ran up the", (), (("she ran up the", " store"),), ())]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(40)))
-    return str(path)
 
 
 def test_sequential_curve_matches_the_summed_edit_and_restores_the_model(tiny_llama, corpus):

@@ -22,7 +22,7 @@ the true fact instead ("... is Paris. The capital of France is"). Measured:
   mean(LD_patched − LD_consistent) / mean(LD_conflict − LD_consistent) with LD = logit(o*₁) − logit(o₁):
   1 where the patched state carries the whole in-context preference, 0 where it carries none.
 
-Knockout and patching touch only the last position, so each set recomputes one token from its
+Knockout and patching run on the first ``localise`` facts; they touch only the last position, so each set recomputes one token from its
 lowest layer (:meth:`Model.run_sets` prefix reuse). Shapes: knockout (target, layer, answer),
 patching by layer (component, layer), by head (layer, head).
 """
@@ -55,8 +55,10 @@ COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
 class RecallConfig:
     """Memorised vs in-context recall on counterfactual facts: who wins, attention knockout and patching."""
 
-    n: int = specs.option(40, "Counterfactual facts (the first n the model knows whose two answers start with "
+    n: int = specs.option(100, "Counterfactual facts (the first n the model knows whose two answers start with "
                               "different tokens).")
+    localise: int = specs.option(20, "Facts (the first of the n) on which knockout and patching locate the "
+                                     "takeover.")
     window: int = specs.option(5, "Layers knocked out together, centred on each layer.")
     heads: bool = specs.option(True, "Also patch every head's output at the last position.")
     known_only: bool = specs.option(True, "Keep only facts whose true object the model prefers on the bare "
@@ -69,8 +71,8 @@ class RecallConfig:
     in_context: str | None = specs.option(None, "The answer the context states, e.g. ' Rome'.")
 
     def __post_init__(self):
-        if self.n < 1 or self.window < 1:
-            raise InputError("--n and --window must be positive.")
+        if self.n < 1 or self.window < 1 or self.localise < 1:
+            raise InputError("--n, --localise and --window must be positive.")
         own = (self.question, self.subject, self.memorised, self.in_context)
         if any(x is not None for x in own) and not all(own):
             raise InputError("A fact of your own needs all of --question, --subject, --memorised and --in-context.")
@@ -119,8 +121,8 @@ def _first(model: Model, obj: str) -> int:
     return target_ids(model, obj)[0]
 
 
-def _knockout(model: Model, cf: CounterFact, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(relative change of P (target, layer, answer), conflict next-token probabilities (V,))."""
+def _knockout(model: Model, cf: CounterFact, window: int) -> torch.Tensor:
+    """Relative change of P (target, layer, answer) on the conflict prompt."""
     text, spans = story(cf, cf.new)
     ids, _ = _encode(model, text)
     last, n_layers = len(ids) - 1, model.spec.n_layers
@@ -130,7 +132,7 @@ def _knockout(model: Model, cf: CounterFact, window: int) -> tuple[torch.Tensor,
         sets = [s for t in TARGETS for s in knockout_sets(n_layers, window, last, token_span(model, text, *spans[t]))]
         probs = torch.softmax(model.run_sets(text, sets, logits="last").logits[:, 0].float(), -1)
     p0 = base[ans]
-    return ((probs[:, ans] - p0) / p0).reshape(len(TARGETS), n_layers, len(ANSWERS)), base
+    return ((probs[:, ans] - p0) / p0).reshape(len(TARGETS), n_layers, len(ANSWERS))
 
 
 def _split(batch: Batch, i: int) -> Batch:
@@ -167,29 +169,34 @@ def recall(model: Model, inputs, config: RecallConfig, facts: Sequence[CounterFa
     facts = config.facts(model) if facts is None else list(facts)
     if not facts or any(_first(model, cf.new) == _first(model, cf.true) for cf in facts):
         raise InputError("recall needs facts whose memorised and in-context answers start with different tokens.")
-    scores, kos, top, lay, hd, src, base = [], [], [], [], [], [], []
-    for cf in tqdm(facts, desc="recall: knockout and patching"):
-        pairs = [(p, o) for p in (cf.rewrite, story(cf, cf.new)[0], story(cf, cf.true)[0]) for o in (cf.true, cf.new)]
-        scores.append(object_scores(model, pairs)[0])
-        ko, probs = _knockout(model, cf, config.window)
-        kos.append(ko)
-        best = int(probs.argmax())
-        top.append(0 if best == _first(model, cf.new) else 1 if best == _first(model, cf.true) else 2)
+    pairs = [(p, o) for cf in facts for p in (cf.rewrite, story(cf, cf.new)[0], story(cf, cf.true)[0])
+             for o in (cf.true, cf.new)]
+    S = object_scores(model, pairs)[0].reshape(len(facts), len(SCORES))
+    top, kos, lay, hd, src, base = [], [], [], [], [], []
+    with torch.no_grad():
+        for at in range(0, len(facts), 16):
+            texts = [story(cf, cf.new)[0] for cf in facts[at:at + 16]]
+            best = model.run(texts, logits="last").logits.argmax(-1).tolist()
+            top += [0 if b == _first(model, cf.new) else 1 if b == _first(model, cf.true) else 2
+                    for b, cf in zip(best, facts[at:at + 16])]
+    located = facts[:config.localise]
+    for cf in tqdm(located, desc="recall: knockout and patching"):
+        kos.append(_knockout(model, cf, config.window))
         by_layer, by_head, ld_src, ld_base = _patching(model, cf, config.heads)
         lay.append(by_layer), hd.append(by_head), src.append(ld_src), base.append(ld_base)
-    S = torch.stack(scores)
-    gap = sum(s - b for s, b in zip(src, base)) / len(facts)
+    gap = sum(s - b for s, b in zip(src, base)) / len(src)
     recovery = (torch.stack(lay).mean(0) - sum(base) / len(base)) / gap
     n_layers = model.spec.n_layers
     layers = Axis("layer", range(n_layers))
     labels = tuple(f"{cf.subject} -> {cf.new.strip()}" for cf in facts)
     wins = float((S[:, 3] > S[:, 2]).float().mean())
     tops = torch.tensor(top)
-    summary = {"facts": len(facts), "in_context_wins": wins, "memorised_wins": 1 - wins,
+    summary = {"facts": len(facts), "localised": len(located), "in_context_wins": wins, "memorised_wins": 1 - wins,
                "top1_in_context": float((tops == 0).float().mean()), "top1_memorised": float((tops == 1).float().mean()),
                "top1_other": float((tops == 2).float().mean()), "ld_conflict": sum(src) / len(src),
                "ld_consistent": sum(base) / len(base)}
-    common = {"model": model.name, "params": {"n": config.n, "window": config.window, "seed": config.seed}}
+    common = {"model": model.name, "params": {"n": config.n, "localise": len(located), "window": config.window,
+                                              "seed": config.seed}}
     out = {"answers": Result(S, axes=(Axis("fact", labels), Axis("score", SCORES)), method="recall.answers",
                              meta={"summary": summary}, **common),
            "knockout": Result(torch.stack(kos).mean(0), axes=(Axis("target", TARGETS), layers, Axis("answer", ANSWERS)),

@@ -17,19 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]  # this checkout's lmscope, as bench/run.py does
 
-import lmscope
-from lmscope.data import token_contexts
-from lmscope.editing import RomeSettings, second_moment
-from lmscope.editing.evaluate import METRICS
-from lmscope.editing.layer import NOISE, trace_curve
-from lmscope.editing.recall import RecallConfig, recall
-from lmscope.editing.sequential import edit_sequence
-from lmscope.editing.workflow import edit_rows, prefix_counts, select_facts, summarise
+import torch  # noqa: E402
+
+import lmscope  # noqa: E402
+from lmscope.data import token_contexts  # noqa: E402
+from lmscope.editing import RomeSettings, second_moment  # noqa: E402
+from lmscope.editing.evaluate import METRICS  # noqa: E402
+from lmscope.editing.layer import NOISE, trace_curve  # noqa: E402
+from lmscope.editing.recall import RecallConfig, recall  # noqa: E402
+from lmscope.editing.sequential import edit_sequence  # noqa: E402
+from lmscope.editing.workflow import edit_rows, prefix_counts, select_facts, summarise  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "editing"
 NAMES = [*METRICS, *(f"pre_{m}" for m in METRICS)]

@@ -35,7 +35,7 @@ CASES = [
     ("circuit", [], "EAP circuit for ioi"),
     ("flow", ["--prompt", IOI], "Route into position"),
     ("flow-graph", ["--prompt", IOI], "(resid)"),
-    ("flow-node", ["--prompt", IOI], "flow-node (smollm2-135m)"),
+    ("flow-node", ["--prompt", IOI], "flow-node: logit lens of resid_post"),
     ("flow-verify", ["--prompt", IOI], "faithfulness"),
     ("path-patching", [], "sender"),            # the IOI task by default
     ("patch", ["--clean", IOI, "--corrupt", IOI_CORRUPT, "--target", " Mary"], "of resid_pre"),

@@ -141,7 +141,7 @@
     let res;
     try { res = await api("flow-verify", inputs, config); } catch (err) { out.textContent = err.message; return; }
     const [clean, graph, none, faith] = res.values;
-    out.textContent = `faithfulness ${faith === null ? "—" : faith.toFixed(3)} (logit of ${JSON.stringify(res.target.target)}: ` +
+    out.textContent = `faithfulness ${faith === null ? "—" : faith.toFixed(3)} (${res.meta.metric} of ${JSON.stringify(res.target.target)}: ` +
       `clean ${clean.toFixed(2)}, graph only ${graph.toFixed(2)}, nothing ${none.toFixed(2)}; ` +
       `${(100 * res.meta.kept_fraction).toFixed(1)}% of blocks kept)`;
     out.setAttribute("data-faithfulness", faith);

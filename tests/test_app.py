@@ -19,6 +19,7 @@ import pytest
 
 from lmscope import specs
 from lmscope.app import App, start
+from lmscope.errors import InputError
 from lmscope.localization.flow import flow, flow_contributions, graph_edges, route
 
 P = "when Mary and John went to the store John gave a drink to"
@@ -34,6 +35,13 @@ CASES = [  # (method, inputs, config): every view of the graph page, and a few o
     ("dla", {"prompt": P, "target": "Mary", "foil": "John"}, {"by": "head"}),
     ("lens", P, {"k": 3}),
     ("attribute", {"prompt": P, "target": "Mary"}, {"method": "saliency"}),
+    ("flow-verify", {"prompt": P, "target": "Mary"}, {"nodes": "A1_12,M2_12,A0_3"}),
+    ("head-inspect", P, {"layer": 1, "head": 2, "position": 9}),
+    ("patch-cell", [{"clean": P, "corrupt": P.replace("John gave", "Mary gave"), "target": "Mary", "foil": "John"}],
+     {"layer": 1, "position": 8}),
+    ("steer", P, {"positive": "yes", "negative": "no", "layer": 1, "scale": 4.0, "max_new_tokens": 3}),
+    ("sae-prompt", {"saes": "resid"}, {"prompt": P, "latents": 4}),
+    ("sae-prompt", "heads/z", {"prompt": P, "latents": 3, "position": 5}),
 ]
 
 
@@ -42,8 +50,28 @@ def _plain(doc: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_llama):
-    app = App(tiny_llama, max_tokens=64, max_queue=64)
+def sae_root(tiny_llama, tmp_path_factory):
+    """A folder of SAE folders for the SAE view: one on a residual site, one on attention outputs (z)."""
+    from lmscope.sae import make_sae, save_sae
+
+    root, s = tmp_path_factory.mktemp("saes"), tiny_llama.spec
+    save_sae(make_sae("relu", d_in=s.d_model, d_sae=24, site="blocks.1.resid_post", seed=1), root / "resid")
+    save_sae(make_sae("relu", d_in=s.n_heads * s.d_head, d_sae=16, d_head=s.d_head, site="blocks.1.attn.z", seed=2),
+             root / "heads" / "z")
+    (root / "notes").mkdir()
+    return root
+
+
+def _direct_inputs(inputs, sae_root):
+    """What the server hands the spec: SAE folder names resolved under the app's root."""
+    if isinstance(inputs, dict) and "saes" in inputs:
+        inputs = inputs["saes"]
+    return {"saes": str(sae_root / inputs), "corpus": "default"} if inputs in ("resid", "heads/z") else inputs
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama, sae_root):
+    app = App(tiny_llama, max_tokens=64, max_queue=64, sae_dir=sae_root)
     server, thread = start(app)
     yield app, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -67,17 +95,19 @@ def call(url: str, body=None, raw: bytes | None = None, timeout: float = 60) -> 
         return status, payload
 
 
-def test_api_answers_what_run_json_computes(served, tiny_llama):
+def test_api_answers_what_run_json_computes(served, tiny_llama, sae_root):
     app, url = served
     status, info = call(url + "/api/info")
     assert status == 200 and info["model"] == tiny_llama.name and info["n_layers"] == tiny_llama.spec.n_layers
     names = {m["name"] for m in info["methods"]}
-    assert {"flow-graph", "flow-node", "flow", "dla", "lens", "attribute", "patch"} <= names
-    assert not names & {"lens-train", "sae-train", "probe", "lens-eval"}  # files and corpora are not served
+    assert {"flow-graph", "flow-node", "flow", "dla", "lens", "attribute", "patch", "head-inspect", "patch-cell",
+            "steer", "sae-prompt", "sae-features"} <= names
+    assert not names & {"lens-train", "sae-train", "probe", "lens-eval", "sae-eval", "sae-compare"}  # they write
+    assert info["saes"] == ["heads/z", "resid"]  # folders holding an SAE, relative to --sae-dir
     for method, inputs, config in CASES:
         status, doc = call(url + "/api/run", {"method": method, "inputs": inputs, "config": config})
         assert status == 200, (method, doc)
-        want = specs.run_json(tiny_llama, method, inputs, config).to_dict()
+        want = specs.run_json(tiny_llama, method, _direct_inputs(inputs, sae_root), config).to_dict()
         assert _plain(doc["result"]) == json.loads(json.dumps(_plain(want))), (method, config)
         assert doc["meta"]["latency_ms"] >= doc["meta"]["compute_ms"] >= 0 and doc["meta"]["cached"] is False
         status, again = call(url + "/api/run", {"method": method, "inputs": inputs, "config": config})
@@ -100,6 +130,23 @@ def test_bad_requests_get_a_4xx_with_the_reason(served):
         ({"method": "flow", "inputs": " ".join(["cat"] * 100)}, 413, "too long"),
         ({"method": "flow", "inputs": 5}, 400, "prompt"),
         ({"inputs": P}, 400, "method"),
+        ({"method": "sae-prompt", "inputs": "../saes", "config": {"prompt": P}}, 403, "not a folder under"),
+        ({"method": "sae-prompt", "inputs": "/etc", "config": {"prompt": P}}, 403, "not a folder under"),
+        ({"method": "sae-prompt", "inputs": "resid/../../x", "config": {"prompt": P}}, 403, "not a folder under"),
+        ({"method": "sae-prompt", "inputs": "notes", "config": {"prompt": P}}, 404, "No SAE folder"),
+        ({"method": "sae-prompt", "inputs": {"saes": "resid", "corpus": "/etc/passwd"}, "config": {"prompt": P}},
+         403, "built-in corpus"),
+        ({"method": "sae-prompt", "inputs": ["resid"], "config": {"prompt": P}}, 400, "SAE input"),
+        ({"method": "sae-prompt", "inputs": "resid", "config": {"prompt": " ".join(["cat"] * 100)}}, 413, "too long"),
+        ({"method": "sae-prompt", "inputs": "resid", "config": {"prompt": P, "contexts": 1000}}, 413, "at most 64"),
+        ({"method": "sae-features", "inputs": "resid", "config": {"html": "/tmp/x.html"}}, 403, "reads no files"),
+        ({"method": "sae-eval", "inputs": "resid"}, 404, "No method"),
+        ({"method": "steer", "inputs": P, "config": {"positive": "a", "negative": "b", "layer": 1,
+                                                       "max_new_tokens": 1000}}, 413, "at most 128"),
+        ({"method": "flow-verify", "inputs": P, "config": {"nodes": "A9_1"}}, 400, "no block"),
+        ({"method": "flow-verify", "inputs": P, "config": {"nodes": "Z1_1"}}, 400, "block id"),
+        ({"method": "patch-cell", "inputs": [{"clean": P, "corrupt": P, "target": "Mary"}], "config": {"layer": 7}},
+         400, "layer"),
     ]
     for body, status, words in bad:
         got, doc = call(url + "/api/run", body)
@@ -195,6 +242,8 @@ def test_cli_app_serves_one_request_and_stops(tmp_path, monkeypatch, tiny_llama)
     assert result["r"].exit_code == 0 and f"127.0.0.1:{port}" in result["r"].output
     bad = CliRunner().invoke(cli, ["app", "--port", "70000"])
     assert bad.exit_code == 2 and "--port 70000" in bad.output
+    bad = CliRunner().invoke(cli, ["app", "--sae-dir", str(tmp_path / "missing")])
+    assert bad.exit_code == 2 and "--sae-dir" in bad.output and "not a folder" in bad.output
 
 
 def _browser():
@@ -299,6 +348,123 @@ def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
         assert page2.get_attribute("#graph", "data-edges") == str(len(at5.meta["edges"]))
         browser.close()
     assert not errors, errors
+
+
+def test_new_views_in_a_real_browser(served, tiny_llama, sae_root):
+    """Pin and group nodes and verify the pinned ones; the head inspector from an attention edge; the SAE view;
+    steering next to the unsteered text; drag-to-patch with its causal cone; a shared URL restores pins,
+    groups and the head view. Every number shown is the library's."""
+    pw, exe = _browser()
+    app, url = served
+    shots = Path(__file__).parent / "screenshots"
+    shots.mkdir(exist_ok=True)
+    corrupt = P.replace("John gave", "Mary gave")
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.fill("#prompt", P)
+        page.click("#run")
+        page.wait_for_function("window.lmscope.graph && window.lmscope.graph.meta.prompt === %s" % json.dumps(P))
+        # pin two blocks by shift-click, group them, pin one more; the verify of the pinned nodes is the library's
+        n0 = int(page.get_attribute("#graph", "data-nodes"))
+        page.locator("rect.node.mlp").first.click(modifiers=["Shift"])
+        page.locator("circle.node.attn").first.click(modifiers=["Shift"])
+        pins = page.evaluate("[...window.lmscope.pinned]")
+        assert len(pins) == 2 and page.locator(".node.pinned").count() == 2
+        page.fill("#group-name", "my group")
+        page.click("#group-add")
+        assert page.locator("rect.group").count() == 1 and "my group" in page.inner_text("#group-list")
+        page.locator("rect.node.mlp").nth(1).click(modifiers=["Shift"])
+        kept = page.evaluate("[...window.lmscope.pinned]")
+        # a pinned node stays drawn when the threshold hides the rest of its route
+        page.eval_on_selector("#threshold", "el => { el.value = '0.1'; el.dispatchEvent(new Event('input')); }")
+        assert page.locator(f"[data-node='{kept[0]}']").count() == 1 and n0 > 0
+        page.check("#verify-pinned")
+        page.click("#verify")
+        page.wait_for_selector("#verify-out[data-faithfulness]")
+        lib = specs.run_json(tiny_llama, "flow-verify", P, {"threshold": 0.1, "position": 12, "nodes": kept[0]})
+        assert float(page.get_attribute("#verify-out", "data-faithfulness")) == pytest.approx(float(lib.values[3]),
+                                                                                                abs=1e-6)
+        # an attention edge -> its head in the inspector: pattern and QK maps, the write's tokens
+        page.eval_on_selector("#threshold", "el => { el.value = '0.04'; el.dispatchEvent(new Event('input')); }")
+        page.locator("path.edge.attn").first.click()
+        page.wait_for_selector("#head-detail[data-head]")
+        head = int(page.get_attribute("#head-detail", "data-head"))
+        page.click("#open-head")
+        page.wait_for_selector("#head-output[data-done]")
+        layer = int(page.input_value("#head-layer"))
+        lib = specs.run_json(tiny_llama, "head-inspect", P, {"layer": layer, "head": head, "position": 12})
+        assert page.get_attribute("#head-output", "data-done") == f"{layer}.{head}"
+        assert page.locator("#head-output svg.heatmap").count() == 2
+        assert f"{lib.meta['write']['promotes'][0][0]!r}"[1:-1] in page.inner_text("#head-write")
+        page.screenshot(path=str(shots / "app-head-inspector.png"))
+        shared = page.url
+        # the SAE view on the attention-output SAE: its latents, activations and per-head bars
+        page.click("button.tab[data-tab='sae']")
+        assert page.eval_on_selector_all("#sae-folder option", "os => os.map(o => o.value)") == ["heads/z", "resid"]
+        page.select_option("#sae-folder", "heads/z")
+        page.fill("#sae-latents", "3")
+        page.click("#sae-run")
+        page.wait_for_selector("#sae-output[data-done]")
+        lib = specs.run_json(tiny_llama, "sae-prompt", {"saes": str(sae_root / "heads/z")},
+                             {"prompt": P, "latents": 3, "contexts": 0, "position": 12})
+        rows = page.eval_on_selector_all("#sae-table tr[data-latent]", "rs => rs.map(r => +r.dataset.latent)")
+        assert rows == [int(x) for x in lib.axes[0].labels]
+        assert page.locator("#sae-table .bar-row").count() == 3 * tiny_llama.spec.n_heads
+        page.screenshot(path=str(shots / "app-sae.png"))
+        # steering: the unsteered text once, then one row per scale, each the library's text
+        page.click("button.tab[data-tab='steer']")
+        for sel, val in (("#steer-pos", "yes"), ("#steer-neg", "no"), ("#steer-layer", "1"), ("#steer-scales", "2,8"),
+                         ("#steer-tokens", "4")):
+            page.fill(sel, val)
+        page.click("#steer-run")
+        page.wait_for_selector("#steer-output[data-done='2']")
+        texts = page.eval_on_selector_all("#steer-table td.gen", "ts => ts.map(t => t.textContent)")
+        want = [specs.run_json(tiny_llama, "steer", P, {"positive": "yes", "negative": "no", "layer": 1, "scale": sc,
+                                                         "max_new_tokens": 4}).meta["texts"] for sc in (2.0, 8.0)]
+        assert texts == [want[0][0], want[0][1], want[1][1]]
+        # two prompts: drag a clean token onto a corrupted one; the effect is the library's, the cone shaded
+        page.click("button.tab[data-tab='pairs']")
+        page.fill("#corrupt", corrupt)
+        page.fill("#pair-target", "Mary")
+        page.fill("#pair-foil", "John")
+        page.click("#pair-run")
+        page.wait_for_selector("#drag-rows .drag-row[data-side='corrupt'] .drag-tok")
+        page.click("#pair-output rect[data-i='1'][data-j='8']")  # sets the drag layer to 1
+        assert page.input_value("#drag-layer") == "1"
+        page.drag_and_drop("#drag-rows [data-side='clean'] [data-pos='8']", "#drag-rows [data-side='corrupt'] [data-pos='8']")
+        page.wait_for_selector("#drag-out[data-effect]")
+        cell = specs.run_json(tiny_llama, "patch-cell", [{"clean": P, "corrupt": corrupt, "target": "Mary",
+                                                           "foil": "John"}], {"layer": 1, "position": 8})
+        assert float(page.get_attribute("#drag-out", "data-effect")) == pytest.approx(cell.meta["effect"], abs=1e-6)
+        n_layers, t = cell.shape
+        assert page.locator("#drag-out rect.cone").count() == (n_layers - 1) * (t - 8)
+        page.screenshot(path=str(shots / "app-drag-patch.png"))
+        # the shared URL (taken in the head inspector) restores pins, the group and the head view
+        page2 = browser.new_page(viewport={"width": 1400, "height": 900})
+        page2.goto(shared)
+        page2.wait_for_selector("body[data-ready='1']")
+        assert sorted(page2.evaluate("[...window.lmscope.pinned]")) == sorted(kept)
+        assert page2.locator("rect.group").count() == 1 and page2.is_checked("#verify-pinned")
+        assert page2.get_attribute("#head-output", "data-done") == f"{layer}.{head}"
+        assert page2.is_visible("#tab-head") and not page2.is_visible("#tab-graph")
+        browser.close()
+    assert not errors, errors
+
+
+def test_sae_methods_need_an_sae_folder(tiny_llama, tmp_path):
+    from lmscope.app.server import HTTPError
+
+    app = App(tiny_llama)
+    assert "sae-prompt" not in app.methods and app.info()["saes"] == []
+    with pytest.raises(HTTPError) as err:
+        app.run({"method": "sae-prompt", "inputs": "resid", "config": {"prompt": P}})
+    assert err.value.status == 403 and "--sae-dir" in str(err.value)
+    with pytest.raises(InputError, match="not a folder"):
+        App(tiny_llama, sae_dir=tmp_path / "missing")
 
 
 def test_a_full_queue_answers_503(tiny_llama):

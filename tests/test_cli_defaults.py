@@ -37,6 +37,8 @@ CASES = [
     ("flow-graph", ["--prompt", IOI], "(resid)"),
     ("flow-node", ["--prompt", IOI], "flow-node: logit lens of resid_post"),
     ("flow-verify", ["--prompt", IOI], "faithfulness"),
+    ("head-inspect", ["--prompt", IOI], "head-inspect: L0 H0 at position 13"),
+    ("patch-cell", ["--clean", IOI, "--corrupt", IOI_CORRUPT, "--target", " Mary"], "normalised effect"),
     ("path-patching", [], "sender"),            # the IOI task by default
     ("patch", ["--clean", IOI, "--corrupt", IOI_CORRUPT, "--target", " Mary"], "of resid_pre"),
     ("trace", ["--prompt", FACT, "--subject", "The Eiffel Tower"], "Causal trace (hidden)"),
@@ -52,6 +54,7 @@ CASES = [
     ("sae eval", ["{SAE}"], "topk SAE on blocks.15.resid_post"),
     ("sae features", ["{SAE}", "--html", "features.html"], "wrote features.html"),
     ("sae compare", ["{SAE}"], "SAE comparison"),
+    ("sae prompt", ["{SAE}", "--prompt", IOI], "SAE features at position 13"),
     ("heads", [], "induction"),
     ("neurons", [], "ResultSet(method='neurons'"),
     ("clamp run", [], "wrote clamp.json"),

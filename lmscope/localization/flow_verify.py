@@ -21,6 +21,7 @@ the IOI answer a logit of 16.5 against 11.0 clean). Then
 
 1 means the graph alone recovers the clean behaviour; 0 means it does no better than nothing. The
 granularity is (layer, position) blocks, not single edges (an edge-level test is path patching).
+With ``nodes`` the kept blocks are the ones named (the app's pinned nodes) instead of the graph's.
 Values: [m_clean, m_graph, m_none, faithfulness] on axis ``quantity``; meta: the kept blocks, the metric.
 """
 
@@ -38,7 +39,7 @@ from lmscope.localization.metrics import Metric
 from lmscope.targets import canonical_metric, default_metric
 from lmscope.models import Model
 from lmscope.results import Axis, Result
-
+from lmscope.sites import resolve_position
 
 METRICS = ("logit_diff", "log_prob", "probability", "kl")
 
@@ -55,6 +56,9 @@ class FlowVerifyConfig:
                                             "foil, else log_prob).", choices=METRICS)
     mean_skip_first: bool = specs.option(True, "Leave the first position (the attention sink) out of the mean "
                                                "that replaces the writes (mean ablation only).")
+    nodes: str | None = specs.option(None, "Keep exactly these blocks instead of the graph's (threshold ignored): "
+                                           "comma-separated A{layer}_{pos} (attention) and M{layer}_{pos} (MLP) "
+                                           "node ids, e.g. A3_5,M2_4 (the app's pinned nodes).")
 
     def __post_init__(self):
         _check_threshold(self.threshold)
@@ -62,8 +66,25 @@ class FlowVerifyConfig:
             object.__setattr__(self, "metric", canonical_metric(self.metric, METRICS, "flow-verify"))
         if not isinstance(self.mean_skip_first, bool):
             raise InputError(f"mean_skip_first={self.mean_skip_first!r}: give true or false.")
+        if self.nodes is not None:
+            parse_nodes(self.nodes)
         if self.corrupt is not None and (not isinstance(self.corrupt, str) or not self.corrupt):
             raise InputError("corrupt must be a non-empty prompt (or left out for mean ablation).")
+
+
+def parse_nodes(text: str) -> dict[str, list[list[int]]]:
+    """``"A3_5,M2_4"`` -> ``{"attn": [[3, 5]], "mlp": [[2, 4]]}`` (sorted, without repeats)."""
+    kept = {"attn": set(), "mlp": set()}
+    for item in (text.split(",") if isinstance(text, str) else [None]):
+        item = item.strip() if isinstance(item, str) else ""
+        try:
+            kind = {"A": "attn", "M": "mlp"}[item[:1]]
+            layer, pos = (int(x) for x in item[1:].split("_"))
+        except (KeyError, ValueError):
+            raise InputError(f"nodes: {item!r} is not a block id; write A{{layer}}_{{pos}} (attention) or "
+                             "M{layer}_{pos} (MLP), comma-separated, e.g. A3_5,M2_4.") from None
+        kept[kind].add((layer, pos))
+    return {k: [list(x) for x in sorted(v)] for k, v in kept.items()}
 
 
 def kept_blocks(graph: Result) -> dict[str, list[list[int]]]:
@@ -80,10 +101,18 @@ def run_flow_verify(model: Model, prompt: specs.Prompt, config: FlowVerifyConfig
     has_mlp = "mlp" in model.parts
     kinds = ["attn_out"] + (["mlp_out"] if has_mlp else [])
     sites = [f"blocks.{l}.{k}" for l in range(s.n_layers) for k in kinds]
-    c = flow_contributions(model, prompt.text)
-    t = len(c.tokens)
-    graph = flow(model, prompt.text, position=config.position, threshold=config.threshold, contributions=c)
-    pos = graph.meta["position"]
+    tokens = model.to_str_tokens(prompt.text)
+    t = len(tokens)
+    if config.nodes is None:
+        c = flow_contributions(model, prompt.text)
+        graph = flow(model, prompt.text, position=config.position, threshold=config.threshold, contributions=c)
+        pos, kept = graph.meta["position"], kept_blocks(graph)
+    else:
+        pos, kept = resolve_position(config.position, t), parse_nodes(config.nodes)
+        bad = [x for x in kept["attn"] + kept["mlp"] if not (0 <= x[0] < s.n_layers and 0 <= x[1] < t)]
+        if bad or (kept["mlp"] and not has_mlp):
+            raise InputError(f"nodes: {bad or kept['mlp']} name no block of this model and prompt ({s.n_layers} "
+                             f"layers, {t} tokens{'' if has_mlp else ', no MLPs'}).")
     with torch.no_grad():
         clean = model.run(prompt.text, cache=sites, logits="all")
         if config.corrupt is not None:
@@ -95,7 +124,6 @@ def run_flow_verify(model: Model, prompt: specs.Prompt, config: FlowVerifyConfig
         else:
             first = 1 if config.mean_skip_first and t > 1 else 0
             values = {k: clean[k][:, first:].mean(dim=1, keepdim=True).expand_as(clean[k]) for k in sites}
-    kept = kept_blocks(graph)
     keep = {("attn_out", l, i) for l, i in kept["attn"]} | {("mlp_out", l, i) for l, i in kept["mlp"]}
     outside, everything = [], []
     for site in sites:
@@ -119,7 +147,7 @@ def run_flow_verify(model: Model, prompt: specs.Prompt, config: FlowVerifyConfig
     faith = float("nan") if abs(denom) < 1e-9 else float(m[1] - m[2]) / denom
     vals = torch.tensor([float(m[0]), float(m[1]), float(m[2]), faith])
     n_blocks = s.n_layers * t * len(kinds)
-    meta = {"kept": kept, "kept_fraction": len(keep) / n_blocks, "tokens": c.tokens, "position": pos,
+    meta = {"kept": kept, "kept_fraction": len(keep) / n_blocks, "tokens": tokens, "position": pos,
             "ablation": "corrupt" if config.corrupt is not None else "mean",
             "metric": name, "mean_skip_first": config.mean_skip_first}
     target_doc = {"target": model.decode([tid]), "target_id": tid, "position": pos}
@@ -127,7 +155,7 @@ def run_flow_verify(model: Model, prompt: specs.Prompt, config: FlowVerifyConfig
         target_doc |= {"foil": model.decode([fid]), "foil_id": fid}
     return Result(vals, (Axis("quantity", ("clean", "graph", "none", "faithfulness")),), "flow-verify", model.name,
                   target_doc, {"threshold": config.threshold, "position": config.position, "corrupt": config.corrupt,
-                               "metric": name, "mean_skip_first": config.mean_skip_first},
+                               "metric": name, "mean_skip_first": config.mean_skip_first, "nodes": config.nodes},
                   meta=meta)
 
 

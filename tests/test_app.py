@@ -255,6 +255,18 @@ def _browser():
     return pw, exe
 
 
+def _graph_page(browser, url):
+    """A new page with the graph of P drawn, and the list its script errors go to."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.fill("#prompt", P)
+    page.click("#run")
+    page.wait_for_function("window.lmscope.graph && window.lmscope.graph.meta.prompt === %s" % json.dumps(P))
+    return page, errors
+
+
 def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
     pw, exe = _browser()
     app, url = served
@@ -263,13 +275,7 @@ def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
     c = flow_contributions(tiny_llama, P)
     with pw.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(url + "/")
-        page.fill("#prompt", P)
-        page.click("#run")
-        page.wait_for_function("window.lmscope.graph && window.lmscope.graph.meta.prompt === %s" % json.dumps(P))
+        page, errors = _graph_page(browser, url)
         page.wait_for_selector("#graph[data-edges]")
         want = flow(tiny_llama, P, threshold=0.04, contributions=c)
         assert int(page.get_attribute("#graph", "data-nodes")) == len(want.meta["nodes"])
@@ -361,13 +367,7 @@ def test_new_views_in_a_real_browser(served, tiny_llama, sae_root):
     corrupt = P.replace("John gave", "Mary gave")
     with pw.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(url + "/")
-        page.fill("#prompt", P)
-        page.click("#run")
-        page.wait_for_function("window.lmscope.graph && window.lmscope.graph.meta.prompt === %s" % json.dumps(P))
+        page, errors = _graph_page(browser, url)
         # pin two blocks by shift-click, group them, pin one more; the verify of the pinned nodes is the library's
         n0 = int(page.get_attribute("#graph", "data-nodes"))
         page.locator("rect.node.mlp").first.click(modifiers=["Shift"])

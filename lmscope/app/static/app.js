@@ -106,7 +106,8 @@
     });
     const sel = state.selected ? state.selected.key : null;
     const T = g.tokens.length, L = g.n_layers;
-    for (const id of state.pinned) {  // pinned nodes stay on the graph whatever the threshold
+    const kept = [...state.pinned, ...state.groups.flatMap((grp) => grp.nodes)];
+    for (const id of kept) {  // pinned and grouped nodes stay on the graph whatever the threshold
       const n = R.parseNode(id);
       if (n.comp && n.pos >= 0 && n.pos < T && n.layer < L) nodes.add(id);
     }
@@ -353,6 +354,8 @@
         out.appendChild(V.tokenRow(method, tokens, vals));
       } catch (err) { V.html("p", { class: "error" }, `${method}: ${err.message}`, out); }
     }
+    state.views.attribution = true;
+    saveUrl();
   }
 
   async function pairsTab() {
@@ -385,6 +388,8 @@
       } });
     out.appendChild(svg);
     out.appendChild(V.result(res).querySelector("a"));
+    state.views.pairs = true;
+    saveUrl();
   }
 
   async function dlaTab() {
@@ -398,6 +403,8 @@
       try { box.appendChild(V.result(await api("dla", inputs, { by }))); }
       catch (err) { V.html("p", { class: "error" }, err.message, box); }
     }
+    state.views.dla = true;
+    saveUrl();
   }
 
   function showTab(tab) {
@@ -455,7 +462,8 @@
       const e = state.edges.find((x) => `${x.source}->${x.target}` === node);
       if (e) await selectEdge(e);
     }
-    const again = { head: tabs.headRun, sae: tabs.saeRun, steer: tabs.steerRun };  // views the URL says were shown
+    const again = { head: tabs.headRun, sae: tabs.saeRun, steer: tabs.steerRun, pairs: pairsTab, dla: dlaTab,
+      attribution: attributionTab };  // views the URL says were shown
     for (const k of Object.keys(again)) if (state.views[k]) await again[k]();
     document.body.setAttribute("data-ready", "1");
   }

@@ -22,7 +22,7 @@
       const maps = V.html("div", { class: "maps" }, null, out);
       maps.appendChild(V.heatmap(res.values, labels, labels, { title: "attention pattern (query × key)", cell: 12 }));
       maps.appendChild(V.heatmap(res.extras.qk.values, labels, labels,
-        { title: "QK circuit on these tokens (weights only)", cell: 12 }));
+        { title: "QK circuit (weights only)", cell: 12 }));
       const w = V.html("div", { id: "head-write" }, null, out);
       V.html("div", {}, `its write at ${pos} promotes: ${tokenList(res.meta.write.promotes)}`, w).className = "tok-pos";
       V.html("div", {}, `and suppresses: ${tokenList(res.meta.write.suppresses)}`, w).className = "tok-neg";
@@ -159,7 +159,7 @@
       V.html("p", {}, `clean “${m.clean_tokens[m.position]}” (${m.position}) → corrupted position ${m.to_position} at ` +
         `layer ${m.layer}: ${m.metric} ${m.corrupt.toFixed(3)} → ${m.patched.toFixed(3)} (clean ${m.clean.toFixed(3)}); ` +
         `normalised effect ${m.effect.toFixed(3)}`, out);
-      const svg = V.heatmap(res.values, a[0].labels, a[1].labels, { title: "relative change of the residual stream after each layer" });
+      const svg = V.heatmap(res.values, a[0].labels, a[1].labels, { title: "change of each residual state" });
       svg.querySelectorAll(".heat-cell").forEach((r) => {
         const i = +r.dataset.i, j = +r.dataset.j;
         r.classList.toggle("cone", i >= m.layer && j >= m.to_position);

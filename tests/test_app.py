@@ -144,6 +144,9 @@ def test_bad_requests_get_a_4xx_with_the_reason(served):
         ({"method": "steer", "inputs": P, "config": {"positive": "a", "negative": "b", "layer": 1,
                                                        "max_new_tokens": 1000}}, 413, "at most 128"),
         ({"method": "flow-verify", "inputs": P, "config": {"nodes": "A9_1"}}, 400, "no block"),
+        ({"method": "steer", "inputs": P, "config": {"layer": 1}}, 400, "needs positive, negative (no default)"),
+        ({"method": "patch-cell", "inputs": "not json", "config": {}}, 400, "not JSON"),
+        ({"method": "sae-prompt", "inputs": "bad\u0000name", "config": {"prompt": P}}, 403, "not a folder under"),
         ({"method": "flow-verify", "inputs": P, "config": {"nodes": "Z1_1"}}, 400, "block id"),
         ({"method": "patch-cell", "inputs": [{"clean": P, "corrupt": P, "target": "Mary"}], "config": {"layer": 7}},
          400, "layer"),
@@ -159,10 +162,13 @@ def test_bad_requests_get_a_4xx_with_the_reason(served):
 def test_fuzzed_json_never_gives_a_500(served):
     app, url = served
     rng = random.Random(0)
-    atoms = [None, True, 0, -1, 3, 1.5, "", "x", P, [], {}, [1, "a"], {"prompt": P}, {"prompt": 3}, "∑\u0000"]
-    methods = ["flow", "flow-node", "flow-graph", "dla", "lens", "attribute", "project", 7, None]
-    fields = ["threshold", "position", "component", "layer", "k", "by", "method", "floor", "zzz"]
-    for _ in range(40):
+    atoms = [None, True, 0, -1, 3, 1.5, "", "x", P, [], {}, [1, "a"], {"prompt": P}, {"prompt": 3}, "∑\u0000",
+             "resid", "../resid", {"saes": "heads/z"}, "A1_3,M0_2", [{"clean": P, "corrupt": P, "target": "Mary"}]]
+    methods = ["flow", "flow-node", "flow-graph", "dla", "lens", "attribute", "project", "flow-verify", "head-inspect",
+               "patch-cell", "sae-prompt", "steer", 7, None]
+    fields = ["threshold", "position", "component", "layer", "k", "by", "method", "floor", "zzz", "nodes", "prompt",
+              "head", "to_position", "latents", "metric", "max_new_tokens"]
+    for _ in range(60):
         body = {"method": rng.choice(methods), "inputs": rng.choice(atoms),
                 "config": {rng.choice(fields): rng.choice(atoms) for _ in range(rng.randint(0, 2))}}
         if rng.random() < 0.2:

@@ -112,8 +112,11 @@ class App:
             raise HTTPError(400, 'An SAE input is {"saes": "folder"}, a folder under the app\'s --sae-dir '
                                  '(/api/info lists them).')
         rel = Path(inputs)
-        folder = (self.sae_root / rel).resolve()
-        if rel.is_absolute() or ".." in rel.parts or not folder.is_relative_to(self.sae_root):
+        try:
+            folder = (self.sae_root / rel).resolve()
+        except (OSError, ValueError):  # a NUL byte, a name too long
+            folder = None
+        if rel.is_absolute() or ".." in rel.parts or folder is None or not folder.is_relative_to(self.sae_root):
             raise HTTPError(403, f"{inputs!r} is not a folder under the app's --sae-dir; name one that "
                                  "/api/info lists.")
         if not (folder / "cfg.json").is_file():
@@ -289,9 +292,13 @@ def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the listen backlog (socketserver's default of 5 resets bursts of connections)
+
+
 def make_server(app: App, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """A threaded server for ``app`` (port 0: any free port; ``server.server_address`` says which)."""
-    server = ThreadingHTTPServer((host, port), make_handler(app))
+    server = _Server((host, port), make_handler(app))
     server.daemon_threads = True
     return server
 

@@ -461,6 +461,38 @@ def test_new_views_in_a_real_browser(served, tiny_llama, sae_root):
     assert not errors, errors
 
 
+def test_a_result_in_a_notebook_is_drawn_by_the_apps_renderer(tiny_llama, tmp_path):
+    """result_html: the Result JSON and views.js inlined; in a browser (offline, from a file) it draws the same
+    heat map the app draws for that Result, and a 1-D Result as bars."""
+    from lmscope.app import result_html, show
+
+    patch = specs.run_json(tiny_llama, "patch", [{"clean": P, "corrupt": P.replace("John gave", "Mary gave"),
+                                                   "target": "Mary", "foil": "John"}], {"site": "resid_pre"})
+    lens = specs.run_json(tiny_llama, "flow-node", P, {"component": "resid_post", "layer": 1, "k": 4})
+    page_html = "<html><body>" + result_html(patch) + result_html(lens.to_dict()) + "</body></html>"
+    assert "LmViews" in page_html and page_html.count('class="lmscope-result"') == 2
+    with pytest.raises(InputError, match="Result"):
+        result_html(3)
+    try:
+        import IPython  # noqa: F401
+    except ImportError:
+        with pytest.raises(InputError, match="IPython"):
+            show(patch)
+    pw, exe = _browser()
+    (tmp_path / "nb.html").write_text(page_html)
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((tmp_path / "nb.html").as_uri())
+        first, second = page.locator(".lmscope-result").nth(0), page.locator(".lmscope-result").nth(1)
+        assert first.locator("rect.heat-cell").count() == patch.values.numel()
+        assert second.locator(".bar-row").count() == 4
+        browser.close()
+    assert not errors, errors
+
+
 def test_sae_methods_need_an_sae_folder(tiny_llama, tmp_path):
     from lmscope.app.server import HTTPError
 

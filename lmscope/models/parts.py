@@ -84,7 +84,9 @@ class StateSpace:
     ``in_proj`` maps x to [x_a | g] (2E); ``conv`` is the depthwise causal convolution over x_a
     (width K); ``x_proj`` gives the selective [Δ_rank | B | C] from the conv output u;
     ``dt_proj`` lifts Δ to E channels; ``A_log`` and ``D`` are parameters of ``module``;
-    ``out_proj`` maps s ⊙ SiLU(g) back to D. Its write is ``module``'s output.
+    ``out_proj`` maps s ⊙ SiLU(g) back to D. Its write is ``module``'s output. ``selective_norms``: the
+    mixer's own norms of Δ_rank, B and C (paths relative to ``module``), applied to the ``x_proj``
+    output before Δ is lifted (Falcon-Mamba's weightless RMS norms); None for plain Mamba.
     """
 
     module: str
@@ -93,6 +95,7 @@ class StateSpace:
     x_proj: str
     dt_proj: str
     out_proj: str
+    selective_norms: tuple[str, str, str] | None = None
     part = "ssm"
 
 

@@ -38,17 +38,20 @@ import torch
 import torch.nn.functional as F
 
 from lmscope.errors import InputError
+from lmscope.models.parts import get_module
 from lmscope.sites import Site
 
 if TYPE_CHECKING:
     from lmscope.interventions import Knockout
     from lmscope.models.hooks import HookSession
 
-def selective(mixer, u_BTE: torch.Tensor):
+def selective(mixer, u_BTE: torch.Tensor, norms: tuple[str, str, str] | None = None):
     """The selective parameters of conv outputs u (B, T, E): Δ (B, T, E), A (E, N), B and C (B, T, N),
-    all float32."""
+    all float32. ``norms``: the mixer's norms of Δ_rank, B and C (Falcon-Mamba), applied to x_proj's output."""
     rank, n = int(mixer.time_step_rank), mixer.ssm_state_size
     dt, b, c = torch.split(mixer.x_proj(u_BTE), [rank, n, n], dim=-1)
+    if norms is not None:
+        dt, b, c = (get_module(mixer, path)(x) for path, x in zip(norms, (dt, b, c)))
     dt = F.softplus((dt @ mixer.dt_proj.weight.T).float() + mixer.dt_proj.bias.float())
     return dt, -torch.exp(mixer.A_log.float()), b.float(), c.float()
 
@@ -93,7 +96,7 @@ def explicit_mixer(session: HookSession, layer: int, mixer):
         pre = conv_pre(mixer, xa)
         u = F.silu(pre) if mask is None else F.silu(pre) * mask
         u = session.process(Site("ssm.conv", layer), u)
-        dt, a, b, c = selective(mixer, u)
+        dt, a, b, c = selective(mixer, u, session.model.adapter.block.mixer.selective_norms)
         decay = torch.exp(dt[..., None] * a)  # (B, T, E, N)
         states = scan(decay, (dt * u.float())[..., None] * b[:, :, None, :])
         states = _state_interventions(session, layer, states, decay)

@@ -63,3 +63,98 @@ def test_falcon_mamba_takes_the_toolbox(falcon):
     torch.testing.assert_close(ko["blocks.1.ssm.out"][0, :-1], base["blocks.1.ssm.out"][0, :-1])
     mem = falcon.memory(1)
     assert mem.kind == "ssm" and mem.param is falcon.hf.backbone.layers[1].mixer.out_proj.weight
+
+
+@pytest.fixture(scope="module")
+def mamba2():
+    return make_tiny("mamba2")
+
+
+def hand_mamba2(model, layer, x_TD):
+    """(states (T, E, N), s (T, E)) of one prompt's mixer input x (T, D), token by token in float64 from the
+    native module's parameters."""
+    mx = model.hf.backbone.layers[layer].mixer
+    e, h, p, n, grp, k = mx.intermediate_size, mx.num_heads, mx.head_dim, mx.ssm_state_size, mx.n_groups, 4
+    proj = x_TD.double() @ mx.in_proj.weight.double().T
+    g, xbc, dt_raw = proj.split([e, mx.conv_dim, h], dim=-1)
+    w, bias = mx.conv1d.weight[:, 0, :].double(), mx.conv1d.bias.double()
+    t = x_TD.shape[0]
+    conv = torch.stack([torch.nn.functional.silu(bias + sum(w[:, j] * xbc[r - (k - 1) + j] for j in range(k)
+                                                            if r - (k - 1) + j >= 0)) for r in range(t)])
+    u, b, c = conv.split([e, grp * n, grp * n], dim=-1)
+    dt = torch.nn.functional.softplus(dt_raw + mx.dt_bias.double())
+    a = -torch.exp(mx.A_log.double())
+    state = torch.zeros(h, p, n, dtype=torch.float64)
+    states, outs = [], []
+    for r in range(t):
+        out = torch.zeros(h, p, dtype=torch.float64)
+        for head in range(h):
+            grp_i = head // (h // grp)
+            bh, ch = b[r, grp_i * n:(grp_i + 1) * n], c[r, grp_i * n:(grp_i + 1) * n]
+            xh = u[r, head * p:(head + 1) * p]
+            state[head] = torch.exp(dt[r, head] * a[head]) * state[head] + dt[r, head] * torch.outer(xh, bh)
+            out[head] = state[head] @ ch + mx.D[head].double() * xh
+        states.append(state.reshape(e, n).clone())
+        outs.append(out.reshape(e))
+    return torch.stack(states), torch.stack(outs)
+
+
+def test_mamba2_loads_checked_and_its_sites_are_the_recurrence(mamba2):
+    assert mamba2.spec.family == "mamba2" and mamba2.load_check == "checked"
+    assert (mamba2.spec.d_inner, mamba2.spec.d_state) == (64, 4)
+    sites = [f"blocks.1.{k}" for k in KINDS if KINDS[k].part == "ssm"] + ["blocks.1.resid_pre"]
+    run = mamba2.run(PROMPT, cache=sites)
+    t = run.batch.input_ids.shape[1]
+    assert t > mamba2.hf.config.chunk_size  # the native scan runs in several chunks
+    for name in sites[:-1]:
+        assert tuple(run[name].shape) == KINDS[name.split(".", 2)[2]].shape(mamba2.spec, 1, t), name
+    x = mamba2.hf.backbone.layers[1].norm(run["blocks.1.resid_pre"])[0]
+    states, s = hand_mamba2(mamba2, 1, x)
+    torch.testing.assert_close(run["blocks.1.ssm.state"][0].double(), states, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run["blocks.1.ssm.out"][0].double(), s, rtol=1e-4, atol=1e-5)
+    # the out_proj input is the gated, grouped RMS norm of s ⊙ SiLU(g), with its weight
+    y = run["blocks.1.ssm.out"][0] * torch.nn.functional.silu(run["blocks.1.ssm.gate"][0])
+    y = y.view(t, 2, 32)
+    y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)).reshape(t, 64)
+    y = y * mamba2.hf.backbone.layers[1].mixer.norm.weight
+    torch.testing.assert_close(run["blocks.1.ssm.y"][0], y, rtol=1e-4, atol=1e-5)
+    check_model(mamba2)
+
+
+def test_mamba2_check_catches_a_missing_norm_and_refuses_knockout(mamba2, monkeypatch):
+    from lmscope import Knockout
+    from lmscope.errors import InputError
+    from lmscope.models import checks
+
+    with monkeypatch.context() as mp:  # Mamba's out_proj input (no gated norm) does not give Mamba-2's writes
+        mp.setattr(checks, "out_proj_input", lambda model, layer, s, g: s * torch.nn.functional.silu(g))
+        with pytest.raises(ModelCheckError, match="write differs"):
+            check_model(mamba2)
+    with pytest.raises(InputError, match="knockout"):
+        mamba2.run(PROMPT, interventions=[Knockout(1, from_positions=[-1], to_positions=[0])])
+
+
+def test_mamba2_state_steering_and_rome_memory(mamba2):
+    from lmscope import Add
+
+    t = len(mamba2.to_str_tokens(PROMPT))
+    v = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    base = mamba2.run(PROMPT, cache=["blocks.1.ssm.state", "blocks.1.ssm.out"])
+    steer = mamba2.run(PROMPT, cache=["blocks.1.ssm.state"],
+                       interventions=[Add("blocks.1.ssm.state", v, positions=[3])])
+    d = steer["blocks.1.ssm.state"][0] - base["blocks.1.ssm.state"][0]
+    assert float(d[:3].abs().max()) == 0.0
+    torch.testing.assert_close(d[3], v, rtol=1e-4, atol=1e-5)
+    # the change decays by each head's exp(Δ A) per token: position 4 holds exp(Δ_4 A) ⊙ v
+    mx = mamba2.hf.backbone.layers[1].mixer
+    x = mx.in_proj(mamba2.hf.backbone.layers[1].norm(mamba2.run(PROMPT, cache=["blocks.1.resid_pre"])
+                                                     ["blocks.1.resid_pre"]))[0]
+    dt = torch.nn.functional.softplus(x[:, -8:] + mx.dt_bias)
+    decay = torch.exp(dt[4] * -torch.exp(mx.A_log)).repeat_interleave(8)
+    torch.testing.assert_close(d[4], decay[:, None] * v, rtol=1e-4, atol=1e-5)
+    assert t > 5
+    mem = mamba2.memory(1)
+    assert (mem.kind, mem.key_site) == ("ssm", "blocks.1.ssm.y")
+    run = mamba2.run(PROMPT, cache=["blocks.1.ssm.y", "blocks.1.ssm_out"])
+    torch.testing.assert_close(run["blocks.1.ssm.y"][0] @ mem.weight().T, run["blocks.1.ssm_out"][0],
+                               rtol=1e-5, atol=1e-5)

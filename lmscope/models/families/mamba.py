@@ -15,7 +15,7 @@ calls them.
 
 import dataclasses
 
-from lmscope.models.parts import Adapter, Block, ConfigFields, Embedding, Final, Norms, StateSpace
+from lmscope.models.parts import Adapter, Block, ConfigFields, Embedding, Final, Norms, StateSpace, StateSpace2
 
 MIXER = StateSpace(module="mixer", in_proj="mixer.in_proj", conv="mixer.conv1d", x_proj="mixer.x_proj",
                    dt_proj="mixer.dt_proj", out_proj="mixer.out_proj")
@@ -32,5 +32,13 @@ ADAPTER = Adapter(
 FALCON_ADAPTER = dataclasses.replace(
     ADAPTER, family="falcon_mamba", model_types=("falcon_mamba",),
     block=Block(mixer=dataclasses.replace(MIXER, selective_norms=("dt_layernorm", "b_layernorm", "c_layernorm")),
+                norms=Norms(kind="rms", pre_mixer="norm")),
+)
+
+# Mamba-2 (Dao and Gu 2024; ``Mamba2ForCausalLM``): the same block around the SSD mixer (see lmscope.models.ssm2)
+MAMBA2_ADAPTER = dataclasses.replace(
+    ADAPTER, family="mamba2", model_types=("mamba2",),
+    block=Block(mixer=StateSpace2(module="mixer", in_proj="mixer.in_proj", conv="mixer.conv1d", norm="mixer.norm",
+                                  out_proj="mixer.out_proj"),
                 norms=Norms(kind="rms", pre_mixer="norm")),
 )

@@ -158,3 +158,22 @@ def test_mamba2_state_steering_and_rome_memory(mamba2):
     run = mamba2.run(PROMPT, cache=["blocks.1.ssm.y", "blocks.1.ssm_out"])
     torch.testing.assert_close(run["blocks.1.ssm.y"][0] @ mem.weight().T, run["blocks.1.ssm_out"][0],
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["falcon_mamba", "mamba2"])
+def test_lens_dla_and_tracing_on_the_other_families(family, request):
+    from lmscope.decoding import logit_lens
+    from lmscope.localization.dla import dla
+    from lmscope.localization.tracing import causal_trace
+
+    model = request.getfixturevalue("falcon" if family == "falcon_mamba" else "mamba2")
+    logits = model.run(PROMPT, logits="last").logits[0]
+    lens = logit_lens(model, PROMPT, k=3)
+    assert lens.extras["top_ids"][-1, -1].tolist() == torch.softmax(logits.float(), -1).topk(3).indices.tolist()
+    res = dla(model, PROMPT, "mat", "dog")
+    diff = float(logits[model.token_id("mat")] - logits[model.token_id("dog")])
+    assert res.axes[0].labels == ("embed", "L0.ssm", "L1.ssm", "L2.ssm") and abs(res.meta["total"] - diff) < 1e-4
+    tr = causal_trace(model, "the cat sat on the", "cat", kind="ssm_s", samples=3, window=3)
+    assert tr.values.shape == (3, 5) and tr.meta["clean_prob"] != tr.meta["corrupt_prob"]
+    tr = causal_trace(model, "the cat sat on the", "cat", kind="ssm", samples=3, window=3)
+    assert abs(float(tr.values[1, -1]) - tr.meta["clean_prob"]) < 1e-5  # every write at the last token: clean

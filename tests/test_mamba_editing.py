@@ -5,15 +5,14 @@ new object the top token, undo restores every weight bit for bit, and the traced
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-from conftest import WORDS, make_tiny
+from conftest import make_tiny
+from test_editing import corpus  # noqa: F401  (the tiny word corpus fixture)
 from lmscope import specs
-from lmscope.editing import EditConfig, choose_layer, Fact, RomeSettings, compute_key, compute_value, rank_one_update, rome, \
-    second_moment, trace_curve
+from lmscope.editing import (EditConfig, Fact, RomeSettings, choose_layer, compute_key, compute_value,
+                             rank_one_update, rome, second_moment, trace_curve)
 from lmscope.errors import InputError
 
 FACT = Fact("when Mary and John went to the store", "Mary and John", " tree")
@@ -27,14 +26,6 @@ FREE = dict(weight_decay=0.0, clamp=100.0, steps=30)
 @pytest.fixture(scope="module")
 def mamba():
     return make_tiny("mamba")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(40)))
-    return str(path)
 
 
 def test_the_memory_is_out_proj_with_keys_at_ssm_y(mamba, corpus):

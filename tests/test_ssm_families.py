@@ -70,18 +70,33 @@ def mamba2():
     return make_tiny("mamba2")
 
 
-def hand_mamba2(model, layer, x_TD):
+def hand_mamba2(model, layer, x_TD, sources=(), target=None):
     """(states (T, E, N), s (T, E)) of one prompt's mixer input x (T, D), token by token in float64 from the
-    native module's parameters."""
+    native module's parameters. With ``sources``/``target``: the target's s with the sources' terms dropped from
+    the state sum and their x_a dropped from every conv window (Δ, B and C stay as in the run)."""
     mx = model.hf.backbone.layers[layer].mixer
     e, h, p, n, grp, k = mx.intermediate_size, mx.num_heads, mx.head_dim, mx.ssm_state_size, mx.n_groups, 4
     proj = x_TD.double() @ mx.in_proj.weight.double().T
     g, xbc, dt_raw = proj.split([e, mx.conv_dim, h], dim=-1)
     w, bias = mx.conv1d.weight[:, 0, :].double(), mx.conv1d.bias.double()
     t = x_TD.shape[0]
-    conv = torch.stack([torch.nn.functional.silu(bias + sum(w[:, j] * xbc[r - (k - 1) + j] for j in range(k)
-                                                            if r - (k - 1) + j >= 0)) for r in range(t)])
-    u, b, c = conv.split([e, grp * n, grp * n], dim=-1)
+
+    def conv(r, drop=()):
+        total = bias.clone()
+        for j in range(k):
+            i = r - (k - 1) + j
+            if i >= 0:
+                xi = xbc[i].clone()
+                if i in drop:  # a dropped token's x_a leaves the window; its B and C inputs stay
+                    xi[:e] = 0
+                total = total + w[:, j] * xi
+        return torch.nn.functional.silu(total)
+
+    conv_all = torch.stack([conv(r) for r in range(t)])
+    u, b, c = conv_all.split([e, grp * n, grp * n], dim=-1)
+    if target is not None:  # the target's view: sources' x_a out of every window, the sources' own u gone
+        u = torch.stack([torch.zeros(e, dtype=torch.float64) if r in sources else conv(r, sources)[:e]
+                         for r in range(t)])
     dt = torch.nn.functional.softplus(dt_raw + mx.dt_bias.double())
     a = -torch.exp(mx.A_log.double())
     state = torch.zeros(h, p, n, dtype=torch.float64)
@@ -121,17 +136,29 @@ def test_mamba2_loads_checked_and_its_sites_are_the_recurrence(mamba2):
     check_model(mamba2)
 
 
-def test_mamba2_check_catches_a_missing_norm_and_refuses_knockout(mamba2, monkeypatch):
-    from lmscope import Knockout
-    from lmscope.errors import InputError
+def test_mamba2_check_catches_a_missing_norm(mamba2, monkeypatch):
     from lmscope.models import checks
 
     with monkeypatch.context() as mp:  # Mamba's out_proj input (no gated norm) does not give Mamba-2's writes
         mp.setattr(checks, "out_proj_input", lambda model, layer, s, g: s * torch.nn.functional.silu(g))
         with pytest.raises(ModelCheckError, match="write differs"):
             check_model(mamba2)
-    with pytest.raises(InputError, match="knockout"):
-        mamba2.run(PROMPT, interventions=[Knockout(1, from_positions=[-1], to_positions=[0])])
+
+
+@pytest.mark.parametrize("sources,target", [((2, 3), 9), ((0,), 4), ((5,), 6)])
+def test_mamba2_knockout_equals_the_recurrence_without_the_sources(mamba2, sources, target):
+    from lmscope import Knockout
+
+    ko = Knockout(1, from_positions=[target], to_positions=list(sources))
+    run = mamba2.run(PROMPT, cache=["blocks.1.ssm.out", "blocks.1.resid_pre"], interventions=[ko])
+    base = mamba2.run(PROMPT, cache=["blocks.1.ssm.out"])["blocks.1.ssm.out"][0]
+    x = mamba2.hf.backbone.layers[1].norm(run["blocks.1.resid_pre"])[0]
+    _, s = hand_mamba2(mamba2, 1, x, sources, target)
+    got = run["blocks.1.ssm.out"][0]
+    torch.testing.assert_close(got[target].double(), s[target], rtol=1e-4, atol=1e-5)
+    assert float((got[target] - base[target]).abs().max()) > 1e-4  # the knockout changed the target
+    others = [i for i in range(got.shape[0]) if i != target]
+    torch.testing.assert_close(got[others], base[others])  # and nothing else
 
 
 def test_mamba2_state_steering_and_rome_memory(mamba2):

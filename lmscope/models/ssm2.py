@@ -16,8 +16,10 @@ Sites (shapes as for Mamba, E = H·P): ``ssm.in`` is the x_a part of the conv in
 inputs are not a site), ``ssm.gate`` g, ``ssm.conv`` u (the x part of the conv output), ``ssm.state``
 h with the heads' P channels laid side by side (B T E N), ``ssm.out`` s, ``ssm.y`` the norm's output
 (the ``out_proj`` input). State interventions flow on through the recurrence as on Mamba. SSM
-knockout is defined for Mamba's scan only (here B and C, convolved, carry each token into the next
-three as well), so a knockout on a Mamba-2 model is refused.
+knockout is Mamba's (:mod:`lmscope.models.ssm`): the sources' terms leave the target's state sum and
+their x_a leaves the conv windows the target reads, with Δ, B, C and the gate kept as they were in the
+run (here B and C are convolved too, so through them a source still reaches the next three tokens'
+selective parameters, as through Δ on Mamba).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from lmscope.errors import InputError
 from lmscope.models.parts import get_module
-from lmscope.models.ssm import _state_interventions, conv_pre, scan
+from lmscope.models.ssm import _state_interventions, conv_pre, knockout_correction, scan
 from lmscope.sites import Site
 
 if TYPE_CHECKING:
@@ -45,10 +47,6 @@ def explicit_mixer2(session: HookSession, layer: int, mixer):
         if cache is not None:
             raise InputError("The inner state-space sites (ssm.*) work on whole prompts, not on cached generation "
                              "steps; read or steer resid_pre/resid_post/ssm_out instead.")
-        if session.knockouts.get(layer):
-            raise InputError("SSM knockout is defined for Mamba's scan (Mamba, Falcon-Mamba); on Mamba-2, B and C "
-                             "pass through the convolution too, and lmscope does not remove them. Patch or ablate "
-                             "ssm.state / ssm.out instead.")
         bsz, t, _ = hidden_states.shape
         e, h, p, n, grp = (mixer.intermediate_size, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size,
                            mixer.n_groups)
@@ -58,7 +56,8 @@ def explicit_mixer2(session: HookSession, layer: int, mixer):
         xa, bc_in = xbc.split([e, 2 * grp * n], dim=-1)
         xa = session.process(Site("ssm.in", layer), xa)
         g = session.process(Site("ssm.gate", layer), g)
-        act = mixer.act(conv_pre(mixer, torch.cat([xa, bc_in], dim=-1)))
+        pre = conv_pre(mixer, torch.cat([xa, bc_in], dim=-1))
+        act = mixer.act(pre)
         if mask is not None:
             act = act * mask
         u, b, c = act.split([e, grp * n, grp * n], dim=-1)
@@ -73,7 +72,21 @@ def explicit_mixer2(session: HookSession, layer: int, mixer):
         states = scan(decay, inp.reshape(bsz, t, e, n))
         states = _state_interventions(session, layer, states, decay)
         s = torch.einsum("bthpn,bthn->bthp", states.view(bsz, t, h, p, n), c).reshape(bsz, t, e)
-        s = s + mixer.D.float().repeat_interleave(p) * u.float()
+        d = mixer.D.float().repeat_interleave(p)
+        s = s + d * u.float()
+        knockouts = session.knockouts.get(layer, ())
+        if knockouts and mixer.activation not in ("silu", "swish"):
+            raise InputError(f"SSM knockout assumes a SiLU convolution activation; this Mamba-2 uses "
+                             f"{mixer.activation!r}.")
+        if knockouts:  # the heads' Δ, A, B and C laid out per channel, as knockout_correction takes them
+            dt_e = dt.repeat_interleave(p, dim=-1)
+            a_e = a.repeat_interleave(p)[:, None].expand(e, n)
+            b_e, c_e = (x.repeat_interleave(p, dim=2) for x in (b, c))
+        for rows, ko in knockouts:
+            sel = slice(None) if rows is None else rows
+            s[sel] = s[sel] - knockout_correction(ko, mixer.conv1d.weight[:e, 0, :].float(), d, xa[sel],
+                                                  pre[sel][..., :e], u[sel], dt_e[sel], a_e, b_e[sel], c_e[sel],
+                                                  None if mask is None else mask[sel])
         s = session.process(Site("ssm.out", layer), s.to(hidden_states.dtype))
         y = session.process(Site("ssm.y", layer), norm(s, g))
         return mixer.out_proj(y.to(hidden_states.dtype))

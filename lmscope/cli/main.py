@@ -22,15 +22,16 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
 @app.command()
 @friendly
 def models():
-    """List the built-in models and whether each is installed and prepared."""
+    """List the built-in models (weights from packages, and the small models lmscope trains itself at first use)
+    and whether each is installed and prepared (trained and cached)."""
     from lmscope.models import list_models
 
     table = Table(title="lmscope built-in models")
-    for col in ("name", "description", "installed", "prepared", "install with"):
+    for col in ("name", "weights", "description", "installed", "prepared", "install with"):
         table.add_column(col)
     for m in list_models():
-        table.add_row(m["name"], m["description"], "yes" if m["installed"] else "no",
-                      "yes" if m["prepared"] else "no", m["install"])
+        table.add_row(m["name"], "package" if m["kind"] == "package" else "trained by lmscope", m["description"],
+                      "yes" if m["installed"] else "no", "yes" if m["prepared"] else "no", m["install"])
     out.print(table)
 
 

@@ -159,5 +159,6 @@ def sequential_edits(model: Model, inputs, config: SequentialConfig) -> Result:
                                        "held_contexts": int(held.shape[0]), "v_steps": [i["steps"] for i in infos]})
 
 
+# no site kinds required: the memory matrix comes from the model's parts (as `edit` and `edit eval`)
 specs.register(specs.MethodSpec("edit-sequential", "editing", "none", SequentialConfig, sequential_edits,
-                                sites=("mlp.post",), cli=("edit", "sequential")))
+                                cli=("edit", "sequential")))

@@ -18,8 +18,8 @@ from test_editing import corpus  # noqa: F401  (the same tiny corpus fixture)
 
 FAST = RomeSettings(steps=4, prefixes=((1, 3),))
 FACTS = [CounterFact("custom", "Mary", " tree", " river", "Mary went to the", (), (("John went to the", " tree"),), ()),
-         CounterFact("custom", "the dog", " house", " moon", "the dog sat on the", (), (("the cat sat on the", " mat"),),
-                     ()),
+         CounterFact("custom", "the dog", " house", " moon", "the dog sat on the", (),
+                     (("the cat sat on the", " mat"),), ()),
          CounterFact("custom", "he", " store", " sun", "he ran up the", (), (("she ran up the", " store"),), ())]
 
 

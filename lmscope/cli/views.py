@@ -382,20 +382,23 @@ def _edit_eval(result, config):
 def _edit_sequential(result, config):
     lines = [f"sequential ROME: {len(result.meta['facts'])} edits kept at layer {result.meta['layer']}"]
     for label, row in zip(result.axes[0].labels, result.values.tolist()):
-        lines.append(f"  after {label:>4} edits: " + ", ".join(f"{m} {v:.3f}" for m, v in zip(result.axes[1].labels, row)))
+        shown = ", ".join(f"{m} {v:.3f}" for m, v in zip(result.axes[1].labels, row))
+        lines.append(f"  after {label:>4} edits: {shown}")
     return lines, result
 
 
 def _recall(result, config):
     s = result.meta
-    lines = [f"memorised vs in-context recall on {s['facts']} facts: in-context answer wins {s['in_context_wins']:.3f}, "
+    lines = [f"memorised vs in-context recall on {s['facts']} facts: in-context answer wins "
+             f"{s['in_context_wins']:.3f}, "
              f"memorised {s['memorised_wins']:.3f} (top-1: in-context {s['top1_in_context']:.3f}, memorised "
              f"{s['top1_memorised']:.3f}, other {s['top1_other']:.3f})"]
     ko = result["knockout"]
     for i, target in enumerate(ko.axes[0].labels):
         col = ko.values[i, :, 0]
         layer = int(col.argmin())
-        lines.append(f"  knockout last -> {target}: P(in-context) falls most at layer {layer} ({float(col[layer]):+.3f})")
+        lines.append(f"  knockout last -> {target}: P(in-context) falls most at layer {layer} "
+                     f"({float(col[layer]):+.3f})")
     pl = result["patch_layers"]
     for i, comp in enumerate(pl.axes[0].labels):
         layer = int(pl.values[i].argmax())

@@ -22,9 +22,9 @@ the true fact instead ("... is Paris. The capital of France is"). Measured:
   mean(LD_patched − LD_consistent) / mean(LD_conflict − LD_consistent) with LD = logit(o*₁) − logit(o₁):
   1 where the patched state carries the whole in-context preference, 0 where it carries none.
 
-Knockout and patching run on the first ``localise`` facts; they touch only the last position, so each set recomputes one token from its
-lowest layer (:meth:`Model.run_sets` prefix reuse). Shapes: knockout (target, layer, answer),
-patching by layer (component, layer), by head (layer, head).
+Knockout and patching run on the first ``localise`` facts; they touch only the last position, so each set
+recomputes one token from its lowest layer (:meth:`Model.run_sets` prefix reuse). Shapes: knockout
+(target, layer, answer), patching by layer (component, layer), by head (layer, head).
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def recall(model: Model, inputs, config: RecallConfig, facts: Sequence[CounterFa
     wins = float((S[:, 3] > S[:, 2]).float().mean())
     tops = torch.tensor(top)
     summary = {"facts": len(facts), "localised": len(located), "in_context_wins": wins, "memorised_wins": 1 - wins,
-               "top1_in_context": float((tops == 0).float().mean()), "top1_memorised": float((tops == 1).float().mean()),
+               "top1_in_context": float((tops == 0).float().mean()),
+               "top1_memorised": float((tops == 1).float().mean()),
                "top1_other": float((tops == 2).float().mean()), "ld_conflict": sum(src) / len(src),
                "ld_consistent": sum(base) / len(base)}
     common = {"model": model.name, "params": {"n": config.n, "localise": len(located), "window": config.window,

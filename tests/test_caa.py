@@ -19,24 +19,30 @@ from lmscope.errors import InputError
 EXTRA = (":", "Answer", "Choices")
 
 
-@pytest.fixture(scope="module")
-def ab_model(tiny_llama):
-    """tiny_llama with a tokenizer that also knows ':' (to check the merge of ':(' in the prompt opening)."""
-    from conftest import AB_TOKENS, WORDS
+def with_vocab(model, words):
+    """``model``'s weights with a word-level tokenizer of ``words``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from lmscope.models import Model
 
     vocab = {"<unk>": 0, "<pad>": 1, "<bos>": 2}
-    for w in (*WORDS, *AB_TOKENS, *EXTRA):
+    for w in words:
         vocab.setdefault(w, len(vocab))
-    assert len(vocab) <= tiny_llama.spec.d_vocab
+    assert len(vocab) <= model.spec.d_vocab
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<pad>")
-    return Model(tiny_llama.hf, fast, "tiny-ab")
+    return Model(model.hf, fast, "tiny-ab")
+
+
+@pytest.fixture(scope="module")
+def ab_model(tiny_llama):
+    """tiny_llama with a tokenizer that also knows ':' (to check the merge of ':(' in the prompt opening)."""
+    from conftest import AB_TOKENS, WORDS
+
+    return with_vocab(tiny_llama, (*WORDS, *AB_TOKENS, *EXTRA))
 
 
 TRIPLES = [("the cat sat on the mat", "yes the cat", "no the dog"), ("when Mary went to the store", "she ran fast",
@@ -151,6 +157,10 @@ def test_bad_input(ab_model):
         caa_sweep(m, _items(), multipliers=(1.0, 1.0))
     with pytest.raises(InputError, match="site"):
         caa_vectors(m, ab_prompts(m, _items(2)), site="mlp_out")
+    from conftest import WORDS
+
+    with pytest.raises(InputError, match="same token"):  # a tokenizer without the letters: both are <unk>
+        ab_prompts(with_vocab(m, WORDS), _items(2))
     from lmscope.decoding.caa import CAAConfig
 
     with pytest.raises(InputError, match="limit"):

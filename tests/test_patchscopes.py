@@ -1,9 +1,13 @@
 """Patchscopes: patching a state into itself changes nothing, a layer-0 patch equals substituting the
 token, the batched sweep equals single runs, generation patches once; accuracy over many sources (next
 token or generated text, ℓ* = ℓ or a source × target layer grid) against single Patchscopes; the tasks
-and their direct reading; token identity and attribute extraction on the default model; bad input."""
+and their direct reading; cross-model Patchscopes (affine maps against least squares, the mapped state is
+what is patched, the spec's second model); token identity on the default model; bad input."""
 
 from __future__ import annotations
+
+import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ import torch
 from lmscope.decoding.patchscope_eval import PatchscopeTask, direct_reading, evaluate_task, random_words, task
 from lmscope.decoding.patchscopes import (TargetPrompt, patchscope, patchscope_accuracy, patchscope_sweep,
                                           placeholder_position, source_states, token_identity)
+from lmscope.decoding.probes import collect
 from lmscope.errors import InputError
 
 TARGET = TargetPrompt("cat sat on the mat ; dog ran ; it", "it")
@@ -146,3 +151,100 @@ def test_identity_patchscope_decodes_the_source_token(smollm):
     assert all(len(smollm.encode(w).input_ids[0]) == 1 for w in words)
     r = token_identity(smollm, words, layers=[0])
     assert r.values[0] >= 0.9, r.values
+
+
+def _texts(n, seed=0):
+    from conftest import WORDS
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) for _ in range(n)]
+
+
+def test_affine_maps_against_least_squares(tiny_llama):
+    from conftest import make_tiny
+
+    from lmscope.decoding.patchscope_models import fit_affine_maps, ridge_fit
+
+    m, other = tiny_llama, make_tiny("gemma3", seed=1)
+    texts = _texts(200)
+    same = fit_affine_maps(m, m, texts, [(1, 1)], ridge=0.0)  # a model onto itself: the identity map
+    torch.testing.assert_close(same.W[1, 1], torch.eye(m.spec.d_model), atol=1e-3, rtol=0)
+    assert same.b[1, 1].abs().max() < 1e-3 and same.r2[1, 1] > 0.999
+    maps = fit_affine_maps(m, other, texts, [(2, 1), (-1, 0)], ridge=0.0, heldout=0.25)
+    assert set(maps.W) == {(2, 1), (2, 0)}  # -1 is layer 2 of the 3
+    X, _ = collect(m, texts, "resid_pre", [2], position="last")
+    Y, _ = collect(other, texts, "resid_pre", [1], position="last")
+    train = torch.tensor(sorted(set(range(200)) - set(random_test_rows(200, 0.25))))
+    ones = torch.ones(len(train), 1, dtype=torch.float64)
+    sol = torch.linalg.lstsq(torch.cat([X[2][train].double(), ones], 1), Y[1][train].double()).solution
+    torch.testing.assert_close(maps.W[2, 1], sol[:-1].float(), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(maps.b[2, 1], sol[-1].float(), atol=1e-3, rtol=1e-3)
+    W, _ = ridge_fit(X[2], Y[1], 10.0)  # ridge shrinks the map
+    assert W.norm() < ridge_fit(X[2], Y[1], 0.0)[0].norm()
+    with pytest.raises(InputError, match="No map"):
+        maps(torch.zeros(1, 32), 0, 0)
+    with pytest.raises(InputError, match="too few"):
+        fit_affine_maps(m, other, texts[:5], [(0, 0)])
+
+
+def random_test_rows(n, heldout, seed=0):
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[:max(1, int(n * heldout))]
+
+
+def test_cross_model_patchscope(tiny_llama):
+    from conftest import make_tiny
+
+    from lmscope.decoding.patchscope_models import AffineMaps
+
+    m, other = tiny_llama, make_tiny("gemma3", seed=1)
+    eye = AffineMaps({(1, 2): torch.eye(32)}, {(1, 2): torch.zeros(32)}, {(1, 2): 1.0}, m.name, m.name)
+    own = patchscope_accuracy(m, SOURCES, None, layers=[1], target_layers=[2], target=TARGET)
+    cross = patchscope_accuracy(m, SOURCES, None, layers=[1], target_layers=[2], target=TARGET, source_model=m,
+                                mapping=eye)
+    torch.testing.assert_close(cross.extras["expected_prob"], own.extras["expected_prob"])
+    # another target model: the mapped source state is what gets patched
+    g = torch.Generator().manual_seed(0)
+    amap = AffineMaps({(1, 0): torch.randn(32, 32, generator=g) / 6}, {(1, 0): torch.randn(32, generator=g)}, {}, m.name,
+                      other.name)
+    res = patchscope_accuracy(other, SOURCES, ["no"] * 4, layers=[1], target_layers=[0], target=TARGET,
+                              source_model=m, mapping=amap)
+    h = source_states(m, SOURCES, [1])[0]
+    pos, _ = placeholder_position(other, TARGET)
+    for b in range(len(SOURCES)):
+        from lmscope import Patch
+
+        v = (h[b].float() @ amap.W[1, 0] + amap.b[1, 0])[None, None]
+        probs = other.run(TARGET.text, interventions=[Patch("blocks.0.resid_pre", value=v, positions=[pos])],
+                          logits="last").logits[0].float().softmax(-1)
+        assert abs(float(res.extras["expected_prob"][0, 0, b]) - float(probs[other.token_id("no")])) < 1e-5
+    with pytest.raises(InputError, match="together"):
+        patchscope_accuracy(other, SOURCES, layers=[1], target=TARGET, source_model=m, mapping=amap)
+
+
+def test_cross_model_spec(tiny_llama, monkeypatch):
+    """`patchscope eval --source-model`: the other model loaded, maps fitted per layer pair, the task's words
+    single tokens of both models."""
+    from conftest import make_tiny
+
+    import lmscope.models
+    from lmscope import specs
+    from lmscope.decoding import patchscope_eval
+    from lmscope.decoding.patchscope_models import fit_affine_maps
+
+    other = make_tiny("gemma3", seed=1)
+    monkeypatch.setattr(lmscope.models, "load", lambda name: other)
+    monkeypatch.setattr(patchscope_eval, "fit_texts", lambda n, seed=0: _texts(n, seed))
+    cfg = specs.get("patchscope-eval").config(task="identity", n=40, layers="1,2", target_layers="0", source_model="o",
+                                              fit_texts=150, target_prompt=TARGET.text, target_position=-1)
+    res = specs.run(tiny_llama, "patchscope-eval", None, cfg)
+    maps = fit_affine_maps(other, tiny_llama, _texts(150), [(1, 0), (2, 0)])
+    t = task(tiny_llama, "identity", 40, source_model=other)
+    want = evaluate_task(tiny_llama, replace(t, target=TARGET, target_position=-1), layers=[1, 2], target_layers=[0],
+                         source_model=other, mapping=maps)
+    torch.testing.assert_close(res.extras["expected_prob"], want.extras["expected_prob"])
+    assert res.params["source_model"] == other.name and res.extras["map_r2"].shape == (2, 1)
+    assert res.extras["map_r2"][:, 0].tolist() == pytest.approx([maps.r2[1, 0], maps.r2[2, 0]])
+    with pytest.raises(InputError, match="target-layers"):
+        specs.get("patchscope-eval").config(source_model="o")

@@ -238,7 +238,12 @@ def _patchscope_eval(result, config):
         table.add_column(f"→{result.axes[1].labels[c]}")
     for i, label in enumerate(result.axes[0].labels):
         table.add_row(label, *[f"{result.values[i, c]:.2f}" for c in cols])
-    return [table], result
+    shown = [table]
+    if "map_r2" in result.extras:
+        r2 = result.extras["map_r2"]
+        shown.append(f"maps from {result.params['source_model']}: held-out R² {float(r2.min()):.2f} to "
+                     f"{float(r2.max()):.2f}")
+    return shown, result
 
 
 def _caa(result, config):

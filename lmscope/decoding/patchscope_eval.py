@@ -16,6 +16,9 @@ Patching is at ℓ* = ℓ by default; ``target_layers`` gives the cross-layer gr
 target layer ℓ*). The reference is the *direct* reading: the target prompt with its placeholder token
 replaced by the source's tokens, no patching (``meta["direct"]``), the ceiling a Patchscope can reach.
 
+With ``source_model`` the sources are read by another model and carried over by affine maps fitted on
+paired corpus states (:mod:`lmscope.decoding.patchscope_models`), the paper's cross-model Patchscope.
+
 Shapes: values (layer,) at ℓ* = ℓ, or (source_layer, target_layer).
 """
 
@@ -32,12 +35,14 @@ from lmscope import specs
 from lmscope.decoding.ab_data import country_capitals
 from lmscope.decoding.patchscopes import (TargetPrompt, contains_any, patchscope_accuracy, placeholder_position,
                                           target_prompt)
+from lmscope.decoding.patchscope_models import AffineMaps, fit_affine_maps, fit_texts
 from lmscope.decoding.probes import layer_list
 from lmscope.errors import InputError
 from lmscope.models import Model
 from lmscope.results import Result
 
 TASKS = ("identity", "capitals", "description")
+MAX_MAPS = 120  # layer pairs of one cross-model run (each map is D_source × D_target floats)
 CONTINENTS = {"AS": ("Asia", "Middle East"), "EU": ("Europe",), "AF": ("Africa",),
               "NA": ("America", "Caribbean"), "SA": ("America",), "OC": ("Oceania", "Pacific", "Australia")}
 
@@ -55,26 +60,39 @@ class PatchscopeTask:
     target_position: int | None = None
 
 
-def random_words(model: Model, n: int, seed: int = 0) -> list[str]:
+def random_words(model: Model, n: int | None, seed: int = 0) -> list[str]:
     """``n`` random lower-case alphabetic single-token words (seeded): words of four letters or more with a
-    leading space, or, for a small word-level vocabulary without enough of those, any of its words."""
+    leading space, or, for a small word-level vocabulary without enough of those, any of its words;
+    ``n=None``: all of them, shuffled."""
     tok = model.tokenizer
     words = sorted({tok.convert_tokens_to_string([t]) for t in tok.get_vocab()})
     words = [w for w in words if w.strip().isalpha() and w.strip().islower()
              and len(tok(w, add_special_tokens=False)["input_ids"]) == 1]
     spaced = [w for w in words if w.startswith(" ") and len(w) >= 5]
-    words = spaced if len(spaced) >= n else words  # a word-level vocabulary (no leading spaces): every word
+    words = spaced if len(spaced) >= (n or 1) else words  # a word-level vocabulary (no leading spaces): every word
+    if n is None:  # all of them, shuffled
+        return random.Random(seed).sample(words, len(words))
     if len(words) < n:
         raise InputError(f"{model.name}'s vocabulary has {len(words)} usable words; ask for at most that many.")
     return random.Random(seed).sample(words, n)
 
 
-def task(model: Model, name: str, n: int = 50, seed: int = 0, generate: int | None = None) -> PatchscopeTask:
-    """A built-in task (``identity``, ``capitals``, ``description``) with at most ``n`` sources."""
+def task(model: Model, name: str, n: int = 50, seed: int = 0, generate: int | None = None,
+         source_model: Model | None = None) -> PatchscopeTask:
+    """A built-in task (``identity``, ``capitals``, ``description``) with at most ``n`` sources for the
+    target ``model`` (identity words of ``source_model`` that are single tokens of both, when given)."""
     if name not in TASKS:
         raise InputError(f"Patchscope task {name!r}: use one of {', '.join(TASKS)}.")
     if name == "identity":
-        return PatchscopeTask(name, random_words(model, n, seed), None, target_prompt("identity"), generate or 0)
+        if source_model is None:
+            words = random_words(model, n, seed)
+        else:
+            pool = random_words(source_model, None, seed)
+            words = [w for w in pool if len(model.tokenizer(w, add_special_tokens=False)["input_ids"]) == 1][:n]
+            if len(words) < n:
+                raise InputError(f"Only {len(words)} sampled words are single tokens of both models; ask for fewer.")
+        expected = None if source_model is None else words
+        return PatchscopeTask(name, words, expected, target_prompt("identity"), generate or 0)
     tp = target_prompt("capital" if name == "capitals" else "entity")
     rows = [r for r in country_capitals() if r[0] not in tp.text]
     rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))]
@@ -111,15 +129,21 @@ def direct_reading(model: Model, t: PatchscopeTask) -> torch.Tensor:
 
 
 def evaluate_task(model: Model, t: PatchscopeTask, *, layers: Sequence[int] | None = None,
-                  target_layers: Sequence[int] | None = None, chunk_size: int | None = None) -> Result:
-    """:func:`patchscope_accuracy` of a task, with the direct reading in meta (``direct``, ``direct_correct``)."""
+                  target_layers: Sequence[int] | None = None, source_model: Model | None = None,
+                  mapping: AffineMaps | None = None, chunk_size: int | None = None) -> Result:
+    """:func:`patchscope_accuracy` of a task, with the direct reading in meta (``direct``, ``direct_correct``);
+    cross-model with ``source_model`` and ``mapping`` (extras ``map_r2``: each map's held-out R²)."""
     res = patchscope_accuracy(model, t.sources, t.expected, layers=layers, target_layers=target_layers,
                               target=t.target, target_position=t.target_position, generate=t.generate,
-                              chunk_size=chunk_size)
+                              source_model=source_model, mapping=mapping, chunk_size=chunk_size)
     direct = direct_reading(model, t)
     meta = {**res.meta, "task": t.name, "sources": t.sources, "direct": float(direct.float().mean()),
             "direct_correct": direct.int().tolist()}
-    return Result(res.values, res.axes, "patchscope_eval", model.name, {"task": t.name}, res.params, res.extras, meta)
+    extras = dict(res.extras)
+    if mapping is not None:
+        extras["map_r2"] = torch.tensor([[mapping.r2.get((int(a), int(b)), float("nan")) for b in res.axes[1].labels]
+                                         for a in res.axes[0].labels])
+    return Result(res.values, res.axes, "patchscope_eval", model.name, {"task": t.name}, res.params, extras, meta)
 
 
 # ------------------------------------------------------------------------------------------------ spec
@@ -139,6 +163,9 @@ class PatchscopeEvalConfig:
     target_prompt: str | None = specs.option(None, "Another target prompt holding a placeholder '?' or 'x' "
                                              "(default: the task's).")
     target_position: int | None = specs.option(None, "Target position (default: the placeholder).")
+    source_model: str | None = specs.option(None, "Read the sources with this other model (cross-model Patchscope, "
+                                            "through affine maps fitted per layer pair; needs --target-layers).")
+    fit_texts: int = specs.option(2000, "Corpus texts the cross-model maps are fitted on.")
 
     def __post_init__(self):
         specs.check_config(self)
@@ -149,16 +176,30 @@ class PatchscopeEvalConfig:
         if self.task == "description" and self.generate == 0:
             raise InputError("The description task is scored on generated text; give --generate ≥ 1.")
         layer_list(self.layers), layer_list(self.target_layers)
+        if self.source_model is not None and self.target_layers is None:
+            raise InputError("A cross-model Patchscope (--source-model) needs --target-layers (the target model's).")
 
 
 def run_patchscope_eval(model: Model, inputs, config: PatchscopeEvalConfig) -> Result:
     """Patchscope tasks beyond token identity: attribute extraction (capitals) and entity description,
     per source layer or source × target layer, against the direct (unpatched) reading."""
-    t = task(model, config.task, config.n, config.seed, config.generate)
+    src = mapping = None
+    layers, tls = layer_list(config.layers), layer_list(config.target_layers)
+    if config.source_model is not None:
+        from lmscope.models import load
+
+        src = load(config.source_model)
+        layers = list(range(src.spec.n_layers)) if layers is None else layers
+        pairs = [(a, b) for a in layers for b in tls]
+        if len(pairs) > MAX_MAPS:
+            raise InputError(f"{len(pairs)} layer pairs would each need a map; give at most {MAX_MAPS} (fewer "
+                             "--layers or --target-layers).")
+        mapping = fit_affine_maps(src, model, fit_texts(config.fit_texts, seed=config.seed), pairs)
+    t = task(model, config.task, config.n, config.seed, config.generate, source_model=src)
     if config.target_prompt is not None or config.target_position is not None:
         tp = t.target if config.target_prompt is None else target_prompt(config.target_prompt)
         t = dataclasses.replace(t, target=tp, target_position=config.target_position)
-    return evaluate_task(model, t, layers=layer_list(config.layers), target_layers=layer_list(config.target_layers))
+    return evaluate_task(model, t, layers=layers, target_layers=tls, source_model=src, mapping=mapping)
 
 
 specs.register(specs.MethodSpec("patchscope-eval", "decoding", "none", PatchscopeEvalConfig, run_patchscope_eval,

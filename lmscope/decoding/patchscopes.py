@@ -24,7 +24,7 @@ Shapes: source states (L, B, D); sweep values (source_layer, target_layer); iden
 from __future__ import annotations
 
 from lmscope import specs
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -195,16 +195,23 @@ def contains_any(text: str, wanted: str | Sequence[str]) -> bool:
 def patchscope_accuracy(model: Model, sources: Sequence[str], expected: Sequence | None = None, *,
                         layers: Sequence[int] | None = None, target_layers: Sequence[int] | None = None,
                         position: int = -1, target: str | TargetPrompt = "identity", target_position: int | None = None,
-                        site: str = "resid_pre", generate: int = 0, chunk_size: int | None = None) -> Result:
+                        site: str = "resid_pre", generate: int = 0, source_model: Model | None = None,
+                        mapping: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+                        chunk_size: int | None = None) -> Result:
     """How often a Patchscope reads the expected answer out of each source's hidden state.
 
     Without ``generate``, a source counts as read when the patched target prompt's top-1 next token is
     its expected token (default: the source's own token at ``position``, the identity Patchscope).
     With ``generate=n``, the target prompt is continued greedily for n tokens and a source counts when
     the continuation contains its expected text (a string or a list of alternatives, case-insensitive),
-    as for entity descriptions. ``target_position`` overrides the placeholder. ``target_layers=None`` patches ℓ* = ℓ: values (layer,); a list of target
-    layers gives values (source_layer, target_layer). extras ``correct`` (..., B); in next-token mode
-    also ``expected_prob`` (..., B); in generation mode meta ``generated`` (texts per cell).
+    as for entity descriptions. ``target_position`` overrides the placeholder. ``target_layers=None``
+    patches ℓ* = ℓ: values (layer,); a list of target layers gives values (source_layer, target_layer).
+    extras ``correct`` (..., B); in next-token mode also ``expected_prob`` (..., B); in generation mode
+    meta ``generated`` (texts per cell).
+
+    Cross-model: the sources run on ``source_model`` (``layers`` are its layers, ``expected`` defaults
+    to its tokens) and ``mapping(h (B, D_source), ℓ, ℓ*) -> (B, D_target)`` carries each state into
+    ``model`` (see :func:`lmscope.decoding.patchscope_models.fit_affine_maps`); give ``target_layers``.
     """
     sources = list(sources)
     if not sources:
@@ -213,14 +220,18 @@ def patchscope_accuracy(model: Model, sources: Sequence[str], expected: Sequence
         raise InputError(f"generate={generate}: give 0 (next token) or a number of tokens.")
     if generate and (expected is None or len(expected) != len(sources)):
         raise InputError("With generate > 0 give one expected text (or a list of them) per source.")
-    layers = resolve_layers(model, layers)
+    src = model if source_model is None else source_model
+    if (source_model is None) != (mapping is None) or (source_model is not None and target_layers is None):
+        raise InputError("A cross-model Patchscope needs source_model, mapping and target_layers together.")
+    layers = resolve_layers(src, layers)
     tls = None if target_layers is None else resolve_layers(model, target_layers)
     pairs = [(i, l, l) for i, l in enumerate(layers)] if tls is None else \
         [(i, l, t) for i, l in enumerate(layers) for t in tls]
     tp = target_prompt(target)
     tpos, _ = placeholder_position(model, tp, target_position)
-    h = source_states(model, sources, layers, position=position, site=site)  # (L, B, D)
-    patches = [[Patch(f"blocks.{t}.{site}", value=h[i][:, None, :], positions=[tpos])] for i, _, t in pairs]
+    h = source_states(src, sources, layers, position=position, site=site)  # (L, B, D)
+    mapped = [h[i] if mapping is None else mapping(h[i], l, t).to(h.dtype) for i, l, t in pairs]
+    patches = [[Patch(f"blocks.{t}.{site}", value=v[:, None, :], positions=[tpos])] for v, (_, _, t) in zip(mapped, pairs)]
     shape = (len(layers),) if tls is None else (len(layers), len(tls))
     extras, meta = {}, {}
     if generate:
@@ -239,6 +250,8 @@ def patchscope_accuracy(model: Model, sources: Sequence[str], expected: Sequence
         meta["generated"] = texts
         meta["expected"] = [e if isinstance(e, str) else list(e) for e in expected]
     else:
+        if expected is None and source_model is not None:  # the source token, as text, in the target's vocabulary
+            expected = [src.decode([int(src.encode(s).input_ids[0, position])]) for s in sources]
         eids = _expected_ids(model, sources, expected, position)
         logits = model.run_sets([tp.text] * len(sources), patches, logits="last", chunk_size=chunk_size).logits.float()
         correct = logits.argmax(-1) == eids
@@ -250,7 +263,7 @@ def patchscope_accuracy(model: Model, sources: Sequence[str], expected: Sequence
     axes = (Axis("layer", tuple(map(str, layers))),) if tls is None else \
         (Axis("source_layer", tuple(map(str, layers))), Axis("target_layer", tuple(map(str, tls))))
     params = {"site": site, "position": position, "target_prompt": tp.text, "target_position": tpos, "n": len(sources),
-              "generate": generate}
+              "generate": generate, **({"source_model": src.name} if source_model is not None else {})}
     return Result(values, axes, "patchscope_accuracy", model.name, None, params, extras, meta)
 
 

@@ -206,8 +206,8 @@ def test_cross_model_patchscope(tiny_llama):
     torch.testing.assert_close(cross.extras["expected_prob"], own.extras["expected_prob"])
     # another target model: the mapped source state is what gets patched
     g = torch.Generator().manual_seed(0)
-    amap = AffineMaps({(1, 0): torch.randn(32, 32, generator=g) / 6}, {(1, 0): torch.randn(32, generator=g)}, {}, m.name,
-                      other.name)
+    amap = AffineMaps({(1, 0): torch.randn(32, 32, generator=g) / 6}, {(1, 0): torch.randn(32, generator=g)}, {},
+                      m.name, other.name)
     res = patchscope_accuracy(other, SOURCES, ["no"] * 4, layers=[1], target_layers=[0], target=TARGET,
                               source_model=m, mapping=amap)
     h = source_states(m, SOURCES, [1])[0]

@@ -254,8 +254,8 @@ def _caa(result, config):
         table.add_column(col)
     ratio = result.extras["vector_norm"] / result.extras["resid_norm"]
     for i, label in enumerate(result.axes[0].labels):
-        table.add_row(label, *[f"{v:.3f}" for v in result.values[i].tolist()], f"{float(result.extras['shift'][i]):+.3f}",
-                      f"{float(ratio[i]):.2f}")
+        shift = float(result.extras["shift"][i])
+        table.add_row(label, *[f"{v:.3f}" for v in result.values[i].tolist()], f"{shift:+.3f}", f"{float(ratio[i]):.2f}")
     best = int(result.extras["shift"].argmax())
     return [table, f"largest shift at layer {result.axes[0].labels[best]}: "
                    f"{float(result.extras['shift'][best]):+.3f}"], result

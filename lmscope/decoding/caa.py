@@ -174,8 +174,8 @@ def caa_sweep(model: Model, items: Sequence[ABItem], *, layers: Sequence[int] | 
             "test_matching_A": sum(it.matching == "A" for it in held), "chat_template": test_p.chat,
             "steered_positions": test_p.steered, "example_prompt": test_p.prompts[0]}
     params = {"site": site, "test": test, "seed": seed, "template": template}
-    return Result(values, (Axis("layer", tuple(map(str, layers))), Axis("multiplier", tuple(f"{x:g}" for x in multipliers))), "caa",
-                  model.name, {"behaviour": name}, params, extras, meta)
+    axes = (Axis("layer", tuple(map(str, layers))), Axis("multiplier", tuple(f"{x:g}" for x in multipliers)))
+    return Result(values, axes, "caa", model.name, {"behaviour": name}, params, extras, meta)
 
 
 # ------------------------------------------------------------------------------------------------ spec

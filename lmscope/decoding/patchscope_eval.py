@@ -98,7 +98,8 @@ def task(model: Model, name: str, n: int = 50, seed: int = 0, generate: int | No
     rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))]
     sources = [country for country, _, _ in rows]
     if name == "capitals":
-        first = [model.decode(model.tokenizer(" " + cap, add_special_tokens=False)["input_ids"][:1]) for _, cap, _ in rows]
+        first = [model.decode(model.tokenizer(" " + cap, add_special_tokens=False)["input_ids"][:1])
+                 for _, cap, _ in rows]
         return PatchscopeTask(name, sources, first, tp, generate or 0)
     return PatchscopeTask(name, sources, [list(CONTINENTS[c]) for _, _, c in rows], tp, 12 if generate is None
                           else generate)

@@ -47,7 +47,8 @@ class AffineMaps:
 
 
 def ridge_fit(X: torch.Tensor, Y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (Dx, Dy), b (Dy,) minimising ‖Y − (X W + b)‖² + λ n ‖W‖², λ = ``ridge`` × the mean feature variance."""
+    """W (Dx, Dy), b (Dy,) minimising ‖Y − (X W + b)‖² + λ n ‖W‖², with λ = ``ridge`` × the mean
+    variance of the features of X."""
     X, Y = X.double(), Y.double()
     mx, my = X.mean(0), Y.mean(0)
     Xc, Yc = X - mx, Y - my

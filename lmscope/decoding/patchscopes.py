@@ -231,7 +231,8 @@ def patchscope_accuracy(model: Model, sources: Sequence[str], expected: Sequence
     tpos, _ = placeholder_position(model, tp, target_position)
     h = source_states(src, sources, layers, position=position, site=site)  # (L, B, D)
     mapped = [h[i] if mapping is None else mapping(h[i], l, t).to(h.dtype) for i, l, t in pairs]
-    patches = [[Patch(f"blocks.{t}.{site}", value=v[:, None, :], positions=[tpos])] for v, (_, _, t) in zip(mapped, pairs)]
+    patches = [[Patch(f"blocks.{t}.{site}", value=v[:, None, :], positions=[tpos])]
+               for v, (_, _, t) in zip(mapped, pairs)]
     shape = (len(layers),) if tls is None else (len(layers), len(tls))
     extras, meta = {}, {}
     if generate:

@@ -130,7 +130,8 @@ def test_tasks_and_direct_reading(tiny_llama):
     m = tiny_llama
     caps = task(m, "capitals", n=500)
     assert caps.target.placeholder == "x" and caps.generate == 0
-    assert not {"Italy", "Egypt", "Peru", "Kenya"} & set(caps.sources) and "France" in caps.sources
+    assert not {" Italy", " Egypt", " Peru", " Kenya"} & set(caps.subjects) and " France" in caps.subjects
+    assert caps.sources[caps.subjects.index(" France")] == "I read about France"  # read in context
     desc = task(m, "description", n=5, seed=1)
     assert desc.generate == 12 and all(isinstance(e, list) and e for e in desc.expected)
     t = PatchscopeTask("custom", SOURCES, ["no", "no", "yes", "yes"], TARGET)

@@ -171,7 +171,9 @@ def caa_sweep(model: Model, items: Sequence[ABItem], *, layers: Sequence[int] | 
               "shift": values[:, hi] - values[:, lo]}
     meta = {"behaviour": name, "source": BUILTIN.get(name, name), "n_train": len(train), "n_test": len(held),
             "unsteered": float(probs[0].mean()), "unsteered_matching_rate": float((probs[0] > 0.5).float().mean()),
-            "test_matching_A": sum(it.matching == "A" for it in held), "chat_template": test_p.chat,
+            "test_matching": [it.matching for it in held], "unsteered_p_A": float(torch.where(
+                torch.tensor([it.matching == "A" for it in held]), probs[0], 1 - probs[0]).mean()),
+            "chat_template": test_p.chat,
             "steered_positions": test_p.steered, "example_prompt": test_p.prompts[0]}
     params = {"site": site, "test": test, "seed": seed, "template": template}
     axes = (Axis("layer", tuple(map(str, layers))), Axis("multiplier", tuple(f"{x:g}" for x in multipliers)))

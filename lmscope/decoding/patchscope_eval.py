@@ -1,6 +1,9 @@
 """Patchscope tasks beyond token identity (Ghandeharioun et al. 2024), scored against the unpatched model.
 
-Each task is a set of source prompts, a target prompt and the answer expected of each source:
+Each task is a set of source prompts, a target prompt and the answer expected of each source. A source
+reads its subject in a short context ("I read about France"): the state of a prompt's first token is
+unlike any other (it carries the attention sink), and patching it into the middle of a target prompt
+reads as noise past the first layers.
 
 * ``identity``: random single-token words; the few-shot identity prompt must return the word (the
   next-token Patchscope of the paper's Fig. 1);
@@ -42,6 +45,7 @@ from lmscope.models import Model
 from lmscope.results import Result
 
 TASKS = ("identity", "capitals", "description")
+CONTEXT = "I read about"  # sources are read in a context: a first-position state is unlike any other
 MAX_MAPS = 120  # layer pairs of one cross-model run (each map is D_source × D_target floats)
 CONTINENTS = {"AS": ("Asia", "Middle East"), "EU": ("Europe",), "AF": ("Africa",),
               "NA": ("America", "Caribbean"), "SA": ("America",), "OC": ("Oceania", "Pacific", "Australia")}
@@ -50,7 +54,8 @@ CONTINENTS = {"AS": ("Asia", "Middle East"), "EU": ("Europe",), "AF": ("Africa",
 @dataclass(frozen=True)
 class PatchscopeTask:
     """Sources, the target prompt (patched at its placeholder, or at ``target_position``), the expected
-    answers (tokens, or texts when ``generate`` > 0)."""
+    answers (tokens, or texts when ``generate`` > 0), and the subject of each source (its last words,
+    what the direct reading puts in the placeholder's place; default: the whole source)."""
 
     name: str
     sources: list[str]
@@ -58,6 +63,7 @@ class PatchscopeTask:
     target: TargetPrompt
     generate: int = 0
     target_position: int | None = None
+    subjects: list[str] | None = None
 
 
 def random_words(model: Model, n: int | None, seed: int = 0) -> list[str]:
@@ -92,29 +98,36 @@ def task(model: Model, name: str, n: int = 50, seed: int = 0, generate: int | No
             if len(words) < n:
                 raise InputError(f"Only {len(words)} sampled words are single tokens of both models; ask for fewer.")
         expected = None if source_model is None else words
-        return PatchscopeTask(name, words, expected, target_prompt("identity"), generate or 0)
+        return PatchscopeTask(name, _in_context(words), expected, target_prompt("identity"), generate or 0,
+                              subjects=words)
     tp = target_prompt("capital" if name == "capitals" else "entity")
     rows = [r for r in country_capitals() if r[0] not in tp.text]
     rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))]
-    sources = [country for country, _, _ in rows]
+    subjects = [" " + country for country, _, _ in rows]
+    sources = _in_context(subjects)
     if name == "capitals":
         first = [model.decode(model.tokenizer(" " + cap, add_special_tokens=False)["input_ids"][:1])
                  for _, cap, _ in rows]
-        return PatchscopeTask(name, sources, first, tp, generate or 0)
+        return PatchscopeTask(name, sources, first, tp, generate or 0, subjects=subjects)
     return PatchscopeTask(name, sources, [list(CONTINENTS[c]) for _, _, c in rows], tp, 12 if generate is None
-                          else generate)
+                          else generate, subjects=subjects)
+
+
+def _in_context(subjects: list[str]) -> list[str]:
+    return [CONTEXT + (s if s.startswith(" ") else " " + s) for s in subjects]
 
 
 def direct_reading(model: Model, t: PatchscopeTask) -> torch.Tensor:
-    """(B,) booleans: does the unpatched target prompt, its placeholder token replaced by the source's
+    """(B,) booleans: does the unpatched target prompt, its placeholder token replaced by the subject's
     tokens (with a leading space where the placeholder has one), give the expected answer?"""
     tpos, tokens = placeholder_position(model, t.target, t.target_position)
     ids = model.encode(t.target.text).input_ids[0].tolist()
     lead = " " if tokens[tpos].startswith(" ") else ""
     rows = [ids[:tpos] + model.tokenizer(lead + s.strip(), add_special_tokens=False)["input_ids"] + ids[tpos + 1:]
-            for s in t.sources]
+            for s in (t.subjects or t.sources)]
     if not t.generate:
-        want = torch.tensor([model.encode(s).input_ids[0, -1].item() for s in t.sources] if t.expected is None
+        want = torch.tensor([model.encode(s).input_ids[0, -1].item() for s in (t.subjects or t.sources)]
+                            if t.expected is None
                             else [model.token_id(e) for e in t.expected])
     ok = torch.zeros(len(rows), dtype=torch.bool)
     for n in sorted({len(r) for r in rows}):  # rows of one length batch without padding
@@ -132,8 +145,9 @@ def direct_reading(model: Model, t: PatchscopeTask) -> torch.Tensor:
 def evaluate_task(model: Model, t: PatchscopeTask, *, layers: Sequence[int] | None = None,
                   target_layers: Sequence[int] | None = None, source_model: Model | None = None,
                   mapping: AffineMaps | None = None, chunk_size: int | None = None) -> Result:
-    """:func:`patchscope_accuracy` of a task, with the direct reading in meta (``direct``, ``direct_correct``);
-    cross-model with ``source_model`` and ``mapping`` (extras ``map_r2``: each map's held-out R²)."""
+    """:func:`patchscope_accuracy` of a task, with the direct reading in meta (``direct``, ``direct_correct``)
+    and extras ``known_accuracy``: the accuracy over the sources read correctly without patching; cross-model
+    with ``source_model`` and ``mapping`` (extras ``map_r2``: each map's held-out R²)."""
     res = patchscope_accuracy(model, t.sources, t.expected, layers=layers, target_layers=target_layers,
                               target=t.target, target_position=t.target_position, generate=t.generate,
                               source_model=source_model, mapping=mapping, chunk_size=chunk_size)
@@ -141,6 +155,8 @@ def evaluate_task(model: Model, t: PatchscopeTask, *, layers: Sequence[int] | No
     meta = {**res.meta, "task": t.name, "sources": t.sources, "direct": float(direct.float().mean()),
             "direct_correct": direct.int().tolist()}
     extras = dict(res.extras)
+    if direct.any():  # accuracy over the sources the model reads directly (whose answer it knows)
+        extras["known_accuracy"] = res.extras["correct"][..., direct].float().mean(-1)
     if mapping is not None:
         extras["map_r2"] = torch.tensor([[mapping.r2.get((int(a), int(b)), float("nan")) for b in res.axes[1].labels]
                                          for a in res.axes[0].labels])

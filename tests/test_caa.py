@@ -179,3 +179,12 @@ def test_default_model_prompts(smollm):
     assert len(caps) >= 100 and abs(sum(it.matching == "A" for it in caps) - len(caps) / 2) <= 0.5
     france = next(it for it in caps if "of France?" in it.question)
     assert f"({france.matching}) Paris\n" in france.question + "\n"
+
+
+@pytest.mark.real
+def test_myopic_reward_vector_shifts_the_answer(smollm):
+    """On the default model the myopic-reward vectors of middle layers move P(myopic letter) with the sign
+    of the multiplier (a small effect: SmolLM2-135M answers these A/B questions near chance)."""
+    res = caa_sweep(smollm, load_ab("myopic-reward"), layers=[14, 17], multipliers=(-8.0, 0.0, 8.0))
+    print(res.values)
+    assert (res.values.diff(dim=1) > 0).all() and (res.extras["shift"] >= 0.015).all()

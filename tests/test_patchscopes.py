@@ -249,3 +249,14 @@ def test_cross_model_spec(tiny_llama, monkeypatch):
     assert res.extras["map_r2"][:, 0].tolist() == pytest.approx([maps.r2[1, 0], maps.r2[2, 0]])
     with pytest.raises(InputError, match="target-layers"):
         specs.get("patchscope-eval").config(source_model="o")
+
+
+@pytest.mark.real
+def test_attribute_extraction_on_the_default_model(smollm):
+    """A country's state, read in context at an early-middle layer, yields its capital from the few-shot
+    'country: capital' prompt for most of the facts the model knows; from a late layer (ℓ* = ℓ) it does not."""
+    t = task(smollm, "capitals", n=30)
+    res = evaluate_task(smollm, t, layers=[4, 25])
+    assert res.meta["direct"] >= 0.3
+    known = res.extras["known_accuracy"]
+    assert known[0] >= 0.6 and known[1] <= 0.2, known

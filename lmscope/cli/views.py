@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from rich import box
 from rich.table import Table
 
 from lmscope.cli.common import top_table
@@ -249,9 +250,10 @@ def _patchscope_eval(result, config):
 def _caa(result, config):
     m = result.meta
     table = Table(title=f"CAA on {m['behaviour']}: P(matching letter) on {m['n_test']} held-out questions "
-                        f"(vectors from {m['n_train']}; unsteered {m['unsteered']:.3f})")
-    for col in ("layer", *(f"m={x}" for x in result.axes[1].labels), "shift", "|v| / |h|"):
-        table.add_column(col)
+                        f"(vectors from {m['n_train']}; unsteered {m['unsteered']:.3f}) per multiplier; shift = "
+                        "largest − smallest multiplier; v/h = ‖v‖ / ‖h‖", box=box.SIMPLE)
+    for col in ("layer", *result.axes[1].labels, "shift", "v/h"):
+        table.add_column(col, no_wrap=True)
     ratio = result.extras["vector_norm"] / result.extras["resid_norm"]
     for i, label in enumerate(result.axes[0].labels):
         shift = float(result.extras["shift"][i])

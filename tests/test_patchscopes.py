@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmscope.decoding.patchscope_eval import PatchscopeTask, direct_reading, evaluate_task, random_words, task
-from lmscope.decoding.patchscopes import (TargetPrompt, patchscope, patchscope_accuracy, patchscope_sweep,
+from lmscope.decoding.patchscopes import (TargetPrompt, contains_any, patchscope, patchscope_accuracy, patchscope_sweep,
                                           placeholder_position, source_states, token_identity)
 from lmscope.decoding.probes import collect
 from lmscope.errors import InputError
@@ -122,6 +122,10 @@ def test_accuracy_by_generation_equals_patchscope_continuations(tiny_llama):
     res = patchscope_accuracy(m, SOURCES, expected, layers=[1], target_layers=[2], target=TARGET, generate=4)
     assert res.meta["generated"][0] == gens
     assert res.extras["correct"][0, 0].tolist() == [1, 0, 1, int("zebra" in gens[3].lower())]
+    cut = patchscope_accuracy(m, SOURCES, expected, layers=[1], target_layers=[2], target=TARGET, generate=4,
+                              stop=gens[0].split()[0])  # nothing of source 0's continuation is left before the stop
+    assert cut.extras["correct"][0, 0, 0] == 0 and cut.params["stop"] == gens[0].split()[0]
+    assert contains_any("Country in East Asia, Malaysia", ["Asia"], ",") and not contains_any("in Malaysia", "Asia")
     with pytest.raises(InputError, match="one expected text"):
         patchscope_accuracy(m, SOURCES, None, layers=[1], target=TARGET, generate=4)
 
@@ -133,7 +137,7 @@ def test_tasks_and_direct_reading(tiny_llama):
     assert not {" Italy", " Egypt", " Peru", " Kenya"} & set(caps.subjects) and " France" in caps.subjects
     assert caps.sources[caps.subjects.index(" France")] == "I read about France"  # read in context
     desc = task(m, "description", n=5, seed=1)
-    assert desc.generate == 12 and all(isinstance(e, list) and e for e in desc.expected)
+    assert desc.generate == 12 and desc.stop == "," and all(isinstance(e, list) and e for e in desc.expected)
     t = PatchscopeTask("custom", SOURCES, ["no", "no", "yes", "yes"], TARGET)
     direct = direct_reading(m, t)
     for b, (s, e) in enumerate(zip(SOURCES, t.expected)):  # the placeholder 'it' replaced by the source text

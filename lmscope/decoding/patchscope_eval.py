@@ -13,7 +13,9 @@ reads as noise past the first layers.
   must be the first token of the capital;
 * ``description`` (entity description): the same countries patched into the paper's
   "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, …, x" prompt; the greedy
-  continuation (12 tokens) must name the country's continent (or region: "Middle East", "Caribbean").
+  continuation (12 tokens), up to its first comma (the description of the patched entity, not the
+  next demonstration the model goes on to write), must name the country's continent or region
+  ("Middle East", "Caribbean") as a whole word.
 
 Patching is at ℓ* = ℓ by default; ``target_layers`` gives the cross-layer grid (source layer ℓ into
 target layer ℓ*). The reference is the *direct* reading: the target prompt with its placeholder token
@@ -63,6 +65,7 @@ class PatchscopeTask:
     target: TargetPrompt
     generate: int = 0
     target_position: int | None = None
+    stop: str | None = None
     subjects: list[str] | None = None
 
 
@@ -110,7 +113,7 @@ def task(model: Model, name: str, n: int = 50, seed: int = 0, generate: int | No
                  for _, cap, _ in rows]
         return PatchscopeTask(name, sources, first, tp, generate or 0, subjects=subjects)
     return PatchscopeTask(name, sources, [list(CONTINENTS[c]) for _, _, c in rows], tp, 12 if generate is None
-                          else generate, subjects=subjects)
+                          else generate, subjects=subjects, stop=",")
 
 
 def _in_context(subjects: list[str]) -> list[str]:
@@ -136,7 +139,7 @@ def direct_reading(model: Model, t: PatchscopeTask) -> torch.Tensor:
         if t.generate:
             out, _ = model.generate(x, t.generate)
             for i, row in zip(idx, out):
-                ok[i] = contains_any(model.decode(row.tolist()), t.expected[i])
+                ok[i] = contains_any(model.decode(row.tolist()), t.expected[i], t.stop)
         else:
             ok[idx] = model.run(x, logits="last").logits.argmax(-1) == want[idx]
     return ok
@@ -149,7 +152,7 @@ def evaluate_task(model: Model, t: PatchscopeTask, *, layers: Sequence[int] | No
     and extras ``known_accuracy``: the accuracy over the sources read correctly without patching; cross-model
     with ``source_model`` and ``mapping`` (extras ``map_r2``: each map's held-out R²)."""
     res = patchscope_accuracy(model, t.sources, t.expected, layers=layers, target_layers=target_layers,
-                              target=t.target, target_position=t.target_position, generate=t.generate,
+                              target=t.target, target_position=t.target_position, generate=t.generate, stop=t.stop,
                               source_model=source_model, mapping=mapping, chunk_size=chunk_size)
     direct = direct_reading(model, t)
     meta = {**res.meta, "task": t.name, "sources": t.sources, "direct": float(direct.float().mean()),

@@ -23,6 +23,8 @@ Shapes: source states (L, B, D); sweep values (source_layer, target_layer); iden
 
 from __future__ import annotations
 
+import re
+
 from lmscope import specs
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -186,16 +188,20 @@ def _expected_ids(model: Model, sources: list[str], expected, position: int) -> 
     return torch.tensor([model.token_id(e) for e in expected])
 
 
-def contains_any(text: str, wanted: str | Sequence[str]) -> bool:
-    """Does ``text`` contain ``wanted`` (or one of a list of alternatives), case-insensitively?"""
+def contains_any(text: str, wanted: str | Sequence[str], stop: str | None = None) -> bool:
+    """Does ``text`` (cut at the first ``stop``, when given) contain ``wanted``, or one of a list of
+    alternatives, as whole words, case-insensitively?"""
+    if stop:
+        text = text.split(stop)[0]
     wanted = [wanted] if isinstance(wanted, str) else list(wanted)
-    return any(w.strip().lower() in text.lower() for w in wanted)
+    return any(re.search(rf"\b{re.escape(w.strip())}\b", text, flags=re.I) for w in wanted)
 
 
 def patchscope_accuracy(model: Model, sources: Sequence[str], expected: Sequence | None = None, *,
                         layers: Sequence[int] | None = None, target_layers: Sequence[int] | None = None,
                         position: int = -1, target: str | TargetPrompt = "identity", target_position: int | None = None,
-                        site: str = "resid_pre", generate: int = 0, source_model: Model | None = None,
+                        site: str = "resid_pre", generate: int = 0, stop: str | None = None,
+                        source_model: Model | None = None,
                         mapping: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
                         chunk_size: int | None = None) -> Result:
     """How often a Patchscope reads the expected answer out of each source's hidden state.
@@ -203,9 +209,10 @@ def patchscope_accuracy(model: Model, sources: Sequence[str], expected: Sequence
     Without ``generate``, a source counts as read when the patched target prompt's top-1 next token is
     its expected token (default: the source's own token at ``position``, the identity Patchscope).
     With ``generate=n``, the target prompt is continued greedily for n tokens and a source counts when
-    the continuation contains its expected text (a string or a list of alternatives, case-insensitive),
-    as for entity descriptions. ``target_position`` overrides the placeholder. ``target_layers=None``
-    patches ℓ* = ℓ: values (layer,); a list of target layers gives values (source_layer, target_layer).
+    the continuation (up to the first ``stop``, when given) contains its expected text (a string or a
+    list of alternatives: whole words, case-insensitive), as for entity descriptions.
+    ``target_position`` overrides the placeholder. ``target_layers=None`` patches ℓ* = ℓ: values
+    (layer,); a list of target layers gives values (source_layer, target_layer).
     extras ``correct`` (..., B); in next-token mode also ``expected_prob`` (..., B); in generation mode
     meta ``generated`` (texts per cell).
 
@@ -247,7 +254,7 @@ def patchscope_accuracy(model: Model, sources: Sequence[str], expected: Sequence
 
             tokens, _ = model.generate(batch, generate, first_only)
             texts.append([model.decode(row.tolist()) for row in tokens])
-        correct = torch.tensor([[contains_any(t, e) for t, e in zip(row, expected)] for row in texts])
+        correct = torch.tensor([[contains_any(t, e, stop) for t, e in zip(row, expected)] for row in texts])
         meta["generated"] = texts
         meta["expected"] = [e if isinstance(e, str) else list(e) for e in expected]
     else:
@@ -264,7 +271,8 @@ def patchscope_accuracy(model: Model, sources: Sequence[str], expected: Sequence
     axes = (Axis("layer", tuple(map(str, layers))),) if tls is None else \
         (Axis("source_layer", tuple(map(str, layers))), Axis("target_layer", tuple(map(str, tls))))
     params = {"site": site, "position": position, "target_prompt": tp.text, "target_position": tpos, "n": len(sources),
-              "generate": generate, **({"source_model": src.name} if source_model is not None else {})}
+              "generate": generate, **({"stop": stop} if stop else {}),
+              **({"source_model": src.name} if source_model is not None else {})}
     return Result(values, axes, "patchscope_accuracy", model.name, None, params, extras, meta)
 
 

@@ -98,6 +98,12 @@ def _cases(tmp, corpus, saes=("",)):
     from lmscope.sae import SAEFeaturesConfig, SAEFolders, compare, run_sae_features
     from lmscope.sae.train_site import SAETrainConfig, train_site_sae
 
+    from dataclasses import replace
+
+    from lmscope.decoding.ab_data import load_ab
+    from lmscope.decoding.caa import caa_sweep
+    from lmscope.decoding.patchscope_eval import evaluate_task, task
+    from lmscope.decoding.patchscopes import target_prompt
     from lmscope.editing import EditConfig, EditEvalConfig, edit_fact, evaluate_edits
     from lmscope.editing.recall import RecallConfig, recall
     from lmscope.editing.sequential import SequentialConfig, sequential_edits
@@ -146,6 +152,12 @@ def _cases(tmp, corpus, saes=("",)):
                       lambda m: evaluate_lens(m, None, corpus, tokens=64, context=16)),
         "patchscope": ({"prompt": P}, {"layer": 1, "k": 4, "target_prompt": TP, "target_position": -1},
                        lambda m: patchscope(m, P, 1, k=4, target=TP, target_position=-1)),
+        "patchscope-eval": (None, {"task": "identity", "n": 59, "target_prompt": TP, "target_position": -1},
+                            lambda m: evaluate_task(m, replace(task(m, "identity", 59), target=target_prompt(TP),
+                                                               target_position=-1))),
+        "caa": (None, {"layers": "1,2", "multipliers": [-1, 1], "limit": 8, "test": 4},
+                lambda m: caa_sweep(m, load_ab("myopic-reward", limit=8), layers=[1, 2], multipliers=(-1.0, 1.0),
+                                    test=4, name="myopic-reward")),
         "probe": ({"texts": TEXTS, "labels": LABELS}, {"layers": "0,1", "folds": 2, "control": False}, _probe_direct),
         "steer": ({"prompt": P}, {"positive": "yes", "negative": "no", "layer": 1, "max_new_tokens": 3}, _steer_direct),
         "project": (None, {"head": "1.2", "tokens": "cat,dog", "k": 3},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from rich import box
 from rich.table import Table
 
 from lmscope.cli.common import top_table
@@ -309,6 +310,47 @@ def _patchscope(result, config):
     return shown, result
 
 
+def _patchscope_eval(result, config):
+    title = (f"Patchscope {result.meta['task']} ({result.params['n']} sources"
+             + (f", {result.params['generate']} generated tokens" if result.params["generate"] else ", next token")
+             + f"): accuracy; direct reading (unpatched) {result.meta['direct']:.2f}")
+    table = Table(title=title)
+    if result.values.ndim == 1:
+        for col in ("layer (ℓ* = ℓ)", "accuracy"):
+            table.add_column(col)
+        for label, v in zip(result.axes[0].labels, result.values.tolist()):
+            table.add_row(label, f"{v:.2f}")
+        return [table], result
+    table.add_column("source layer")
+    cols = list(range(0, len(result.axes[1]), max(1, len(result.axes[1]) // 8)))
+    for c in cols:
+        table.add_column(f"→{result.axes[1].labels[c]}")
+    for i, label in enumerate(result.axes[0].labels):
+        table.add_row(label, *[f"{result.values[i, c]:.2f}" for c in cols])
+    shown = [table]
+    if "map_r2" in result.extras:
+        r2 = result.extras["map_r2"]
+        shown.append(f"maps from {result.params['source_model']}: held-out R² {float(r2.min()):.2f} to "
+                     f"{float(r2.max()):.2f}")
+    return shown, result
+
+
+def _caa(result, config):
+    m = result.meta
+    table = Table(title=f"CAA on {m['behaviour']}: P(matching letter) on {m['n_test']} held-out questions "
+                        f"(vectors from {m['n_train']}; unsteered {m['unsteered']:.3f}) per multiplier; shift = "
+                        "largest − smallest multiplier; v/h = ‖v‖ / ‖h‖", box=box.SIMPLE)
+    for col in ("layer", *result.axes[1].labels, "shift", "v/h"):
+        table.add_column(col, no_wrap=True)
+    ratio = result.extras["vector_norm"] / result.extras["resid_norm"]
+    for i, label in enumerate(result.axes[0].labels):
+        shift = float(result.extras["shift"][i])
+        table.add_row(label, *[f"{v:.3f}" for v in result.values[i].tolist()], f"{shift:+.3f}", f"{float(ratio[i]):.2f}")
+    best = int(result.extras["shift"].argmax())
+    return [table, f"largest shift at layer {result.axes[0].labels[best]}: "
+                   f"{float(result.extras['shift'][best]):+.3f}"], result
+
+
 def _probe(result, config):
     table = Table(title=f"{config.kind} probe on {result.meta['dataset']} ({result.meta.get('n_examples', '')} "
                         f"examples, {config.site}, position {config.position}); majority baseline "
@@ -470,7 +512,9 @@ VIEWS = {"edit": _edit, "edit-eval": _edit_eval, "edit-sequential": _edit_sequen
          "attribute-evaluate": _evaluate,
          "attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
          "flow": _flow, "flow-node": _flow_node, "flow-verify": _flow_verify,
-         "head-inspect": _head_inspect, "patch-cell": _patch_cell, "sae-prompt": _sae_prompt, "lens": _lens, "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
+         "head-inspect": _head_inspect, "patch-cell": _patch_cell, "sae-prompt": _sae_prompt, "lens": _lens,
+         "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
+         "patchscope-eval": _patchscope_eval, "caa": _caa,
          "probe": _probe, "steer": _steer, "project": _project, "sae-train": _sae_train,
          "sae-eval": _sae_eval, "sae-features": _sae_features, "sae-compare": _sae_compare, "heads": _heads}
 

@@ -173,3 +173,32 @@ def test_exact_head_effects_match_single_runs(tiny_llama):
         run = model.run(clean, interventions=[Patch(site, value=value, heads=[head])], logits="last")
         assert float(res.values[layer, head]) == pytest.approx(float(metric(run.logits) - base), abs=1e-5)
     assert res.values.abs().max() > 1e-3
+
+
+def test_head_check_sets_atp_beside_exact_patching(tiny_llama):
+    """atp --exact: the check's columns are the exact sweep, AtP and GradDrop; its wrong-sign heads and ranks
+    recomputed here from those columns; the spec's ResultSet carries it as 'head_check'."""
+    from lmscope import specs
+    from lmscope.localization.atp import AtPConfig
+    from lmscope.localization.atp_check import head_check
+
+    model = tiny_llama
+    check = head_check(model, PAIRS, big=0.05)
+    exact = exact_head_effects(model, PAIRS, direction="noise").values.flatten()
+    plain = atp(model, PAIRS, nodes=("head",), direction="noise", normalise=False)["head"].values.flatten()
+    gd = atp(model, PAIRS, nodes=("head",), direction="noise", normalise=False, graddrop=True)["head"].values.flatten()
+    torch.testing.assert_close(check.values, torch.stack([exact, plain, gd], 1))
+    assert check.meta["spearman"] == pytest.approx(spearman(plain, exact), abs=1e-9)
+    H = model.spec.n_heads
+    big = exact.abs() >= 0.05 * exact.abs().max()
+    want = sorted((i for i in range(len(exact)) if big[i] and (plain[i] > 0) != (exact[i] > 0)),
+                  key=lambda i: -abs(float(exact[i])))
+    assert [r["head"] for r in check.meta["wrong_sign"]] == [f"L{i // H}.H{i % H}" for i in want]
+    top = check.meta["top_exact"][0]
+    i = int(exact.abs().argmax())
+    assert top["head"] == f"L{i // H}.H{i % H}" and top["rank_exact"] == 1
+    assert top["rank_atp"] == 1 + int((plain.abs() > plain[i].abs()).sum())
+    rs = specs.get("atp").run(model, PAIRS, AtPConfig(direction="noise", exact=True))
+    torch.testing.assert_close(rs["head_check"].values, check.values)
+    with pytest.raises(InputError, match="big"):
+        head_check(model, PAIRS, big=0.0)

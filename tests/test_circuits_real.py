@@ -38,8 +38,9 @@ def test_ioi_circuit_recovers_the_logit_difference(smollm, ioi_scores):
 
 
 def test_ioi_circuit_by_abs_score_approaches_the_model(smollm, ioi_scores, capsys):
-    """Edges ranked by |score| (the ranking of MIB's circuit-model distance): F → 1 as the circuit grows,
-    which a random ranking of the same sizes does not do; the whole graph is the model itself (F = 1)."""
+    """Edges ranked by |score| (the ranking of MIB's circuit-model distance): F → 1 as the circuit grows
+    (measured F 0.45, 0.57, 0.84, 0.95 at 1%, 5%, 20%, 50% of the edges), which a random ranking of the same
+    sizes does not do (F ≈ 0); the whole graph is the model itself (F = 1)."""
     pairs, scores = ioi_scores
     n_all = scores.graph.n_edges
     fractions = (0.01, 0.05, 0.2, 0.5, 1.0)
@@ -53,5 +54,5 @@ def test_ioi_circuit_by_abs_score_approaches_the_model(smollm, ioi_scores, capsy
               "random at", fractions[2:4], [round(float(v), 4) for v in rnd.values])
     assert float(dist[-1]) < 1e-3
     assert (dist[1:] <= dist[:-1] + 0.02).all(), dist
-    assert float(dist[3]) <= 0.2, dist
+    assert float(dist[2]) <= 0.3 and float(dist[3]) <= 0.1, dist  # measured: 0.16 at 20%, 0.05 at 50%
     assert ((1 - rnd.values).abs() > dist[2:4] + 0.1).all(), (rnd.values, dist)

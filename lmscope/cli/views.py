@@ -118,7 +118,8 @@ def head_check_table(check) -> Table:
     for col in ("head", "exact", "AtP", "GradDrop", "rank exact", "rank |AtP|", "rank GradDrop", "AtP sign"):
         table.add_column(col)
     wrong = {r["head"] for r in meta["wrong_sign"]}
-    rows = meta["top_exact"] + [r for r in meta["wrong_sign"] if r["head"] not in {t["head"] for t in meta["top_exact"]}]
+    top = {t["head"] for t in meta["top_exact"]}
+    rows = meta["top_exact"] + [r for r in meta["wrong_sign"] if r["head"] not in top]
     for r in rows:
         table.add_row(r["head"], f"{r['exact']:+.3f}", f"{r['atp']:+.3f}", f"{r.get('graddrop', float('nan')):.3f}",
                       str(r["rank_exact"]), str(r["rank_atp"]), str(r.get("rank_graddrop", "–")),

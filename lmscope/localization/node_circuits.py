@@ -62,7 +62,8 @@ def edge_scores_from_nodes(graph: EdgeGraph, node_scores: dict[str, float], meth
                       rank_keys=keys)
 
 
-def atp_edge_scores(model: Model, pairs: PromptPairs, *, metric: str = "logit_diff", batch_size: int = 16) -> EdgeScores:
+def atp_edge_scores(model: Model, pairs: PromptPairs, *, metric: str = "logit_diff",
+                    batch_size: int = 16) -> EdgeScores:
     """AtP node scores (noising: heads' ``attn.z``, MLPs' ``mlp_out``) as edge scores ranked by their
     weaker end (module docstring)."""
     from lmscope.localization.atp import atp

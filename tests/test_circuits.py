@@ -416,3 +416,60 @@ def test_find_circuit_mib_option(tiny_llama):
         direct.values.flatten().tolist(), abs=1e-5)
     with pytest.raises(InputError, match="ACDC"):
         CircuitConfig(method="acdc", mib=True)
+
+
+def _node_of(receiver: str) -> str:
+    return ".".join(receiver.split(".")[:2])
+
+
+def test_node_scores_rank_edges_by_their_weaker_end(tiny_llama):
+    """The top-n edges of node-derived scores are exactly the edges among the top-k nodes (input and logits
+    always in), computed here by a loop over the edges, for every k, by |score| and by support; AtP's node
+    scores are its noising estimates."""
+    from lmscope.localization.atp import atp
+    from lmscope.localization.node_circuits import atp_edge_scores, edge_scores_from_nodes
+
+    graph = edge_graph(tiny_llama)
+    g = torch.Generator().manual_seed(1)
+    nodes = list(graph.upstream[1:])
+    vals = torch.randn(len(nodes), generator=g).tolist()
+    scores = edge_scores_from_nodes(graph, dict(zip(nodes, vals)), "nodes", tiny_llama.name, clean_metric=2.0,
+                                    corrupt_metric=-1.0)
+    for absolute in (True, False):
+        key = {n: (abs(v) if absolute else -v) for n, v in zip(nodes, vals)}  # support: −score (clean > corrupt)
+        order = sorted(nodes, key=lambda n: -key[n])
+        for k in (0, 1, 3, len(nodes) // 2, len(nodes)):
+            kept = set(order[:k]) | {"input", "logits"}
+            want = torch.zeros_like(graph.valid)
+            for u, up in enumerate(graph.upstream):
+                for r, rec in enumerate(graph.receivers):
+                    want[u, r] = bool(graph.valid[u, r]) and up in kept and _node_of(rec) in kept
+            got = select(scores, int(want.sum()), "top", absolute)
+            assert torch.equal(got, want), (absolute, k)
+    u, r = graph.head_index(1, 2), graph.receivers.index("a2.h0.q")
+    assert float(scores.scores[u, r]) == min(vals[u - 1], vals[nodes.index("a2.h0")], key=abs)
+    with pytest.raises(InputError, match="No node score"):
+        edge_scores_from_nodes(graph, {"a0.h0": 1.0}, "nodes", tiny_llama.name, clean_metric=1.0, corrupt_metric=0.0)
+    res = atp(tiny_llama, PAIRS, nodes=("head", "mlp"), direction="noise", normalise=False)
+    from_atp = atp_edge_scores(tiny_llama, PAIRS)
+    ns = from_atp.meta["node_scores"]
+    assert ns["a1.h3"] == pytest.approx(float(res["head"].values[1, 3]), abs=1e-6)
+    assert ns["m2"] == pytest.approx(float(res["mlp"].values[2]), abs=1e-6)
+    assert from_atp.meta["clean_metric"] == pytest.approx(res["head"].meta["clean_metric"], abs=1e-6)
+
+
+def test_mib_scores_of_several_methods_in_one_pass(tiny_llama):
+    """Several score sets (EAP, AtP-derived) in one call give the rows of separate calls, one random row."""
+    from lmscope.localization.circuit_scores import circuit_scores
+    from lmscope.localization.node_circuits import atp_edge_scores
+
+    fr = (0.0, 0.05, 0.3, 1.0)
+    a, b = eap(tiny_llama, PAIRS), atp_edge_scores(tiny_llama, PAIRS)
+    both = circuit_scores(tiny_llama, PAIRS, [a, b], fractions=fr, random_seed=2)
+    assert both.axes[0].labels == ("eap", "atp", "random")
+    assert both.meta["circuits_checked"] < 3 * 2 * len(fr)  # the empty and the full circuit once each
+    for row, sc in ((0, a), (1, b)):
+        alone = circuit_scores(tiny_llama, PAIRS, sc, fractions=fr, random_seed=2)
+        torch.testing.assert_close(both.values[row], alone.values[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(both.values[2], alone.values[1], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(both.values[0], both.values[1])

@@ -270,3 +270,19 @@ def test_train_workflow_reports_both_stages(tiny_llama, tmp_path):
     torch.testing.assert_close(evaluate_lens(m, back, corpus, tokens=16 * 8, context=16).values, ls_only.values)
     with pytest.raises(InputError, match="Nothing to train"):
         TrainLensConfig(tokens=0, out_dir="x", lstsq_tokens=0)
+
+
+@pytest.mark.real
+def test_least_squares_lens_halves_the_logit_lens_kl_on_smollm(smollm):
+    """A least-squares lens fitted on 1,024 tokens (forward passes only; seconds): held-out KL at most half the
+    logit lens's at every layer from 3 to 27 (the issue's target, met at 16k tokens with ratio <= 0.23), and
+    the last block's output is left to the model (the last row is the model itself)."""
+    held = token_contexts(smollm, "default", context=64, split="heldout", max_tokens=64)
+    lens = fit_lens_least_squares(smollm, "default", tokens=1024, context=64, progress=False)
+    assert lens.info["lstsq"]["tokens"] == 16 * 63
+    ev = evaluate_lens(smollm, lens, contexts=held)
+    kl_logit, kl_ls = ev.values[:, 0], ev.values[:, 1]
+    ratio = kl_ls / kl_logit
+    print("\nKL ratio least squares / logit lens by layer:", [round(float(r), 3) for r in ratio])
+    assert (ratio[4:29] <= 0.5).all(), ratio  # rows: embed, 0, 1, ...: layers 3..27 are rows 4..28
+    assert float(kl_ls[-1]) == float(kl_logit[-1]) < 1e-4

@@ -104,7 +104,28 @@ def _atp(result, config):
                                 f"{res.meta['clean_metric']:.3f}, corrupt {res.meta['corrupt_metric']:.3f}")]
     if "mlp" in result and config.node != "mlp":
         shown.append(top_table(result["mlp"], 5, "MLP layers"))
+    if "head_check" in result:
+        shown.append(head_check_table(result["head_check"]))
     return shown, res
+
+
+def head_check_table(check) -> Table:
+    """The heads with the largest exact effects and those whose AtP sign is wrong, with the rank
+    correlations (the ``head_check`` member of ``atp --exact``)."""
+    meta = check.meta
+    table = Table(title=f"AtP against exact head patching ({check.params['direction']}, {check.params['n_prompts']} "
+                        f"prompts): Spearman {meta['spearman']:.3f}, |AtP| vs |exact| {meta['spearman_abs']:.3f}, "
+                        f"GradDrop vs |exact| {meta.get('spearman_graddrop_abs', float('nan')):.3f}")
+    for col in ("head", "exact", "AtP", "GradDrop", "rank exact", "rank |AtP|", "rank GradDrop", "AtP sign"):
+        table.add_column(col)
+    wrong = {r["head"] for r in meta["wrong_sign"]}
+    top = {t["head"] for t in meta["top_exact"]}
+    rows = meta["top_exact"] + [r for r in meta["wrong_sign"] if r["head"] not in top]
+    for r in rows:
+        table.add_row(r["head"], f"{r['exact']:+.3f}", f"{r['atp']:+.3f}", f"{r.get('graddrop', float('nan')):.3f}",
+                      str(r["rank_exact"]), str(r["rank_atp"]), str(r.get("rank_graddrop", "–")),
+                      "wrong" if r["head"] in wrong else "ok")
+    return table
 
 
 def _circuit(result, config):

@@ -74,6 +74,8 @@ class AtPConfig:
     star: bool = specs.option(False, "AtP*: the QK fix and GradDrop together.", flags=("--star",))
     node: str = specs.option("head", "Node kind the command line shows and writes to --json: head | mlp | neuron | "
                                      "resid (with --star also head_q | head_k | head_v).", choices=ALL_NODES)
+    exact: bool = specs.option(False, "Also patch every head exactly and set AtP and AtP*'s GradDrop beside it "
+                                      "(member 'head_check'; L·H extra patched runs).", flags=("--exact",))
 
     def __post_init__(self):
         object.__setattr__(self, "nodes", tuple(self.nodes))
@@ -347,8 +349,14 @@ def run_atp(model: Model, pairs: PromptPairs, config: AtPConfig) -> ResultSet:
     nodes = config.nodes
     if config.nodes == NODES and len(set(pairs.lengths(model))) > 1:
         nodes = tuple(k for k in NODES if k != "resid")  # positions do not align across prompts
-    return atp(model, pairs, nodes=nodes, direction=config.direction, metric=config.metric, qk_fix=config.qk_fix,
-               graddrop=config.graddrop, batch_size=config.batch_size, normalise=config.normalise)
+    res = atp(model, pairs, nodes=nodes, direction=config.direction, metric=config.metric, qk_fix=config.qk_fix,
+              graddrop=config.graddrop, batch_size=config.batch_size, normalise=config.normalise)
+    if not config.exact:
+        return res
+    from lmscope.localization.atp_check import head_check
+
+    check = head_check(model, pairs, direction=config.direction, metric=config.metric, batch_size=config.batch_size)
+    return ResultSet({**res.results, "head_check": check}, res.method, res.model, res.meta)
 
 
 specs.register(specs.MethodSpec("atp", "localization", "pairs", AtPConfig, run_atp, "resultset",

@@ -54,7 +54,12 @@ def _node_doc(name: str) -> dict:
 
 @dataclass
 class EdgeScores:
-    """One score per edge of ``graph`` (``scores`` (U, R), 0 where no edge exists)."""
+    """One score per edge of ``graph`` (``scores`` (U, R), 0 where no edge exists).
+
+    ``rank_keys``, when given, are the (U, R) keys edges are ranked by, (by |score|, by support), in
+    place of ``|scores|`` and :meth:`support`: scores derived from node scores
+    (:func:`lmscope.localization.node_circuits.edge_scores_from_nodes`) rank edges by their weaker end.
+    """
 
     graph: EdgeGraph
     scores: torch.Tensor
@@ -62,6 +67,7 @@ class EdgeScores:
     model: str
     params: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    rank_keys: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def ranked(self) -> list[tuple[str, str, float]]:
         """Every edge as (upstream, receiver, score), largest |score| first."""
@@ -75,6 +81,8 @@ class EdgeScores:
         """(U, R) how much each edge's clean value supports the clean behaviour: the scores estimate
         M(edge corrupted) − M(clean), so support is −score when M(clean) ≥ M(corrupt) (as for a logit
         difference) and +score otherwise. Taken from ``meta``'s clean and corrupted metrics."""
+        if self.rank_keys is not None:
+            return self.rank_keys[1].clone()
         clean, corrupt = self.meta.get("clean_metric"), self.meta.get("corrupt_metric")
         if clean is None or corrupt is None:
             raise InputError("Ranking by support needs the clean and corrupted metrics (meta 'clean_metric' and "
@@ -83,7 +91,10 @@ class EdgeScores:
 
     def rank_key(self, absolute: bool = True) -> torch.Tensor:
         """(U, R) the key edges are ranked by (|score| or :meth:`support`), −inf where no edge exists."""
-        key = self.scores.abs() if absolute else self.support()
+        if absolute:
+            key = self.scores.abs() if self.rank_keys is None else self.rank_keys[0]
+        else:
+            key = self.support()
         return torch.where(self.graph.valid, key, torch.tensor(float("-inf")))
 
     def top_mask(self, n: int, absolute: bool = True) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Finding a circuit, end to end: edge scores (EAP, EAP-IG, clean-corrupted EAP) or ACDC, a circuit of
+"""Finding a circuit, end to end: edge scores (EAP, EAP-IG, clean-corrupted EAP, or AtP's node scores
+ranking each edge by its weaker end, :mod:`lmscope.localization.node_circuits`) or ACDC, a circuit of
 the asked size, and its faithfulness checked by patching every other edge to its corrupted value.
 
 Faithfulness follows the patching conventions of :mod:`lmscope.targets`: F = (M(circuit) − M_corrupt) /
@@ -18,18 +19,20 @@ from lmscope.localization.acdc import acdc
 from lmscope.localization.circuit_scores import circuit_scores
 from lmscope.localization.circuits import SELECTIONS, evaluate_masks, extract, faithfulness_curve
 from lmscope.localization.eap import eap
+from lmscope.localization.node_circuits import atp_edge_scores
 from lmscope.localization.tasks import PromptPairs
 from lmscope.models import Model
 from lmscope.results import Result
 
-CIRCUIT_METHODS = ("eap", "eap-ig", "clean-corrupted", "acdc")
+CIRCUIT_METHODS = ("eap", "eap-ig", "clean-corrupted", "acdc", "atp")
 
 
 @dataclass(frozen=True)
 class CircuitConfig:
     """Options of :func:`find_circuit`."""
 
-    method: str = specs.option("eap", "eap | eap-ig | clean-corrupted | acdc", choices=CIRCUIT_METHODS)
+    method: str = specs.option("eap", "eap | eap-ig | clean-corrupted | acdc | atp (AtP node scores: the edges among "
+                                      "the top heads and MLPs)", choices=CIRCUIT_METHODS)
     edges: int | None = specs.option(None, "Circuit size in edges (default: --fraction of all edges).")
     fraction: float = specs.option(0.05, "Circuit size as a fraction of the graph's edges.")
     select: str = specs.option("pruned", "top (largest |score|) | pruned (top, dangling edges removed) | greedy "
@@ -44,7 +47,7 @@ class CircuitConfig:
 
     def __post_init__(self):
         if self.method not in CIRCUIT_METHODS:
-            raise InputError(f"--method {self.method!r}: choose eap, eap-ig, clean-corrupted or acdc.")
+            raise InputError(f"--method {self.method!r}: choose eap, eap-ig, clean-corrupted, acdc or atp.")
         if not 0 < self.fraction <= 1:
             raise InputError(f"--fraction {self.fraction}: give a fraction in (0, 1].")
         if self.select not in SELECTIONS:
@@ -53,19 +56,22 @@ class CircuitConfig:
             raise InputError(f"--rank {self.rank!r}: choose abs or support.")
         if self.mib and self.method == "acdc":
             raise InputError("--mib ranks edges by their scores; ACDC gives a circuit, not scores. Use --method eap, "
-                             "eap-ig or clean-corrupted.")
+                             "eap-ig, clean-corrupted or atp.")
         if self.edges is not None and self.edges < 1:
             raise InputError(f"--edges {self.edges}: give a positive number of edges.")
 
 
 def find_circuit(model: Model, pairs: PromptPairs, config: CircuitConfig = CircuitConfig()) -> Result:
-    """Find a circuit (EAP, EAP-IG, clean-corrupted EAP or ACDC) and check its faithfulness by patching
-    everything else."""
+    """Find a circuit (EAP, EAP-IG, clean-corrupted EAP, AtP-derived or ACDC) and check its faithfulness by
+    patching everything else."""
     absolute = config.rank == "abs"
     if config.method == "acdc":
         circ, scores = acdc(model, pairs, threshold=config.threshold), None
     else:
-        scores = eap(model, pairs, method=config.method, ig_steps=config.ig_steps)
+        if config.method == "atp":
+            scores = atp_edge_scores(model, pairs)
+        else:
+            scores = eap(model, pairs, method=config.method, ig_steps=config.ig_steps)
         size = config.edges if config.edges is not None else max(1, round(config.fraction * scores.graph.n_edges))
         circ = extract(scores, size, config.select, absolute=absolute)
     ev = evaluate_masks(model, pairs, [circ.mask])
@@ -73,7 +79,7 @@ def find_circuit(model: Model, pairs: PromptPairs, config: CircuitConfig = Circu
     faith = (float(ev["circuit"][0]) - ev["corrupt"]) / gap if abs(gap) > 1e-6 else float("nan")
     circ.meta.update(faithfulness=faith, clean_metric=ev["clean"], corrupt_metric=ev["corrupt"],
                      circuit_metric=float(ev["circuit"][0]), task=pairs.meta.get("task"))
-    if config.rank == "support" and config.method in ("eap", "clean-corrupted"):
+    if config.rank == "support" and config.method in ("eap", "clean-corrupted", "atp"):
         circ.meta["note"] = (f"--rank support trusts the sign of each score; {config.method} can get it wrong for "
                              "strongly nonlinear edges (input → m0 on SmolLM2). --method eap-ig is safer.")
     if config.curve and scores is not None:

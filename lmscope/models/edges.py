@@ -148,6 +148,16 @@ def stack_upstream(model: Model, cache: dict, upto_layer: int | None = None, *,
     return torch.cat(parts)
 
 
+def _upstream_chunk(model: Model, cache: dict, graph: EdgeGraph, start: int) -> torch.Tensor:
+    """(n, B, T, D) writes of the upstream nodes from index ``start``: the input, one layer's heads, or one MLP."""
+    if start == 0:
+        return cache["embed"].unsqueeze(0)
+    layer, offset = divmod(start - 1, graph.up_stride)
+    if offset == 0:
+        return cache[f"blocks.{layer}.attn.head_out"].permute(2, 0, 1, 3)
+    return cache[f"blocks.{layer}.mlp_out"].unsqueeze(0)
+
+
 def upstream_values(model: Model, batch: Batch, interventions=()) -> torch.Tensor:
     """(U, B, T, D) writes of every upstream node in a plain run (no gradient)."""
     with torch.no_grad():
@@ -248,20 +258,43 @@ def edge_forward(model: Model, batch: Batch, *, patch: torch.Tensor | None = Non
     handles = []
     state: dict = {}
 
-    def patched_input(x: torch.Tensor, cols: slice | int, layer: int, session, heads_of: int | None):
-        """x minus the patched deltas for receiver columns ``cols`` (x: (B, T, D))."""
+    # z_u(run) − z_u(corrupt) of the upstream nodes in graph order, each chunk (the input, one layer's heads,
+    # one MLP) computed once per run when first needed (its nodes have run by then); without gradients they
+    # go into one buffer, so that each receiver group's patched deltas are one matrix product
+    done = [0]
+    chunks: list[torch.Tensor] = []
+    buffer: list[torch.Tensor] = []
+
+    def deltas(session, n_up: int) -> torch.Tensor:
+        """(n_up, B, T, D) the deltas of the first ``n_up`` upstream nodes."""
+        while done[0] < n_up:
+            z = _upstream_chunk(model, session.cache, graph, done[0])
+            d = z - corrupt[done[0]:done[0] + len(z)].to(z)
+            if grad:
+                chunks.append(d)
+            else:
+                if not buffer:
+                    buffer.append(torch.empty((len(graph.upstream), *d.shape[1:]), dtype=d.dtype, device=d.device))
+                buffer[0][done[0]:done[0] + len(d)] = d
+            done[0] += len(d)
+        if grad:
+            out = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+            return out[:n_up]
+        return buffer[0][:n_up]
+
+    def patched_input(x: torch.Tensor, cols: slice | int, layer: int | None, session, heads_of: int | None):
+        """The patched deltas Σ_u P[u, v] (z_u(run) − z_u(corrupt)) for receiver columns ``cols`` ((R', B, T, D),
+        subtracted from x by the caller), or None if no edge into them is patched."""
         if patch is None:
             return None
         w = patch[:, cols]
         w = w.unsqueeze(1) if w.ndim == 1 else w
         n_up = w.shape[0] if layer is None else (1 + layer * graph.up_stride + (h_n if heads_of is not None else 0))
-        w = w[:n_up].float()
+        w = w[:n_up]
         if not w.any():
             return None
-        used = w.any(dim=1).nonzero().flatten()
-        z_run = stack_upstream(model, session.cache, layer, include_heads_of=heads_of)[used]
-        delta = z_run - corrupt[used].to(z_run)
-        return torch.einsum("ur,ubtd->rbtd", w[used].to(delta), delta)
+        d = deltas(session, n_up)
+        return (w.T.to(d) @ d.flatten(1)).view(w.shape[1], *d.shape[1:])
 
     def attn_norm_hook(layer, session):
         def hook(module, args, output):
@@ -304,12 +337,9 @@ def edge_forward(model: Model, batch: Batch, *, patch: torch.Tensor | None = Non
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
             new = x.clone()
-            if patch is not None:
-                w = patch[:, -1].float()
-                if w.any():
-                    used = w.nonzero().flatten()
-                    z_run = stack_upstream(model, session.cache)[used]
-                    new = new - torch.einsum("u,ubtd->btd", w[used].to(x), z_run - corrupt[used].to(x))
+            d = patched_input(x, -1, None, session, None)
+            if d is not None:
+                new = new - d[0].to(x)
             run.final_input = new
             if args:
                 return (new, *args[1:]), kwargs

@@ -12,6 +12,7 @@ from lmscope.localization.find_circuit import CircuitConfig, find_circuit
 from lmscope.localization.flow import FlowConfig, FlowGraphConfig, flow, flow_contributions, graph_edges, route
 from lmscope.localization.flow_node import FlowNodeConfig
 from lmscope.localization.flow_verify import FlowVerifyConfig
+from lmscope.localization.recall import known_facts
 from lmscope.localization.path_patching import PathPatchConfig, path_patching
 from lmscope.localization.patching import PatchConfig, activation_patching, prepare
 from lmscope.localization.tasks import PromptPairs, factual, induction, ioi, pair, task_pairs
@@ -21,5 +22,5 @@ __all__ = ["AtPConfig", "Circuit", "CircuitConfig", "DLAConfig", "EdgeScores", "
            "FlowNodeConfig", "FlowVerifyConfig", "PatchConfig", "PathPatchConfig",
            "PromptPairs", "TraceConfig", "acdc", "activation_patching", "atp", "atp_star", "causal_trace", "dla", "eap",
            "exact_head_effects", "extract", "factual", "faithfulness_curve", "find_circuit", "flow",
-           "flow_contributions", "graph_edges", "induction", "ioi", "metrics", "pair", "path_patching", "prepare",
+           "flow_contributions", "graph_edges", "induction", "ioi", "known_facts", "metrics", "pair", "path_patching", "prepare",
            "route", "task_pairs", "tasks"]

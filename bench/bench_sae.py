@@ -4,7 +4,9 @@ A 576 → 4608 TopK SAE (k = 32, batch 4096) on SmolLM2 layer-15 resid_post acti
 harvested first when ``LMSCOPE_SAE_STORE`` does not point at one), massive-activation rows (norm > 10× the
 median) left out, the last 8192 rows held out. Sides:
 
-* ``saelens``: SAELens's ``SAETrainer`` with ``TopKTrainingSAE`` (lr 4e-4 constant, no wandb, no checkpoints);
+* ``saelens``: SAELens's ``SAETrainer`` with ``TopKTrainingSAE`` (lr 4e-4 constant, no wandb, no checkpoints),
+  activations scaled to E‖x‖ = √d and b_dec at the training mean (SAELens 6 leaves both to the caller; without
+  them its held-out FVU after 50 steps is ~1.3, worse than predicting the mean);
 * ``lmscope``: ``lmscope.sae.train`` with its default recipe (input scaling, b_dec at the geometric median,
   AuxK, decoder projection, LR warm-up and decay planned for the cap);
 * ``plain``: the loop one writes without a library (dense encode, top-k, dense decode, MSE, Adam 4e-4).
@@ -158,8 +160,18 @@ def saelens_side(acts, held, target, cap=CAP):
     import sae_lens as sl
     from sae_lens.config import SAETrainerConfig
 
+    # SAELens 6 starts b_dec at zero and leaves data statistics to the caller. On these residuals (mean norm
+    # ~170, dominated by a shared offset) a zero b_dec spends the whole budget learning the mean: the held-out
+    # FVU is still ~1.3 after 50 steps. So its side gets the two data steps its own runner and older versions
+    # took: activations scaled to E‖x‖ = √d (normalize_activations="expected_average_only_in", applied here
+    # because the trainer would estimate it from the timed stream) and b_dec at the training mean
+    # (b_dec_init_method="mean"). FVU is scale-invariant, so the target stays comparable across sides.
+    scale = D ** 0.5 / float(acts.norm(dim=-1).mean())
+    acts, held = acts * scale, held * scale
     torch.manual_seed(0)
     sae = sl.TopKTrainingSAE(sl.TopKTrainingSAEConfig(d_in=D, d_sae=F, k=K, device="cpu"))
+    with torch.no_grad():
+        sae.b_dec.copy_(acts.mean(0))
     source = Chunked(acts, held, lambda: fvu(sae, held), target, cap)
     trainer = sl.SAETrainer(cfg=SAETrainerConfig(total_training_samples=BS * (cap + 1), train_batch_size_samples=BS,
                                                  lr=LR, lr_end=LR), sae=sae, data_provider=source.training())
@@ -244,7 +256,8 @@ def main() -> None:
               why="both float64 sums over the held-out rows; only summation order differs"),
     ]
     work = {
-        "saelens": "SAETrainer + TopKTrainingSAE (AuxK, decoder-norm rescaling), constant lr 4e-4, raw activations",
+        "saelens": "SAETrainer + TopKTrainingSAE (AuxK, decoder-norm rescaling), constant lr 4e-4, activations scaled to "
+                   "E‖x‖ = √d, b_dec at the training mean",
         "lmscope": "train(): TopK with input scaling, b_dec at the geometric median, AuxK, decoder-gradient "
                    "projection, unit-norm decoder, gradient clipping, sparse (embedding-bag) decode, LR schedule "
                    f"planned for {CAP} steps",

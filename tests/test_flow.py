@@ -4,7 +4,6 @@ thresholded graph's structure, and the IOI route on the real model."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -116,11 +115,15 @@ def test_ioi_route_reaches_mary(smollm, tmp_path):
 
 
 @pytest.mark.real
-def test_flow_is_fast_on_64_tokens(smollm):
+def test_flow_on_64_tokens_of_the_real_model(smollm):
+    # speed is measured in bench/bench_atp.py (information-flow routes, 64 tokens); here only the graph
     ids = smollm.encode(" ".join(["The quick brown fox jumps over the lazy dog."] * 8)).input_ids[0, :64]
-    prompt = smollm.decode(ids)
-    t0 = time.perf_counter()
-    res = flow(smollm, prompt)
-    elapsed = time.perf_counter() - t0
+    res = flow(smollm, smollm.decode(ids))
     assert len(res.meta["tokens"]) == 64
-    assert elapsed < 60  # seconds on an idle 2-core machine; generous for a shared one
+    pos = {n["id"]: n["position"] for n in res.meta["nodes"]}
+    edges = res.meta["edges"]
+    assert all(pos[e["source"]] <= pos[e["target"]] for e in edges)  # causal
+    incoming: dict[str, float] = {}
+    for e in edges:
+        incoming[e["target"]] = incoming.get(e["target"], 0.0) + e["weight"]
+    assert incoming and all(abs(v - 1) < 1e-4 for v in incoming.values())

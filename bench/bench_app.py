@@ -7,7 +7,9 @@
 * a 512-token prompt: time and the growth of the process's peak resident memory during the call (the
   blockwise decomposition holds at most ``CHUNK_FLOATS`` floats of parts at a time);
 * the route at τ = 0.04 from the full graph (what the slider does, in Python here; in the browser the
-  browser test measures the drawing).
+  browser test measures the drawing);
+* one cold API call of each view that needs a forward (node click, verify, head inspector, drag-to-patch,
+  steering) on the 64-token prompt.
 
 ``python bench_app.py --screenshot PATH`` instead serves the default model and saves a screenshot of the
 graph view with Playwright and Debian's chromium (the README's picture).
@@ -73,6 +75,16 @@ def main() -> None:
     direct = flow_mod.flow(model, p64, threshold=0.04, contributions=outs["lmscope blockwise"])
     checks.append(check("route from the full graph vs flow()", sorted(e["weight"] for e in routed),
                         sorted(e["weight"] for e in direct.meta["edges"]), atol=1e-9, why="same edges, same sums"))
+    views_ms = {}  # one cold API call each on the 64-token prompt: what a click in each view waits for
+    pair = [{"clean": p64, "corrupt": p64.replace("John gave", "Mary gave", 1), "target": " Mary", "foil": " John"}]
+    for label, method, inputs, config in (
+            ("node click (flow-node heads)", "flow-node", p64, {"component": "attn_heads", "layer": 15}),
+            ("node click (flow-node lens)", "flow-node", p64, {"component": "resid_post", "layer": 15}),
+            ("verify (flow-verify)", "flow-verify", p64, {}),
+            ("head inspector (head-inspect)", "head-inspect", p64, {"layer": 15, "head": 3}),
+            ("drag to patch (patch-cell)", "patch-cell", pair, {"layer": 10, "position": 10}),
+            ("steering, 20 tokens (steer)", "steer", p64, {"positive": " Love", "negative": " Hate", "layer": 6})):
+        views_ms[label] = app.run({"method": method, "inputs": inputs, "config": config})["meta"]["latency_ms"]
     p512 = prompt_of(model, 512)
     t512 = len(model.to_str_tokens(p512))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -87,6 +99,7 @@ def main() -> None:
         checks=checks, timings=timings, model=model.name, tokens=t64,
         speedup=ratio(timings["one block"], timings["lmscope blockwise"]),
         api_flow_graph_cold_ms=cold["meta"]["latency_ms"], api_flow_graph_cached_ms=warm["meta"]["latency_ms"],
+        api_views_cold_ms=views_ms,
         graph_edges_above_0_01=len(edges), route_ms_python=round(route_ms, 2), route_edges=len(routed),
         json_mb=round(len(__import__("json").dumps(cold["result"])) / 1e6, 2),
         tokens_512=t512, seconds_512=round(s512, 2), edges_512=len(g512.meta["edges"]),

@@ -222,6 +222,11 @@ def config_from_json(config_cls: type, doc: dict | str | None) -> Any:
     unknown = sorted(set(doc) - names)
     if unknown:
         raise InputError(f"{config_cls.__name__} has no field(s) {unknown}; fields: {', '.join(sorted(names))}.")
+    required = [f.name for f in fields_of(config_cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in doc]
+    if required:
+        raise InputError(f"{config_cls.__name__} needs {', '.join(required)} (no default); give "
+                         f"{'it' if len(required) == 1 else 'them'} in config.")
     types_ = field_types(config_cls)
     return config_cls(**{k: _coerce(v, types_[k], k) for k, v in doc.items()})
 
@@ -277,7 +282,10 @@ def run_json(model, name: str, inputs_json: Any, config_json: dict | str | None 
     """What the web app calls: inputs and config as JSON (objects or text), the Result back."""
     spec = get(name)
     if isinstance(inputs_json, str) and spec.input_kind in ("pairs", "labelled"):
-        inputs_json = json.loads(inputs_json)
+        try:
+            inputs_json = json.loads(inputs_json)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{name} takes {spec.input_kind} as JSON; this text is not JSON ({err}).") from None
     config = config_from_json(spec.config, config_json)
     return run(model, spec, inputs_from_json(model, spec.input_kind, inputs_json), config)
 

@@ -70,6 +70,13 @@ def tiny_config(family: str):
     if family == "mamba":  # a state-space model: no attention, no MLP
         return tr.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, state_size=4, expand=2,
                               conv_kernel=4, pad_token_id=1, bos_token_id=2, eos_token_id=1)
+    if family == "falcon_mamba":  # Mamba with RMS-normalised Δ, B and C
+        return tr.FalconMambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, state_size=4, expand=2,
+                                    conv_kernel=4, pad_token_id=1, bos_token_id=2, eos_token_id=1)
+    if family == "mamba2":  # SSD: 8 heads of 8 channels in 2 groups
+        return tr.Mamba2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, state_size=4, expand=2,
+                               num_heads=8, head_dim=8, n_groups=2, conv_kernel=4, chunk_size=8, pad_token_id=1,
+                               bos_token_id=2, eos_token_id=1)
     raise ValueError(family)
 
 

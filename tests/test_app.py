@@ -1,6 +1,6 @@
 """`lmscope app`: the JSON API answers what specs.run_json computes, bad input gets a 4xx, concurrent calls
-equal sequential ones; the graph view's route (route.js, run with node) equals the library's; and, where
-Playwright and Debian's chromium are installed, the page in a real browser."""
+equal sequential ones; the graph view's route (route.js, run with node) equals the library's; SAE folders only
+under the app's root. The page in a real browser: tests/test_app_browser.py."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from pathlib import Path
 
 import pytest
 
 from lmscope import specs
 from lmscope.app import App, start
+from lmscope.errors import InputError
 from lmscope.localization.flow import flow, flow_contributions, graph_edges, route
 
 P = "when Mary and John went to the store John gave a drink to"
@@ -34,6 +34,13 @@ CASES = [  # (method, inputs, config): every view of the graph page, and a few o
     ("dla", {"prompt": P, "target": "Mary", "foil": "John"}, {"by": "head"}),
     ("lens", P, {"k": 3}),
     ("attribute", {"prompt": P, "target": "Mary"}, {"method": "saliency"}),
+    ("flow-verify", {"prompt": P, "target": "Mary"}, {"nodes": "A1_12,M2_12,A0_3"}),
+    ("head-inspect", P, {"layer": 1, "head": 2, "position": 9}),
+    ("patch-cell", [{"clean": P, "corrupt": P.replace("John gave", "Mary gave"), "target": "Mary", "foil": "John"}],
+     {"layer": 1, "position": 8}),
+    ("steer", P, {"positive": "yes", "negative": "no", "layer": 1, "scale": 4.0, "max_new_tokens": 3}),
+    ("sae-prompt", {"saes": "resid"}, {"prompt": P, "latents": 4}),
+    ("sae-prompt", "heads/z", {"prompt": P, "latents": 3, "position": 5}),
 ]
 
 
@@ -42,8 +49,28 @@ def _plain(doc: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_llama):
-    app = App(tiny_llama, max_tokens=64, max_queue=64)
+def sae_root(tiny_llama, tmp_path_factory):
+    """A folder of SAE folders for the SAE view: one on a residual site, one on attention outputs (z)."""
+    from lmscope.sae import make_sae, save_sae
+
+    root, s = tmp_path_factory.mktemp("saes"), tiny_llama.spec
+    save_sae(make_sae("relu", d_in=s.d_model, d_sae=24, site="blocks.1.resid_post", seed=1), root / "resid")
+    save_sae(make_sae("relu", d_in=s.n_heads * s.d_head, d_sae=16, d_head=s.d_head, site="blocks.1.attn.z", seed=2),
+             root / "heads" / "z")
+    (root / "notes").mkdir()
+    return root
+
+
+def _direct_inputs(inputs, sae_root):
+    """What the server hands the spec: SAE folder names resolved under the app's root."""
+    if isinstance(inputs, dict) and "saes" in inputs:
+        inputs = inputs["saes"]
+    return {"saes": str(sae_root / inputs), "corpus": "default"} if inputs in ("resid", "heads/z") else inputs
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama, sae_root):
+    app = App(tiny_llama, max_tokens=64, max_queue=64, sae_dir=sae_root)
     server, thread = start(app)
     yield app, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -67,17 +94,19 @@ def call(url: str, body=None, raw: bytes | None = None, timeout: float = 60) -> 
         return status, payload
 
 
-def test_api_answers_what_run_json_computes(served, tiny_llama):
+def test_api_answers_what_run_json_computes(served, tiny_llama, sae_root):
     app, url = served
     status, info = call(url + "/api/info")
     assert status == 200 and info["model"] == tiny_llama.name and info["n_layers"] == tiny_llama.spec.n_layers
     names = {m["name"] for m in info["methods"]}
-    assert {"flow-graph", "flow-node", "flow", "dla", "lens", "attribute", "patch"} <= names
-    assert not names & {"lens-train", "sae-train", "probe", "lens-eval"}  # files and corpora are not served
+    assert {"flow-graph", "flow-node", "flow", "dla", "lens", "attribute", "patch", "head-inspect", "patch-cell",
+            "steer", "sae-prompt", "sae-features"} <= names
+    assert not names & {"lens-train", "sae-train", "probe", "lens-eval", "sae-eval", "sae-compare"}  # they write
+    assert info["saes"] == ["heads/z", "resid"]  # folders holding an SAE, relative to --sae-dir
     for method, inputs, config in CASES:
         status, doc = call(url + "/api/run", {"method": method, "inputs": inputs, "config": config})
         assert status == 200, (method, doc)
-        want = specs.run_json(tiny_llama, method, inputs, config).to_dict()
+        want = specs.run_json(tiny_llama, method, _direct_inputs(inputs, sae_root), config).to_dict()
         assert _plain(doc["result"]) == json.loads(json.dumps(_plain(want))), (method, config)
         assert doc["meta"]["latency_ms"] >= doc["meta"]["compute_ms"] >= 0 and doc["meta"]["cached"] is False
         status, again = call(url + "/api/run", {"method": method, "inputs": inputs, "config": config})
@@ -100,6 +129,26 @@ def test_bad_requests_get_a_4xx_with_the_reason(served):
         ({"method": "flow", "inputs": " ".join(["cat"] * 100)}, 413, "too long"),
         ({"method": "flow", "inputs": 5}, 400, "prompt"),
         ({"inputs": P}, 400, "method"),
+        ({"method": "sae-prompt", "inputs": "../saes", "config": {"prompt": P}}, 403, "not a folder under"),
+        ({"method": "sae-prompt", "inputs": "/etc", "config": {"prompt": P}}, 403, "not a folder under"),
+        ({"method": "sae-prompt", "inputs": "resid/../../x", "config": {"prompt": P}}, 403, "not a folder under"),
+        ({"method": "sae-prompt", "inputs": "notes", "config": {"prompt": P}}, 404, "No SAE folder"),
+        ({"method": "sae-prompt", "inputs": {"saes": "resid", "corpus": "/etc/passwd"}, "config": {"prompt": P}},
+         403, "built-in corpus"),
+        ({"method": "sae-prompt", "inputs": ["resid"], "config": {"prompt": P}}, 400, "SAE input"),
+        ({"method": "sae-prompt", "inputs": "resid", "config": {"prompt": " ".join(["cat"] * 100)}}, 413, "too long"),
+        ({"method": "sae-prompt", "inputs": "resid", "config": {"prompt": P, "contexts": 1000}}, 413, "at most 64"),
+        ({"method": "sae-features", "inputs": "resid", "config": {"html": "/tmp/x.html"}}, 403, "reads no files"),
+        ({"method": "sae-eval", "inputs": "resid"}, 404, "No method"),
+        ({"method": "steer", "inputs": P, "config": {"positive": "a", "negative": "b", "layer": 1,
+                                                       "max_new_tokens": 1000}}, 413, "at most 128"),
+        ({"method": "flow-verify", "inputs": P, "config": {"nodes": "A9_1"}}, 400, "no block"),
+        ({"method": "steer", "inputs": P, "config": {"layer": 1}}, 400, "needs positive, negative (no default)"),
+        ({"method": "patch-cell", "inputs": "not json", "config": {}}, 400, "not JSON"),
+        ({"method": "sae-prompt", "inputs": "bad\u0000name", "config": {"prompt": P}}, 403, "not a folder under"),
+        ({"method": "flow-verify", "inputs": P, "config": {"nodes": "Z1_1"}}, 400, "block id"),
+        ({"method": "patch-cell", "inputs": [{"clean": P, "corrupt": P, "target": "Mary"}], "config": {"layer": 7}},
+         400, "layer"),
     ]
     for body, status, words in bad:
         got, doc = call(url + "/api/run", body)
@@ -112,10 +161,13 @@ def test_bad_requests_get_a_4xx_with_the_reason(served):
 def test_fuzzed_json_never_gives_a_500(served):
     app, url = served
     rng = random.Random(0)
-    atoms = [None, True, 0, -1, 3, 1.5, "", "x", P, [], {}, [1, "a"], {"prompt": P}, {"prompt": 3}, "∑\u0000"]
-    methods = ["flow", "flow-node", "flow-graph", "dla", "lens", "attribute", "project", 7, None]
-    fields = ["threshold", "position", "component", "layer", "k", "by", "method", "floor", "zzz"]
-    for _ in range(40):
+    atoms = [None, True, 0, -1, 3, 1.5, "", "x", P, [], {}, [1, "a"], {"prompt": P}, {"prompt": 3}, "∑\u0000",
+             "resid", "../resid", {"saes": "heads/z"}, "A1_3,M0_2", [{"clean": P, "corrupt": P, "target": "Mary"}]]
+    methods = ["flow", "flow-node", "flow-graph", "dla", "lens", "attribute", "project", "flow-verify", "head-inspect",
+               "patch-cell", "sae-prompt", "steer", 7, None]
+    fields = ["threshold", "position", "component", "layer", "k", "by", "method", "floor", "zzz", "nodes", "prompt",
+              "head", "to_position", "latents", "metric", "max_new_tokens"]
+    for _ in range(60):
         body = {"method": rng.choice(methods), "inputs": rng.choice(atoms),
                 "config": {rng.choice(fields): rng.choice(atoms) for _ in range(rng.randint(0, 2))}}
         if rng.random() < 0.2:
@@ -195,110 +247,20 @@ def test_cli_app_serves_one_request_and_stops(tmp_path, monkeypatch, tiny_llama)
     assert result["r"].exit_code == 0 and f"127.0.0.1:{port}" in result["r"].output
     bad = CliRunner().invoke(cli, ["app", "--port", "70000"])
     assert bad.exit_code == 2 and "--port 70000" in bad.output
+    bad = CliRunner().invoke(cli, ["app", "--sae-dir", str(tmp_path / "missing")])
+    assert bad.exit_code == 2 and "--sae-dir" in bad.output and "not a folder" in bad.output
 
 
-def _browser():
-    pw = pytest.importorskip("playwright.sync_api")
-    exe = next((p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium") or "") if p and Path(p).exists()),
-               None)
-    if exe is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    return pw, exe
+def test_sae_methods_need_an_sae_folder(tiny_llama, tmp_path):
+    from lmscope.app.server import HTTPError
 
-
-def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
-    pw, exe = _browser()
-    app, url = served
-    shots = Path(__file__).parent / "screenshots"
-    shots.mkdir(exist_ok=True)
-    c = flow_contributions(tiny_llama, P)
-    with pw.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(url + "/")
-        page.fill("#prompt", P)
-        page.click("#run")
-        page.wait_for_function("window.lmscope.graph && window.lmscope.graph.meta.prompt === %s" % json.dumps(P))
-        page.wait_for_selector("#graph[data-edges]")
-        want = flow(tiny_llama, P, threshold=0.04, contributions=c)
-        assert int(page.get_attribute("#graph", "data-nodes")) == len(want.meta["nodes"])
-        assert int(page.get_attribute("#graph", "data-edges")) == len(want.meta["edges"])
-        page.screenshot(path=str(shots / "app-graph.png"))
-        # the threshold slider re-routes without a forward, in under 100 ms of drawing
-        page.eval_on_selector("#threshold", "el => { el.value = '0.01'; el.dispatchEvent(new Event('input')); }")
-        low = flow(tiny_llama, P, threshold=0.01, contributions=c)
-        assert int(page.get_attribute("#graph", "data-edges")) == len(low.meta["edges"]) > len(want.meta["edges"])
-        # drawing time: the median of 5 redraws (a bound loose enough for a loaded CI machine; quiet: a few ms)
-        draws = page.evaluate("""() => { const ms = []; for (let k = 0; k < 5; k++) {
-            document.getElementById('threshold').dispatchEvent(new Event('input'));
-            ms.push(+document.getElementById('graph').getAttribute('data-draw-ms')); }
-            return ms.sort((a, b) => a - b)[2]; }""")
-        print(f"graph redraw median {draws:.1f} ms")
-        assert draws < 100
-        # another position by clicking its token
-        page.click("text.token[data-position='5']")
-        at5 = flow(tiny_llama, P, position=5, threshold=0.01, contributions=c)
-        assert int(page.get_attribute("#graph", "data-edges")) == len(at5.meta["edges"])
-        # verify in place: the number the library computes for this graph
-        page.click("#verify")
-        page.wait_for_selector("#verify-out[data-faithfulness]")
-        lib = specs.run_json(tiny_llama, "flow-verify", P, {"threshold": 0.01, "position": 5})
-        assert float(page.get_attribute("#verify-out", "data-faithfulness")) == pytest.approx(float(lib.values[3]),
-                                                                                                abs=1e-6)
-        # the graph exports its Result JSON: the library's flow-graph Result
-        with page.expect_download() as dl:
-            page.click("#graph-export")
-        exported = json.loads(Path(dl.value.path()).read_text())
-        assert _plain(exported) == json.loads(json.dumps(_plain(specs.run_json(tiny_llama, "flow-graph", P).to_dict())))
-        # an attention edge: head shares, attention map and contribution map, promoted tokens
-        page.locator("path.edge.attn").first.click()
-        page.wait_for_selector("#head-detail[data-head]")
-        assert page.locator("#head-detail svg.heatmap").count() == 2
-        assert "promotes" in page.inner_text("#head-detail")
-        page.screenshot(path=str(shots / "app-head.png"))
-        # an FFN node: its neurons
-        page.locator("rect.node.mlp").first.click()
-        page.wait_for_selector("#neurons tr:nth-child(2)")
-        shared = page.url
-        # two prompts: the patching heat map is the library's, a clicked cell shows its value and causal cone
-        page.click("button.tab[data-tab='pairs']")
-        page.fill("#corrupt", P.replace("John gave", "Mary gave"))
-        page.fill("#pair-target", "Mary")
-        page.fill("#pair-foil", "John")
-        page.click("#pair-run")
-        page.wait_for_selector("#pair-output svg.heatmap")
-        lib = specs.run_json(tiny_llama, "patch", [{"clean": P, "corrupt": P.replace("John gave", "Mary gave"),
-                                                     "target": "Mary", "foil": "John"}], {"site": "resid_pre"})
-        assert page.locator("#pair-output rect.heat-cell").count() == lib.values.numel()
-        page.click("#pair-output rect[data-i='1'][data-j='8']")
-        assert float(page.get_attribute("#pair-cell", "data-value")) == pytest.approx(float(lib.values[1, 8]), abs=1e-6)
-        assert page.locator("#pair-output rect.cone").count() == (lib.shape[0] - 1) * (lib.shape[1] - 8) - 1
-        page.screenshot(path=str(shots / "app-pairs.png"))
-        # attribution of every method side by side; DLA by layer, head and neuron
-        page.click("button.tab[data-tab='attribution']")
-        page.fill("#attr-target", "Mary")
-        page.click("#attr-run")
-        n_methods = len(specs.get("attribute").config.__dataclass_fields__["method"].metadata["choices"])
-        page.wait_for_function(f"document.querySelectorAll('#attr-output .attr-row').length === {n_methods}",
-                               timeout=120_000)
-        page.click("button.tab[data-tab='dla']")
-        page.fill("#dla-target", "Mary")
-        page.fill("#dla-foil", "John")
-        page.click("#dla-run")
-        page.wait_for_selector("#dla-output div[data-by='neuron'] svg")
-        assert page.locator("#dla-output svg").count() == 3
-        page.click("button.tab[data-tab='graph']")
-        # the URL restores the view
-        page2 = browser.new_page(viewport={"width": 1400, "height": 900})
-        page2.goto(shared)
-        page2.wait_for_selector("body[data-ready='1']")
-        page2.wait_for_selector("#neurons tr:nth-child(2)")
-        assert page2.input_value("#prompt") == P and page2.input_value("#threshold") == "0.01"
-        assert page2.get_attribute("#graph", "data-edges") == str(len(at5.meta["edges"]))
-        browser.close()
-    assert not errors, errors
+    app = App(tiny_llama)
+    assert "sae-prompt" not in app.methods and app.info()["saes"] == []
+    with pytest.raises(HTTPError) as err:
+        app.run({"method": "sae-prompt", "inputs": "resid", "config": {"prompt": P}})
+    assert err.value.status == 403 and "--sae-dir" in str(err.value)
+    with pytest.raises(InputError, match="not a folder"):
+        App(tiny_llama, sae_dir=tmp_path / "missing")
 
 
 def test_a_full_queue_answers_503(tiny_llama):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmscope import specs
+from lmscope.errors import InputError
 from lmscope.localization.flow import EPS, flow_contributions
 
 flow_mod = importlib.import_module("lmscope.localization.flow")  # the module (the package exports the function)
@@ -102,7 +103,7 @@ def test_state_node_is_the_logit_lens(tiny, component):
 
 
 def _plain_hook_metric(m, prompt, replace, pos, tid):
-    """The target logit at ``pos`` with attention/MLP outputs replaced through plain torch hooks:
+    """The target's log-probability at ``pos`` with attention/MLP outputs replaced through plain torch hooks:
     ``replace[(kind, layer)]`` = (value (T, D), positions)."""
     handles = []
 
@@ -122,7 +123,7 @@ def _plain_hook_metric(m, prompt, replace, pos, tid):
         handles.append(block.mlp.register_forward_hook(hook("mlp", layer)))
     try:
         with torch.no_grad():
-            return float(m.forward(m.encode(prompt)).logits[0, pos, tid])
+            return float(m.forward(m.encode(prompt)).logits[0, pos].double().log_softmax(-1)[tid])
     finally:
         for h in handles:
             h.remove()
@@ -139,7 +140,7 @@ def test_flow_verify_against_plain_hooks(tiny_llama, corrupt):
     pos = t - 1
     sites = [f"blocks.{l}.{k}" for l in range(n) for k in ("attn_out", "mlp_out")]
     src = m.run(P if corrupt is None else corrupt, cache=sites)
-    value = {(k[:-4], l): (src[f"blocks.{l}.{k}"][0].mean(0).expand(t, -1) if corrupt is None
+    value = {(k[:-4], l): (src[f"blocks.{l}.{k}"][0, 1:].mean(0).expand(t, -1) if corrupt is None
                            else src[f"blocks.{l}.{k}"][0]) for l in range(n) for k in ("attn_out", "mlp_out")}
     kept = kept_blocks(flow_mod.flow(m, P, threshold=tau))
     assert res.meta["kept"] == kept and kept["attn"] and kept["mlp"]
@@ -149,8 +150,45 @@ def test_flow_verify_against_plain_hooks(tiny_llama, corrupt):
     clean = _plain_hook_metric(m, P, {}, pos, tid)
     graph = _plain_hook_metric(m, P, outside, pos, tid)
     none = _plain_hook_metric(m, P, everything, pos, tid)
+    assert res.meta["metric"] == "log_prob" and res.meta["mean_skip_first"] is True
     torch.testing.assert_close(res.values[:3], torch.tensor([clean, graph, none]), atol=1e-4, rtol=1e-4)
     assert float(res.values[3]) == pytest.approx((graph - none) / (clean - none), abs=1e-4)
+
+
+def test_flow_verify_metrics_are_the_shared_ones(tiny_llama):
+    """With a foil the default is the logit difference; kl, probability and the plain mean are options; each
+    is the metric of the same three runs (the log-probabilities of the default give them all)."""
+    m = tiny_llama
+    base = specs.run_json(m, "flow-verify", {"prompt": P, "target": "Mary"}, {"metric": "kl"})
+    with_foil = specs.run_json(m, "flow-verify", {"prompt": P, "target": "Mary", "foil": "John"}, {})
+    assert with_foil.meta["metric"] == "logit_diff" and base.meta["metric"] == "kl"
+    assert float(base.values[0]) == pytest.approx(0.0, abs=1e-6) and float(base.values[2]) > 0
+    lp = specs.run_json(m, "flow-verify", {"prompt": P, "target": "Mary"}, {"metric": "logprob"})
+    lp_foil = specs.run_json(m, "flow-verify", {"prompt": P, "target": "John"}, {})
+    torch.testing.assert_close(with_foil.values[:3], lp.values[:3] - lp_foil.values[:3], atol=1e-4, rtol=1e-4)
+    prob = specs.run_json(m, "flow-verify", {"prompt": P, "target": "Mary"}, {"metric": "probability"})
+    torch.testing.assert_close(prob.values[:3], lp.values[:3].exp(), atol=1e-5, rtol=1e-4)
+    plain = specs.run_json(m, "flow-verify", {"prompt": P, "target": "Mary"}, {"mean_skip_first": False})
+    assert float(plain.values[0]) == pytest.approx(float(lp.values[0]), abs=1e-5)
+    assert float(plain.values[2]) != pytest.approx(float(lp.values[2]), abs=1e-4)
+    with pytest.raises(InputError, match="foil"):
+        specs.run_json(m, "flow-verify", {"prompt": P, "target": "Mary"}, {"metric": "logit_diff"})
+    with pytest.raises(InputError, match="metric"):
+        specs.run_json(m, "flow-verify", P, {"metric": "bogus"})
+
+
+@pytest.mark.real
+def test_flow_verify_defaults_are_meaningful_on_ioi(smollm):
+    """The reported bug: on SmolLM2's IOI prompt the defaults (raw logit, plain mean) gave a 'none' run above the
+    clean one and faithfulness 1.93. With the shared metric and the sink left out of the mean, patching every
+    block removes the behaviour and the graph keeps most of it, at every threshold of the slider's range."""
+    ioi = "When Mary and John went to the store, John gave a drink to"
+    for tau in (0.04, 0.08):
+        res = specs.run_json(smollm, "flow-verify", ioi, {"threshold": tau})
+        clean, graph, none, faith = res.values.tolist()
+        assert res.target["target"] == " Mary" and res.meta["metric"] == "log_prob"
+        assert none < graph and none < clean - 1.0, (tau, res.values)
+        assert 0.5 < faith <= 1.1, (tau, faith)
 
 
 def test_head_and_neuron_nodes_on_every_family(tiny):

@@ -122,11 +122,14 @@ def test_bad_options(tmp_cache):
 
 
 def test_list_models_shape(tmp_cache):
+    from lmscope.models.trained import TRAINED
+
     rows = loading.list_models()
-    assert [r["name"] for r in rows] == list(BUILTIN)
-    assert DEFAULT_MODEL in BUILTIN
+    assert [r["name"] for r in rows] == [*BUILTIN, *TRAINED]
+    assert [r["kind"] for r in rows] == ["package"] * len(BUILTIN) + ["trained"] * len(TRAINED)
+    assert DEFAULT_MODEL in BUILTIN and {"mamba-facts", "llama-facts"} <= set(TRAINED)
     for r in rows:
-        assert set(r) == {"name", "description", "installed", "prepared", "install"}
+        assert set(r) == {"name", "kind", "description", "installed", "prepared", "install"}
         assert r["prepared"] is False
 
 

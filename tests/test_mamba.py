@@ -111,7 +111,7 @@ def test_load_check_catches_a_wrong_mixer(mamba, monkeypatch):
     from lmscope.models import ssm
 
     real = ssm.selective
-    monkeypatch.setattr(ssm, "selective", lambda mx, u: (lambda dt, a, b, c: (dt * 1.5, a, b, c))(*real(mx, u)))
+    monkeypatch.setattr(ssm, "selective", lambda mx, u, *norms: (lambda dt, a, b, c: (dt * 1.5, a, b, c))(*real(mx, u, *norms)))
     with pytest.raises(ModelCheckError, match="state-space mixer"):
         check_model(mamba)
 

@@ -90,6 +90,9 @@ def _cases(tmp, corpus, saes=("",)):
     from lmscope.localization.flow import FlowGraphConfig, run_flow_graph
     from lmscope.localization.flow_node import FlowNodeConfig, run_flow_node
     from lmscope.localization.flow_verify import FlowVerifyConfig, run_flow_verify
+    from lmscope.decoding.head_inspect import HeadInspectConfig, run_head_inspect
+    from lmscope.localization.patch_cell import PatchCellConfig, run_patch_cell
+    from lmscope.sae.prompt import SAEPromptConfig, run_sae_prompt
     from lmscope.localization.find_circuit import CircuitConfig, find_circuit
     from lmscope.localization.path_patching import path_patching
     from lmscope.sae import SAEFeaturesConfig, SAEFolders, compare, run_sae_features
@@ -127,6 +130,9 @@ def _cases(tmp, corpus, saes=("",)):
                       lambda m: run_flow_node(m, specs.Prompt(P, "Mary"), FlowNodeConfig("resid_post", 1))),
         "flow-verify": ({"prompt": P, "target": "Mary"}, {"threshold": 0.05},
                         lambda m: run_flow_verify(m, specs.Prompt(P, "Mary"), FlowVerifyConfig(0.05))),
+        "head-inspect": ({"prompt": P}, {"layer": 1, "head": 2},
+                         lambda m: run_head_inspect(m, specs.Prompt(P), HeadInspectConfig(1, 2))),
+        "patch-cell": ([PAIR], {"layer": 1}, lambda m: run_patch_cell(m, _pairs(PAIR), PatchCellConfig(1))),
         "lens": ({"prompt": P, "target": "Mary"}, {"k": 3}, lambda m: logit_lens(m, P, "Mary", k=3)),
         "lens-train": (corpus, {**lens_cfg, "out_dir": str(tmp / "lens_json")},
                        lambda m: train_lens(m, corpus, TrainLensConfig(**lens_cfg, out_dir=str(tmp / "lens_py")))),
@@ -153,6 +159,9 @@ def _cases(tmp, corpus, saes=("",)):
         "sae-features": ({"saes": saes[:1], "corpus": corpus}, {"top": 2, "latents": 3, "contexts": 2},
                          lambda m: run_sae_features(m, SAEFolders(saes[:1], corpus),
                                                     SAEFeaturesConfig(top=2, latents=3, contexts=2))),
+        "sae-prompt": ({"saes": saes[:1], "corpus": corpus}, {"prompt": P, "latents": 3, "contexts": 1, "top": 2},
+                       lambda m: run_sae_prompt(m, SAEFolders(saes[:1], corpus),
+                                                SAEPromptConfig(prompt=P, latents=3, contexts=1, top=2))),
         "sae-compare": ({"saes": list(saes), "corpus": corpus}, {"contexts": 2},
                         lambda m: compare(_sae_evals(m, saes, corpus), [d.rsplit("/", 1)[-1] for d in saes])),
         "sae-train": (corpus, {**sae_cfg, "out_dir": str(tmp / "sae_json")},

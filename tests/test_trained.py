@@ -54,11 +54,28 @@ def test_a_registered_recipe_trains_once_then_loads_from_the_cache(tmp_path, mon
         return train_small_lm(e, corpus, progress=False)
 
     monkeypatch.setattr(loading, "train_small_lm", counted)
+    row = next(r for r in loading.list_models() if r["name"] == entry.name)  # `lmscope models` lists it
+    assert (row["kind"], row["installed"], row["prepared"]) == ("trained", True, False)
     m = lmscope.load(entry.name, progress=False)
     assert calls == [entry.name] and m.spec.family == "mamba" and m.load_check == "checked"
+    row = next(r for r in loading.list_models() if r["name"] == entry.name)
+    assert row["prepared"] is True and loading.prepared(entry.name)
     folders = [p for p in tmp_path.iterdir() if p.name.startswith(entry.name)]
     assert len(folders) == 1 and (folders[0] / "lmscope-training.json").is_file()
     again = lmscope.load(entry.name, progress=False)
     assert calls == [entry.name]  # no second training
     ids = m.encode("the cat sat").input_ids
     assert torch.equal(m.run(ids).logits, again.run(ids).logits)
+
+
+def test_lmscope_models_lists_the_trained_models(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lmscope.cli.main import app
+
+    monkeypatch.setenv("LMSCOPE_CACHE", str(tmp_path))  # nothing trained or cached there
+    res = CliRunner().invoke(app, ["models"], terminal_width=300)
+    assert res.exit_code == 0, res.output
+    for name in trained.TRAINED:
+        line = next(x for x in res.output.splitlines() if name in x)
+        assert "trained by" in line and "│ no " in line  # not prepared in an empty cache

@@ -1,5 +1,7 @@
-"""The web app: a single-page explorer and a JSON API over the method specs (``lmscope app``)."""
+"""The web app: a single-page explorer and a JSON API over the method specs (``lmscope app``), and the same
+renderers for a Result in a notebook."""
 
+from lmscope.app.notebook import result_html, show
 from lmscope.app.server import App, make_server, served_specs, start
 
-__all__ = ["App", "make_server", "served_specs", "start"]
+__all__ = ["App", "make_server", "result_html", "served_specs", "show", "start"]

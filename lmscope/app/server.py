@@ -7,27 +7,35 @@ the model and the methods the app may run (their config fields, defaults and hel
 ``/static/<file>`` serve the page from the package (no CDN).
 
 Safety: binds 127.0.0.1 unless told otherwise; one lock per model (hooks are global to a model), a bounded
-queue of waiting jobs (503 past it), limits on body size and prompt tokens (413), every bad input a 4xx
-with the library's message. Only methods whose inputs are prompts, prompt pairs or nothing are served,
-and no config option that names a file (the server reads no user files and unpickles nothing).
+queue of waiting jobs (503 past it), limits on body size, prompt tokens and generated tokens (413), every bad
+input a 4xx with the library's message. Methods whose inputs are prompts, prompt pairs or nothing are served,
+and no config option that names a file. SAE methods that only read (``SAE_METHODS``) are served when the app
+was started with an SAE folder (``App(sae_dir=...)``, ``lmscope app --sae-dir DIR``): their input names a
+folder *under* that root (``{"saes": "name"}``, listed by ``/api/info``), resolved and checked to stay inside
+it, on the built-in corpus only. The server reads no other user files and unpickles nothing (SAE weights are
+safetensors, their config JSON).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import MISSING
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from lmscope import specs
 from lmscope.errors import InputError, LmscopeError
 
 SERVED_INPUTS = ("prompt", "pairs", "none")
+SAE_METHODS = ("sae-prompt", "sae-features")  # SAE methods that read their folder and write nothing
+PROMPT_FIELDS = ("prompt", "corrupt", "target_prompt", "positive", "negative")  # config text run as prompts
+COUNT_LIMITS = {"max_new_tokens": 128, "generate": 128, "contexts": 64}  # generated tokens, corpus contexts
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
 
@@ -43,10 +51,23 @@ def _file_fields(spec: specs.MethodSpec) -> list[str]:
     return [f.name for f in specs.fields_of(spec.config) if f.name == "out" or any(w in f.name for w in words)]
 
 
-def served_specs() -> dict[str, specs.MethodSpec]:
+def served_specs(sae: bool = False) -> dict[str, specs.MethodSpec]:
     """The methods the app runs: those whose inputs are prompts, prompt pairs or nothing (file options are
-    refused per request)."""
-    return {s.name: s for s in specs.all_specs() if s.input_kind in SERVED_INPUTS}
+    refused per request), and with ``sae`` the read-only SAE methods."""
+    return {s.name: s for s in specs.all_specs() if s.input_kind in SERVED_INPUTS or (sae and s.name in SAE_METHODS)}
+
+
+def sae_folders(root: Path, depth: int = 3, limit: int = 200) -> list[str]:
+    """Folders under ``root`` holding an SAE (``cfg.json``), as paths relative to it (symlinks not followed)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        rel = Path(folder).relative_to(root)
+        if "cfg.json" in files and rel.parts:
+            found.append(rel.as_posix())
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if len(rel.parts) < depth else []
+        if len(found) >= limit:
+            break
+    return sorted(found)
 
 
 def _fields_doc(config_cls: type) -> list[dict]:
@@ -60,25 +81,60 @@ class App:
     """The API's state: one model, its lock, a queue bound and an LRU cache of Result JSON per request."""
 
     def __init__(self, model, *, max_tokens: int = 512, max_body: int = 1 << 20, max_queue: int = 32,
-                 cache_size: int = 128):
+                 cache_size: int = 128, sae_dir: str | os.PathLike | None = None):
         self.model, self.max_tokens, self.max_body, self.max_queue = model, max_tokens, max_body, max_queue
+        self.sae_root = None if sae_dir is None else Path(sae_dir).resolve()
+        if self.sae_root is not None and not self.sae_root.is_dir():
+            raise InputError(f"--sae-dir {sae_dir}: not a folder; give the folder that holds your SAE folders.")
         self.lock = threading.Lock()  # one model, one forward at a time
         self._state = threading.Lock()  # guards the cache and the queue count
         self._cache: OrderedDict[str, dict] = OrderedDict()
         self.cache_size, self.waiting = cache_size, 0
-        self.methods = served_specs()
+        self.methods = served_specs(sae=self.sae_root is not None)
 
     def info(self) -> dict:
         s = self.model.spec
         return {"model": self.model.name, "n_layers": s.n_layers, "n_heads": s.n_heads, "d_model": s.d_model,
                 "max_tokens": self.max_tokens,
+                "saes": [] if self.sae_root is None else sae_folders(self.sae_root),
                 "methods": [{"name": m.name, "family": m.family, "input_kind": m.input_kind, "summary": m.summary,
                              "fields": _fields_doc(m.config)}
                             for m in self.methods.values()]}
 
+    def _sae_inputs(self, name: str, inputs: Any) -> dict:
+        """The SAE folder named in ``inputs`` (relative to the root the app was started with), checked to lie
+        inside it, as the spec's JSON input on the built-in corpus."""
+        if isinstance(inputs, dict) and set(inputs) <= {"saes", "corpus"}:
+            if inputs.get("corpus", "default") not in (None, "default"):
+                raise HTTPError(403, "The app runs SAEs on the built-in corpus only: leave corpus out.")
+            inputs = inputs.get("saes")
+        if not isinstance(inputs, str) or not inputs:
+            raise HTTPError(400, 'An SAE input is {"saes": "folder"}, a folder under the app\'s --sae-dir '
+                                 '(/api/info lists them).')
+        rel = Path(inputs)
+        try:
+            folder = (self.sae_root / rel).resolve()
+        except (OSError, ValueError):  # a NUL byte, a name too long
+            folder = None
+        if rel.is_absolute() or ".." in rel.parts or folder is None or not folder.is_relative_to(self.sae_root):
+            raise HTTPError(403, f"{inputs!r} is not a folder under the app's --sae-dir; name one that "
+                                 "/api/info lists.")
+        if not (folder / "cfg.json").is_file():
+            raise HTTPError(404, f"No SAE folder {inputs!r} under the app's --sae-dir (/api/info lists them).")
+        return {"saes": str(folder), "corpus": "default"}
+
+    def _check_sizes(self, config: dict) -> None:
+        for key, most in COUNT_LIMITS.items():
+            n = config.get(key)
+            if isinstance(n, int) and not isinstance(n, bool) and n > most:
+                raise HTTPError(413, f"{key}={n}: the app takes at most {most} (use the command line for more).")
+        self._check_prompts([config[k] for k in PROMPT_FIELDS if isinstance(config.get(k), str)])
+
     def _check_prompts(self, inputs: Any) -> None:
         texts = []
-        if isinstance(inputs, str):
+        if isinstance(inputs, list) and all(isinstance(x, str) for x in inputs):
+            texts = inputs
+        elif isinstance(inputs, str):
             texts = [inputs]
         elif isinstance(inputs, dict):
             texts = [v for k, v in inputs.items() if k in ("prompt", "clean", "corrupt") and isinstance(v, str)]
@@ -107,6 +163,9 @@ class App:
         if extra:
             raise HTTPError(400, f"Unknown key(s) {sorted(extra)}: send method, inputs and config.")
         name, inputs, config = body["method"], body.get("inputs"), body.get("config") or {}
+        if name in SAE_METHODS and self.sae_root is None:
+            raise HTTPError(403, f"{name} reads SAE folders: start the app with --sae-dir DIR (the folder that "
+                                 "holds them).")
         if name not in self.methods:
             raise HTTPError(404, f"No method {name!r} in the app; it serves {', '.join(sorted(self.methods))}.")
         if not isinstance(config, dict):
@@ -114,8 +173,12 @@ class App:
         files = [f for f in _file_fields(self.methods[name]) if config.get(f) is not None]
         if files:
             raise HTTPError(403, f"The app reads no files: leave out {', '.join(files)} (use the command line).")
-        self._check_prompts(inputs)
+        self._check_sizes(config)
         key = json.dumps([name, inputs, config], sort_keys=True)
+        if self.methods[name].input_kind == "sae":
+            inputs = self._sae_inputs(name, inputs)
+        else:
+            self._check_prompts(inputs)
         with self._state:
             hit = self._cache.get(key)
             if hit is not None:
@@ -229,9 +292,13 @@ def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the listen backlog (socketserver's default of 5 resets bursts of connections)
+
+
 def make_server(app: App, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """A threaded server for ``app`` (port 0: any free port; ``server.server_address`` says which)."""
-    server = ThreadingHTTPServer((host, port), make_handler(app))
+    server = _Server((host, port), make_handler(app))
     server.daemon_threads = True
     return server
 

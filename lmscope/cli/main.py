@@ -22,15 +22,16 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
 @app.command()
 @friendly
 def models():
-    """List the built-in models and whether each is installed and prepared."""
+    """List the built-in models (weights from packages, and the small models lmscope trains itself at first use)
+    and whether each is installed and prepared (trained and cached)."""
     from lmscope.models import list_models
 
     table = Table(title="lmscope built-in models")
-    for col in ("name", "description", "installed", "prepared", "install with"):
+    for col in ("name", "weights", "description", "installed", "prepared", "install with"):
         table.add_column(col)
     for m in list_models():
-        table.add_row(m["name"], m["description"], "yes" if m["installed"] else "no",
-                      "yes" if m["prepared"] else "no", m["install"])
+        table.add_row(m["name"], "package" if m["kind"] == "package" else "trained by lmscope", m["description"],
+                      "yes" if m["installed"] else "no", "yes" if m["prepared"] else "no", m["install"])
     out.print(table)
 
 
@@ -53,7 +54,9 @@ def app_cmd(model: str = ModelOpt,
             port: int = typer.Option(8000, help="Port to serve on (0: any free port)."),
             max_tokens: int = typer.Option(512, "--max-tokens", help="Longest prompt the app accepts, in tokens."),
             requests: int = typer.Option(0, "--requests", help="Stop after this many requests (0: serve until "
-                                                               "Ctrl-C); for scripted checks.")):
+                                                               "Ctrl-C); for scripted checks."),
+            sae_dir: Path | None = typer.Option(None, "--sae-dir", help="A folder of SAE folders the SAE view may "
+                                                                         "read (nothing outside it is read).")):
     """Serve the interactive explorer (contribution graph, node inspector, every method) and its JSON API."""
     from lmscope.app.server import App, make_server
     from lmscope.cli.common import load_model
@@ -66,7 +69,9 @@ def app_cmd(model: str = ModelOpt,
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning: binding {host} lets anyone who reaches this machine run the model "
                       "through the app; use the default 127.0.0.1 unless you mean it.[/yellow]")
-    server = make_server(App(load_model(model), max_tokens=max_tokens), host, port)
+    if sae_dir is not None and not sae_dir.is_dir():
+        raise InputError(f"--sae-dir {sae_dir}: not a folder; give the folder that holds your SAE folders.")
+    server = make_server(App(load_model(model), max_tokens=max_tokens, sae_dir=sae_dir), host, port)
     url = f"http://{server.server_address[0]}:{server.server_address[1]}/"
     out.print(f"lmscope app serving {url} (Ctrl-C stops it)", soft_wrap=True)
     try:

@@ -154,6 +154,94 @@ def _flow(result, config):
     return [table], result
 
 
+def _flow_node(result, config):
+    """One row per token (logit lens), head or neuron; each rank appears once."""
+    p, meta = result.params, result.meta
+    where = f"layer {p['layer']}, position {p['position']} ({meta['tokens'][p['position']]!r})"
+    if p["component"] == "attn_heads":
+        table = Table(title=f"flow-node: heads of {where}")
+        for col in ("head", "share into this position", "promotes", "suppresses"):
+            table.add_column(col)
+        shares = result.values[:, p["position"]].sum(-1)
+        for h, label in enumerate(result.axes[0].labels):
+            table.add_row(label, f"{float(shares[h]):.3f}", " ".join(repr(t) for t, _ in meta["promotes"][h][:4]),
+                          " ".join(repr(t) for t, _ in meta["suppresses"][h][:4]))
+        return [table], result
+    if p["component"] == "mlp_neurons":
+        table = Table(title=f"flow-node: top neurons of the FFN at {where}")
+        for col in ("neuron", "share", "activation", "promotes", "suppresses"):
+            table.add_column(col)
+        for i, label in enumerate(result.axes[0].labels):
+            table.add_row(label, f"{float(result.values[i]):.3f}", f"{float(result.extras['activation'][i]):+.3f}",
+                          " ".join(repr(t) for t, _ in meta["promotes"][i][:4]),
+                          " ".join(repr(t) for t, _ in meta["suppresses"][i][:4]))
+        return [table], result
+    table = Table(title=f"flow-node: logit lens of {p['component']} at {where}")
+    for col in ("rank", "token", "probability", "rank before"):
+        table.add_column(col)
+    for i, (rank, tok) in enumerate(zip(result.axes[0].labels, meta["top_tokens"])):
+        table.add_row(rank, repr(tok), f"{float(result.values[i]):.3f}", str(int(result.extras["rank_before"][i])))
+    shown = [table]
+    if "target" in meta:
+        t = meta["target"]
+        shown.append(f"target {t['token']!r}: probability {t['prob']:.3f}, rank {t['rank_before']} → {t['rank']}")
+    return shown, result
+
+
+def _flow_verify(result, config):
+    clean, graph, none, faith = result.values.tolist()
+    meta, t = result.meta, result.target
+    what = f"{t['target']!r}" + (f" vs {t['foil']!r}" if "foil" in t else "")
+    table = Table(title=f"flow-verify: {meta['metric']} of {what} at position {meta['position']}, "
+                        f"{meta['ablation']} ablation outside the graph (τ = {config.threshold})")
+    for col in ("clean", "graph only", "nothing", "faithfulness", "blocks kept"):
+        table.add_column(col)
+    table.add_row(f"{clean:+.3f}", f"{graph:+.3f}", f"{none:+.3f}", "–" if faith != faith else f"{faith:.3f}",
+                  f"{100 * meta['kept_fraction']:.1f}%")
+    return [table], result
+
+
+def _tokens(pairs, n: int = 5) -> str:
+    return " ".join(repr(t) for t, _ in pairs[:n])
+
+
+def _head_inspect(result, config):
+    t, meta = result.target, result.meta
+    pos, tokens = t["position"], meta["tokens"]
+    table = Table(title=f"head-inspect: L{t['layer']} H{t['head']} at position {pos} ({tokens[pos]!r})")
+    for col in ("key", "attention", "OV promotes", "OV suppresses"):
+        table.add_column(col)
+    row = result.values[pos]
+    for j in row.argsort(descending=True)[:8].tolist():
+        ov = meta["ov"][meta["ov_index"][j]]
+        table.add_row(f"{j}:{tokens[j]!r}", f"{float(row[j]):.3f}", _tokens(ov["promotes"]), _tokens(ov["suppresses"]))
+    return [table, f"its write promotes {_tokens(meta['write']['promotes'])}; suppresses "
+                   f"{_tokens(meta['write']['suppresses'])}",
+            f"best-matching keys of {tokens[pos]!r} (QK, weights only): {_tokens(meta['qk_top'])}"], result
+
+
+def _patch_cell(result, config):
+    m = result.meta
+    return [f"patch-cell: clean {m['clean_tokens'][m['position']]!r} (position {m['position']}) into the corrupted "
+            f"prompt at position {m['to_position']}, layer {m['layer']}: {m['metric']} {m['corrupt']:+.3f} → "
+            f"{m['patched']:+.3f} (clean {m['clean']:+.3f}); normalised effect {m['effect']:.3f}",
+            top_table(result, 10, "relative change of the residual stream (layer, position); zero outside the "
+                                  "causal cone")], result
+
+
+def _sae_prompt(result, config):
+    m = result.meta
+    table = Table(title=f"SAE features at position {m['position']} ({m['tokens'][m['position']]!r}): {m['arch']} on "
+                        f"{m['site']}, {m['active']} of {m['d_sae']} active")
+    cols = ["latent", "activation", "promotes", "suppresses"] + (["top context"] if config.contexts else [])
+    for col in cols:
+        table.add_column(col)
+    for f, v in zip(m["features"], result.values.tolist()):
+        ctx = [f["contexts"][0]["text"] if f.get("contexts") else ""] if config.contexts else []
+        table.add_row(str(f["latent"]), f"{v:.3f}", _tokens(f["promoted"]), _tokens(f["suppressed"]), *ctx)
+    return [table], result
+
+
 def lens_table(result) -> Table:
     """Table of a one-position lens view (:func:`lmscope.decoding.lens_top`)."""
     pos = result.meta["position"]
@@ -351,7 +439,8 @@ def _sae_compare(result, config):
 
 VIEWS = {"edit": _edit, "edit-eval": _edit_eval, "attribute-evaluate": _evaluate,
          "attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
-         "flow": _flow, "lens": _lens, "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
+         "flow": _flow, "flow-node": _flow_node, "flow-verify": _flow_verify,
+         "head-inspect": _head_inspect, "patch-cell": _patch_cell, "sae-prompt": _sae_prompt, "lens": _lens, "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
          "probe": _probe, "steer": _steer, "project": _project, "sae-train": _sae_train,
          "sae-eval": _sae_eval, "sae-features": _sae_features, "sae-compare": _sae_compare, "heads": _heads}
 

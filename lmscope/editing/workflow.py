@@ -29,8 +29,8 @@ class EditConfig:
     """ROME: write a new fact into the model (the prompt names the subject; --target is the new object)."""
 
     subject: str = specs.option(help="Subject as written in the prompt, e.g. 'The Eiffel Tower'.")
-    layer: int | None = specs.option(None, "Edit layer (default: where causal tracing of the MLP outputs at the "
-                                           "last subject token peaks).")
+    layer: int | None = specs.option(None, "Edit layer (default: where causal tracing of the MLP outputs (Mamba: "
+                                           "out_proj writes) at the last subject token peaks).")
     tokens: int = specs.option(1_000_000, "Corpus tokens for the key second moment C (cached per model and layer).")
     corpus: str = specs.option("default", "Corpus for C: 'default', a .txt file or a folder.")
     steps: int = specs.option(20, "Adam steps for v*.")
@@ -134,7 +134,7 @@ def evaluate_edits(model: Model, inputs, config: EditEvalConfig) -> Result:
                   extras=extras, meta={"layer": layer, "facts": len(facts), "summary": summary})
 
 
-specs.register(specs.MethodSpec("edit", "editing", "prompt", EditConfig, edit_fact, sites=("mlp.post",),
-                                cli_inputs=("text", "target")))
-specs.register(specs.MethodSpec("edit-eval", "editing", "none", EditEvalConfig, evaluate_edits,
-                                sites=("mlp.post",), cli=("edit", "eval")))
+# no site kinds required: the memory matrix (MLP down projection, or a state-space block's out_proj) comes from the
+# model's parts, and a model with none is refused by Model.memory with the fix
+specs.register(specs.MethodSpec("edit", "editing", "prompt", EditConfig, edit_fact, cli_inputs=("text", "target")))
+specs.register(specs.MethodSpec("edit-eval", "editing", "none", EditEvalConfig, evaluate_edits, cli=("edit", "eval")))

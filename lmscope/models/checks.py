@@ -24,6 +24,7 @@ import transformers
 from lmscope.errors import ModelCheckError
 from lmscope.models.decompose import decompose_cache, decomposition_sites
 from lmscope.models.norms import apply_frozen_norm, norm_bias
+from lmscope.models.ssm2 import out_proj_input
 from lmscope.sites import KINDS, site_names
 
 if TYPE_CHECKING:
@@ -157,12 +158,13 @@ def check_model(model: Model) -> None:
 
 
 def check_ssm_writes(model: Model, batch, cache: dict) -> None:
-    """Each state-space block's native write equals ``out_proj(s ⊙ SiLU(g))`` of the explicit path's s and g."""
+    """Each state-space block's native write equals ``out_proj(s ⊙ SiLU(g))`` of the explicit path's s and g
+    (Mamba-2: ``out_proj(norm(s ⊙ SiLU(g)))``, its gated norm)."""
     with torch.no_grad():
         native = model.run(batch, cache=site_names("ssm_out", model.spec.n_layers), logits="none").cache
         for layer in range(model.spec.n_layers):
             s, g = cache[f"blocks.{layer}.ssm.out"], cache[f"blocks.{layer}.ssm.gate"]
-            write = model.ssm_out_proj(layer)(s * torch.nn.functional.silu(g))
+            write = model.ssm_out_proj(layer)(out_proj_input(model, layer, s, g))
             want = native[f"blocks.{layer}.ssm_out"]
             err = (write - want).abs().max().item()
             if err > 1e-3 * max(1.0, want.abs().max().item()):

@@ -22,6 +22,7 @@ from lmscope.models.parts import get_module
 from lmscope.models.attention import ATTN_ATTR, _explicit, explicit_attention
 from lmscope.models.reuse import Expansion, Prefix
 from lmscope.models.ssm import explicit_mixer
+from lmscope.models.ssm2 import explicit_mixer2
 from lmscope.sites import ATTN_INNER_KINDS, SSM_INNER_KINDS, Site, parse_site
 
 if TYPE_CHECKING:
@@ -204,7 +205,8 @@ class HookSession:
             mixer = get_module(self.model.block(layer), self.model.adapter.block.mixer.module)
             if "forward" in mixer.__dict__:
                 raise RuntimeError("Another lmscope hook session is active on this model; nest runs instead.")
-            mixer.forward = explicit_mixer(self, layer, mixer)
+            make = explicit_mixer2 if self.model.adapter.block.mixer.scan == "mamba2" else explicit_mixer
+            mixer.forward = make(self, layer, mixer)
             self._mixers.append(mixer)
 
     def _hook_pre(self, module, fn) -> None:

@@ -111,9 +111,12 @@ def load_hf(
 
 
 def prepared(name: str) -> bool:
-    """Whether built-in `name` (or a `.gguf` path) already has a trusted folder in the cache."""
+    """Whether built-in `name` (or a `.gguf` path) already has a trusted folder in the cache (for a self-trained
+    model: whether it is trained and cached)."""
     if name in BUILTIN:
         return _trusted(cache_dir() / name)
+    if name in TRAINED:
+        return _trusted(cache_dir() / _trained_name(TRAINED[name]))
     path = Path(name).expanduser()
     if name.endswith(".gguf") and path.is_file():
         return _trusted(cache_dir() / _gguf_cache_name(path.resolve()))
@@ -121,16 +124,29 @@ def prepared(name: str) -> bool:
 
 
 def list_models() -> list[dict]:
-    """The built-in models, for `lmscope models`: name, description, installed, prepared, install."""
+    """The built-in models, for `lmscope models`: name, kind ("package": weights from a package; "trained":
+    trained by lmscope at first use), description, installed, prepared (for a trained one: trained and cached),
+    install."""
     return [
         {
             "name": m.name,
+            "kind": "package",
             "description": m.description,
             "installed": find_package_dir(m.module) is not None,
             "prepared": prepared(m.name),
             "install": m.install,
         }
         for m in BUILTIN.values()
+    ] + [
+        {
+            "name": m.name,
+            "kind": "trained",
+            "description": m.description,
+            "installed": True,  # nothing to install: the recipe and the data ship with lmscope
+            "prepared": prepared(m.name),
+            "install": f"nothing: trained at first use ({m.steps} steps on CPU, minutes)",
+        }
+        for m in TRAINED.values()
     ]
 
 
@@ -332,7 +348,7 @@ def _prepare_trained(entry: TrainedModel, progress: bool) -> Path:
     """The trusted cache folder of a self-trained model (its recipe hashed into the folder name), training it on
     first use."""
     recipe = json.dumps(asdict(entry), sort_keys=True)
-    name = f"{entry.name}-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
+    name = _trained_name(entry)
     if _trusted(cache_dir() / name):
         return cache_dir() / name
     source = {"kind": "trained", "recipe": json.loads(recipe)}
@@ -345,6 +361,12 @@ def _prepare_trained(entry: TrainedModel, progress: bool) -> Path:
 
     return _prepare(name, source, make, note if progress else None,
                     after=lambda out: write_log(out, entry, logs["log"]))
+
+
+def _trained_name(entry: TrainedModel) -> str:
+    """Cache folder name of a self-trained model: its name plus a short hash of its recipe."""
+    recipe = json.dumps(asdict(entry), sort_keys=True)
+    return f"{entry.name}-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
 
 
 def _gguf_cache_name(path: Path) -> str:

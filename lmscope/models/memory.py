@@ -4,11 +4,13 @@ ROME (Meng et al. 2022) reads a block's down projection as an associative memory
 key k is the matrix's input (``mlp.post``), the value v its output. Which matrix is the memory, and
 which site holds its keys, is a property of the model's parts, named once in :data:`MEMORY_KINDS`:
 
-* ``"mlp"``: the MLP down projection (``mlp.down`` of the block's MLP part); keys at ``mlp.post``.
+* ``"mlp"``: the MLP down projection (``mlp.down`` of the block's MLP part); keys at ``mlp.post``;
+* ``"ssm"``: a state-space block's output projection ``W_o`` (``out_proj``; Sen Sharma, Atkinson and
+  Bau 2024 edit it in Mamba's middle layers): keys at ``ssm.y = s ⊙ SiLU(g)``, values the block's write.
 
-A family whose mixer has its own memory (a state-space block's ``out_proj``) adds one entry here
-(its part, the site kind of the matrix's input, the block-relative module path); the editing code
-does not change.
+Each entry names its part, the site kind of the matrix's input (the keys), the site kind its output
+writes (what causal tracing restores to choose the layer) and the block-relative module path; a new
+kind of memory is one entry here, and the editing code does not change.
 
 :class:`Memory` (from :meth:`lmscope.models.Model.memory`) gives the editing family what it needs
 without touching the native modules: the weight as ``(d_out, d_in)`` whatever the storage (GPT-2's
@@ -36,17 +38,19 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class MemoryKind:
-    """One kind of memory matrix: the adapter part it lives in, the site kind of its input (the keys),
-    and its block-relative module path."""
+    """One kind of memory matrix: the adapter part it lives in, the site kind of its input (the keys), the
+    site kind its output writes into the residual stream, and its block-relative module path."""
 
     name: str
     part: str
     key_kind: str
+    write_kind: str
     module: Callable[[Adapter], str]
 
 
 MEMORY_KINDS: dict[str, MemoryKind] = {
-    "mlp": MemoryKind("mlp", "mlp", "mlp.post", lambda a: a.block.mlp.down),
+    "mlp": MemoryKind("mlp", "mlp", "mlp.post", "mlp_out", lambda a: a.block.mlp.down),
+    "ssm": MemoryKind("ssm", "ssm", "ssm.y", "ssm_out", lambda a: a.block.mixer.out_proj),
 }
 
 
@@ -73,6 +77,7 @@ class Memory:
         self.layer = layer % model.spec.n_layers
         self.kind = kind
         self.key_site = f"blocks.{self.layer}.{MEMORY_KINDS[kind].key_kind}"
+        self.write_kind = MEMORY_KINDS[kind].write_kind
         self._module = get_module(model.block(self.layer), MEMORY_KINDS[kind].module(model.adapter))
         self._conv1d = model.adapter.linear == "conv1d"
 

@@ -153,8 +153,8 @@ class Model:
         return w.reshape(self.spec.n_heads, self.spec.d_head, self.spec.d_model)
 
     def ssm_out_proj(self, layer: int):
-        """The output projection of a state-space block (E -> D), as a callable module (for the load check,
-        and ROME on ``out_proj`` later)."""
+        """The output projection of a state-space block (E -> D), as a callable module (for the load check);
+        ROME edits it as the memory kind ``"ssm"`` (:meth:`memory`)."""
         self.require(["ssm_out"], "ssm_out_proj")
         return get_module(self.block(layer), self.adapter.block.mixer.out_proj)
 
@@ -382,7 +382,8 @@ class Model:
         return _run_until(self, self.encode(inputs, padding_side), site)
 
     def memory(self, layer: int, kind: str | None = None) -> _memory.Memory:
-        """The memory matrix ``W`` (v = W k) of ``layer`` that editing rewrites (default: the MLP down projection)."""
+        """The memory matrix ``W`` (v = W k) of ``layer`` that editing rewrites (default: the MLP down projection,
+        or a state-space block's ``out_proj``; see :data:`lmscope.models.memory.MEMORY_KINDS`)."""
         return _memory.Memory(self, layer, kind)
 
     def edit(self, edit) -> _memory.EditHandle:

@@ -2,7 +2,7 @@
 
 An :class:`Adapter` describes one architecture family by composition: the token :class:`Embedding`;
 a :class:`Block` made of a *mixer* (:class:`Attention`, or the selective state-space mixer
-:class:`StateSpace` of Mamba), an optional :class:`MLP` and its :class:`Norms`; the :class:`Final` norm, unembedding
+:class:`StateSpace` of Mamba, or :class:`StateSpace2` of Mamba-2), an optional :class:`MLP` and its :class:`Norms`; the :class:`Final` norm, unembedding
 and soft-cap; and the :class:`ConfigFields`, the HF config field names read once per family.
 Module paths are dotted attribute paths: global ones relative to the ``*ForCausalLM`` model,
 block ones relative to a decoder block.
@@ -84,7 +84,9 @@ class StateSpace:
     ``in_proj`` maps x to [x_a | g] (2E); ``conv`` is the depthwise causal convolution over x_a
     (width K); ``x_proj`` gives the selective [Δ_rank | B | C] from the conv output u;
     ``dt_proj`` lifts Δ to E channels; ``A_log`` and ``D`` are parameters of ``module``;
-    ``out_proj`` maps s ⊙ SiLU(g) back to D. Its write is ``module``'s output.
+    ``out_proj`` maps s ⊙ SiLU(g) back to D. Its write is ``module``'s output. ``selective_norms``: the
+    mixer's own norms of Δ_rank, B and C (paths relative to ``module``), applied to the ``x_proj``
+    output before Δ is lifted (Falcon-Mamba's weightless RMS norms); None for plain Mamba.
     """
 
     module: str
@@ -93,7 +95,28 @@ class StateSpace:
     x_proj: str
     dt_proj: str
     out_proj: str
+    selective_norms: tuple[str, str, str] | None = None
     part = "ssm"
+    scan = "mamba"  # which explicit path (lmscope.models.ssm.EXPLICIT) computes its inner sites
+
+
+@dataclass(frozen=True)
+class StateSpace2:
+    """Mamba-2's state-space mixer (SSD; Dao and Gu 2024), paths relative to the block.
+
+    ``in_proj`` maps x to [g | x_a, B, C | Δ] (E, E + 2·G·N, H); ``conv`` is the depthwise causal
+    convolution over [x_a, B, C]; Δ (one per head), ``A_log`` (one per head), ``dt_bias`` and ``D``
+    are parameters of ``module``; ``norm`` is the gated RMS norm that makes the ``out_proj`` input
+    ``norm(s ⊙ SiLU(g))`` (grouped, with a weight). Its write is ``module``'s output.
+    """
+
+    module: str
+    in_proj: str
+    conv: str
+    norm: str
+    out_proj: str
+    part = "ssm"
+    scan = "mamba2"
 
 
 @dataclass(frozen=True)
@@ -121,7 +144,7 @@ class Norms:
 
 @dataclass(frozen=True)
 class Block:
-    mixer: Attention | StateSpace
+    mixer: Attention | StateSpace | StateSpace2
     norms: Norms
     mlp: MLP | None = None
 

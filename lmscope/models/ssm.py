@@ -38,17 +38,20 @@ import torch
 import torch.nn.functional as F
 
 from lmscope.errors import InputError
+from lmscope.models.parts import get_module
 from lmscope.sites import Site
 
 if TYPE_CHECKING:
     from lmscope.interventions import Knockout
     from lmscope.models.hooks import HookSession
 
-def selective(mixer, u_BTE: torch.Tensor):
+def selective(mixer, u_BTE: torch.Tensor, norms: tuple[str, str, str] | None = None):
     """The selective parameters of conv outputs u (B, T, E): Δ (B, T, E), A (E, N), B and C (B, T, N),
-    all float32."""
+    all float32. ``norms``: the mixer's norms of Δ_rank, B and C (Falcon-Mamba), applied to x_proj's output."""
     rank, n = int(mixer.time_step_rank), mixer.ssm_state_size
     dt, b, c = torch.split(mixer.x_proj(u_BTE), [rank, n, n], dim=-1)
+    if norms is not None:
+        dt, b, c = (get_module(mixer, path)(x) for path, x in zip(norms, (dt, b, c)))
     dt = F.softplus((dt @ mixer.dt_proj.weight.T).float() + mixer.dt_proj.bias.float())
     return dt, -torch.exp(mixer.A_log.float()), b.float(), c.float()
 
@@ -93,14 +96,15 @@ def explicit_mixer(session: HookSession, layer: int, mixer):
         pre = conv_pre(mixer, xa)
         u = F.silu(pre) if mask is None else F.silu(pre) * mask
         u = session.process(Site("ssm.conv", layer), u)
-        dt, a, b, c = selective(mixer, u)
+        dt, a, b, c = selective(mixer, u, session.model.adapter.block.mixer.selective_norms)
         decay = torch.exp(dt[..., None] * a)  # (B, T, E, N)
         states = scan(decay, (dt * u.float())[..., None] * b[:, :, None, :])
         states = _state_interventions(session, layer, states, decay)
         s = torch.einsum("bten,btn->bte", states, c) + mixer.D.float() * u.float()
         for rows, ko in session.knockouts.get(layer, ()):
             sel = slice(None) if rows is None else rows
-            s[sel] = s[sel] - knockout_correction(mixer, ko, xa[sel], pre[sel], u[sel], dt[sel], a, b[sel], c[sel],
+            s[sel] = s[sel] - knockout_correction(ko, mixer.conv1d.weight[:, 0, :].float(), mixer.D.float(), xa[sel],
+                                                  pre[sel], u[sel], dt[sel], a, b[sel], c[sel],
                                                   None if mask is None else mask[sel])
         s = session.process(Site("ssm.out", layer), s.to(hidden_states.dtype))
         y = session.process(Site("ssm.y", layer), s * F.silu(g))
@@ -136,11 +140,18 @@ def knockout_pairs(ko: Knockout, t: int) -> dict[int, list[int]]:
     return {q: [s for s in sources if s < q] for q in targets if any(s < q for s in sources)}
 
 
-def knockout_correction(mixer, ko: Knockout, xa, pre, u, dt, a, b, c, mask) -> torch.Tensor:
-    """What to subtract from the scan output s (B, T, E) to block ``ko``'s sources from its targets."""
+def knockout_correction(ko: Knockout, w_EK, d_E, xa, pre, u, dt, a, b, c, mask) -> torch.Tensor:
+    """What to subtract from the scan output s (B, T, E) to block ``ko``'s sources from its targets.
+
+    ``w_EK``: the convolution weights of x_a's channels (w[:, j] multiplies x_a[r − (K − 1) + j]); ``d_E`` the skip
+    D per channel; ``pre`` the conv pre-activations of x_a's channels, ``u`` their SiLU, Δ (B, T, E), A (E, N);
+    B and C (B, T, N) shared by the channels (Mamba) or (B, T, E, N) per channel (Mamba-2's heads and groups).
+    """
     bsz, t, e = u.shape
-    k = mixer.conv1d.kernel_size[0]
-    w = mixer.conv1d.weight[:, 0, :].float()  # (E, K): w[:, j] multiplies x_a[r − (K − 1) + j]
+    k = w_EK.shape[1]
+    w = w_EK
+    if b.ndim == 3:
+        b, c = b[:, :, None, :], c[:, :, None, :]
     cum = torch.cumsum(dt, dim=1)  # (B, T, E): Σ_{q ≤ r} Δ_q
     out = torch.zeros(bsz, t, e, dtype=torch.float32, device=u.device)
     for q, sources in knockout_pairs(ko, t).items():
@@ -156,6 +167,6 @@ def knockout_correction(mixer, ko: Knockout, xa, pre, u, dt, a, b, c, mask) -> t
         for s in sources:
             delta[:, s - lo] = u[:, s].float()  # a source's own term goes entirely
         decay = torch.exp((cum[:, q:q + 1] - cum[:, lo:q + 1])[..., None] * a)  # (B, q−lo+1, E, N)
-        terms = decay * (dt[:, lo:q + 1] * delta)[..., None] * b[:, lo:q + 1, None, :]
-        out[:, q] = torch.einsum("ben,bn->be", terms.sum(dim=1), c[:, q]) + mixer.D.float() * delta[:, -1]
+        terms = decay * (dt[:, lo:q + 1] * delta)[..., None] * b[:, lo:q + 1]
+        out[:, q] = (terms.sum(dim=1) * c[:, q]).sum(-1) + d_E * delta[:, -1]
     return out

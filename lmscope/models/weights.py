@@ -31,8 +31,9 @@ def make_spec(model) -> ModelSpec:
     n_heads = read(f.n_heads, 0)
     ssm = a.block.mixer.part == "ssm"
     d_head = 0 if ssm else linear_weight(get_module(model.block(0), a.block.mixer.o_proj), a.linear).shape[0] // n_heads
-    # a state-space mixer: E channels and a state of N per channel (A_log is E x N)
-    d_inner, d_state = tuple(get_module(model.block(0), a.block.mixer.module).A_log.shape) if ssm else (0, 0)
+    # a state-space mixer: E channels and a state of N per channel (Mamba's and Mamba-2's mixers name both)
+    mixer = get_module(model.block(0), a.block.mixer.module) if ssm else None
+    d_inner, d_state = (int(mixer.intermediate_size), int(mixer.ssm_state_size)) if ssm else (0, 0)
     d_mlp = 0 if a.block.mlp is None else linear_weight(get_module(model.block(0), a.block.mlp.down),
                                                         a.linear).shape[0]
     return ModelSpec(

@@ -4,7 +4,7 @@
   const V = window.LmViews, R = window.LmRoute;
   const $ = (id) => document.getElementById(id);
   const state = { prompt: "", threshold: 0.04, position: null, target: null, tab: "graph", graph: null,
-    incoming: null, info: null, selected: null };
+    incoming: null, info: null, selected: null, pinned: new Set(), groups: [], views: {} };
   window.lmscope = state;  // for tests and the console
 
   async function api(method, inputs, config) {
@@ -19,12 +19,22 @@
     return doc.result;
   }
 
-  // ------------------------------------------------------------------ URL state
+  // ------------------------------------------------------------------ URL state: the whole view, shareable
+  // (prompt, threshold, position, target, tab, selected node, pinned nodes, groups, every input marked
+  // data-url, and which views were shown: those run again when the URL is opened)
   function saveUrl() {
     const p = new URLSearchParams({ prompt: state.prompt, threshold: state.threshold, tab: state.tab });
     if (state.position !== null) p.set("position", state.position);
     if (state.target !== null) p.set("target", state.target);
     if (state.selected) p.set("node", state.selected.key);
+    if (state.pinned.size) p.set("pins", [...state.pinned].join(","));
+    if (state.groups.length) p.set("groups", JSON.stringify(state.groups));
+    const shown = Object.keys(state.views).filter((k) => state.views[k]);
+    if (shown.length) p.set("views", shown.join(","));
+    document.querySelectorAll("[data-url]").forEach((el) => {
+      const v = el.type === "checkbox" ? (el.checked ? "1" : "") : el.value;
+      if (v !== (el.type === "checkbox" ? (el.defaultChecked ? "1" : "") : el.defaultValue)) p.set(el.dataset.url, v);
+    });
     history.replaceState(null, "", "#" + p.toString());
   }
   function loadUrl() {
@@ -33,6 +43,15 @@
     if (p.get("threshold")) state.threshold = +p.get("threshold");
     if (p.get("position") !== null) state.position = +p.get("position");
     if (p.get("target") !== null) state.target = p.get("target");
+    if (p.get("pins")) p.get("pins").split(",").forEach((x) => state.pinned.add(x));
+    if (p.get("groups")) { try { state.groups = JSON.parse(p.get("groups")); } catch (err) { state.groups = []; } }
+    if (p.get("views")) p.get("views").split(",").forEach((k) => { state.views[k] = true; });
+    document.querySelectorAll("[data-url]").forEach((el) => {
+      const v = p.get(el.dataset.url);
+      if (v === null) return;
+      if (el.type === "checkbox") el.checked = v === "1";
+      else { el.value = v; el.dataset.want = v; }
+    });
     state.tab = p.get("tab") || "graph";
     return p.get("node");
   }
@@ -86,8 +105,23 @@
         `(${e.kind}) ${e.weight.toFixed(3)}</title></path>`);
     });
     const sel = state.selected ? state.selected.key : null;
+    const T = g.tokens.length, L = g.n_layers;
+    const kept = [...state.pinned, ...state.groups.flatMap((grp) => grp.nodes)];
+    for (const id of kept) {  // pinned and grouped nodes stay on the graph whatever the threshold
+      const n = R.parseNode(id);
+      if (n.comp && n.pos >= 0 && n.pos < T && n.layer < L) nodes.add(id);
+    }
+    state.groups.forEach((grp, gi) => {  // a dashed box around each group's nodes
+      const pts = grp.nodes.filter((id) => nodes.has(id)).map((id) => lay.pos(id));
+      if (!pts.length) return;
+      const x0 = Math.min(...pts.map((q) => q.x)) - 9, x1 = Math.max(...pts.map((q) => q.x)) + 9;
+      const y0 = Math.min(...pts.map((q) => q.y)) - 9, y1 = Math.max(...pts.map((q) => q.y)) + 9;
+      parts.push(`<rect x="${x0}" y="${y0}" width="${x1 - x0}" height="${y1 - y0}" class="group" data-group="${gi}"></rect>` +
+        `<text x="${x0}" y="${y0 - 2}" class="group-label">${esc(grp.name)}</text>`);
+    });
     for (const id of nodes) {
-      const q = lay.pos(id), comp = q.n.comp, cls = `node ${comp}` + (sel === id ? " selected" : "");
+      const q = lay.pos(id), comp = q.n.comp, cls = `node ${comp}` + (sel === id ? " selected" : "") +
+        (state.pinned.has(id) ? " pinned" : "");
       parts.push(comp === "mlp"
         ? `<rect x="${q.x - 5}" y="${q.y - 5}" width="10" height="10" class="${cls}" data-node="${id}"><title>${id}</title></rect>`
         : `<circle cx="${q.x}" cy="${q.y}" r="${comp === "attn" ? 4 : 5.5}" class="${cls}" data-node="${id}"><title>${id}</title></circle>`);
@@ -103,6 +137,7 @@
     drawPredictions();
     $("verify-out").textContent = "";
     $("verify-out").removeAttribute("data-faithfulness");
+    drawPins();
     const ms = performance.now() - t0;
     $("graph-stats").textContent = `${nodes.size} nodes, ${edges.length} edges, drawn in ${ms.toFixed(0)} ms`;
     svg.setAttribute("data-edges", edges.length);
@@ -111,9 +146,25 @@
     saveUrl();
   }
 
+  function drawPins() {
+    $("pin-count").textContent = `${state.pinned.size} pinned`;
+    const box = $("group-list");
+    box.innerHTML = "";
+    state.groups.forEach((grp, gi) => {
+      const s = V.html("span", { class: "group-chip", title: grp.nodes.join(", ") }, `${grp.name} (${grp.nodes.length}) ×`, box);
+      s.addEventListener("click", () => { state.groups.splice(gi, 1); drawGraph(); });
+    });
+  }
+
+  function togglePin(id) {
+    if (state.pinned.has(id)) state.pinned.delete(id); else state.pinned.add(id);
+    drawGraph();
+  }
+
   function onGraphClick(ev) {
     const t = ev.target.closest("[data-edge],[data-node],[data-position]");
     if (!t) return;
+    if (ev.shiftKey && t.dataset.node !== undefined) { togglePin(t.dataset.node); return; }
     if (t.dataset.edge !== undefined) {
       const e = state.edges[+t.dataset.edge];
       if (e.kind === "attn") selectEdge(e);
@@ -138,16 +189,25 @@
     const inputs = state.target === null ? state.prompt : { prompt: state.prompt, target: state.target };
     const config = { threshold: state.threshold, position: state.position };
     if ($("verify-corrupt").checked) config.corrupt = $("corrupt").value;
+    if ($("verify-pinned").checked) {
+      const blocks = [...state.pinned].filter((id) => id[0] === "A" || id[0] === "M");
+      if (!blocks.length) { out.textContent = "pin attention or FFN nodes first (shift-click)"; return; }
+      config.nodes = blocks.join(",");
+    }
     let res;
     try { res = await api("flow-verify", inputs, config); } catch (err) { out.textContent = err.message; return; }
     const [clean, graph, none, faith] = res.values;
-    out.textContent = `faithfulness ${faith === null ? "—" : faith.toFixed(3)} (logit of ${JSON.stringify(res.target.target)}: ` +
-      `clean ${clean.toFixed(2)}, graph only ${graph.toFixed(2)}, nothing ${none.toFixed(2)}; ` +
+    out.textContent = `faithfulness ${faith === null ? "—" : faith.toFixed(3)} (${res.meta.metric} of ${JSON.stringify(res.target.target)}: ` +
+      `clean ${clean.toFixed(2)}, ${config.nodes ? "pinned" : "graph"} only ${graph.toFixed(2)}, nothing ${none.toFixed(2)}; ` +
       `${(100 * res.meta.kept_fraction).toFixed(1)}% of blocks kept)`;
     out.setAttribute("data-faithfulness", faith);
   }
 
   // ------------------------------------------------------------------ inspector
+  function pinButton(box, id) {
+    const b = V.html("button", { class: "pin" }, state.pinned.has(id) ? "unpin" : "pin (shift-click)", box);
+    b.addEventListener("click", () => { togglePin(id); b.textContent = state.pinned.has(id) ? "unpin" : "pin (shift-click)"; });
+  }
   function inspector(title) {
     const box = $("inspector");
     box.innerHTML = "";
@@ -180,6 +240,11 @@
       maps.appendChild(V.heatmap(res.values[head], labels, labels, { title: `contribution, L${tgt.layer} H${head}`, cell: 12 }));
       tokenList(detail, `head ${head}'s write at ${tgt.pos} promotes:`, res.meta.promotes[head], "tok-pos");
       tokenList(detail, "and suppresses:", res.meta.suppresses[head], "tok-neg");
+      const open = V.html("button", { id: "open-head" }, `open L${tgt.layer} H${head} in the head inspector`, detail);
+      open.addEventListener("click", () => {
+        $("head-layer").value = tgt.layer; $("head-index").value = head;
+        showTab("head"); tabs.headRun();
+      });
       detail.setAttribute("data-head", head);
     }
     show();
@@ -195,6 +260,7 @@
     saveUrl();
     if (n.comp === "mlp") {
       const box = inspector(`FFN of layer ${n.layer} at ${n.pos}`);
+    pinButton(box, id);
       const res = await api("flow-node", state.prompt, { component: "mlp_neurons", layer: n.layer, position: n.pos });
       const tab = V.html("table", { class: "small", id: "neurons" }, null, box);
       tab.innerHTML = "<tr><th>neuron</th><th>share</th><th>act.</th><th>promotes</th><th>suppresses</th></tr>";
@@ -210,6 +276,7 @@
     const comp = n.comp === "embed" ? "embed" : n.comp === "attn" ? "resid_mid" : "resid_post";
     const what = { embed: "embedding", resid_mid: "residual after attention", resid_post: "residual after FFN" }[comp];
     const box = inspector(`Logit lens: ${what}, layer ${Math.max(n.layer, 0)} at ${n.pos}`);
+    pinButton(box, id);
     const inputs = state.target === null ? state.prompt : { prompt: state.prompt, target: state.target };
     const res = await api("flow-node", inputs, { component: comp, layer: Math.max(n.layer, 0), position: n.pos });
     const tab = V.html("table", { class: "small", id: "lens" }, null, box);
@@ -287,6 +354,8 @@
         out.appendChild(V.tokenRow(method, tokens, vals));
       } catch (err) { V.html("p", { class: "error" }, `${method}: ${err.message}`, out); }
     }
+    state.views.attribution = true;
+    saveUrl();
   }
 
   async function pairsTab() {
@@ -300,6 +369,10 @@
     const a = res.axes;
     if (a[1].name === "position") {  // the two prompts side by side, differing tokens marked
       toks.textContent = "positions: " + a[1].labels.join("  ");
+      const corrupt = a[1].labels.map((l) => l.replace(/^\d+:/, ""));
+      const clean = state.graph && state.graph.meta.prompt === pair.clean ? state.graph.meta.tokens : corrupt;
+      state.pairTokens = { clean, corrupt };
+      tabs.dragRows();
     }
     const svg = V.heatmap(res.values, a[0].labels, a[1].labels, { title: `patching ${site}: ${res.meta.metric || ""}`,
       onclick: (i, j, v) => {
@@ -311,9 +384,12 @@
         cell.textContent = `patching ${a[0].name} ${a[0].labels[i]}, ${a[1].name} ${a[1].labels[j]} from the clean run: ` +
           (v === null ? "—" : v.toFixed(3));
         cell.setAttribute("data-value", v);
+        if (site === "resid_pre") { $("drag-layer").value = i; saveUrl(); }
       } });
     out.appendChild(svg);
     out.appendChild(V.result(res).querySelector("a"));
+    state.views.pairs = true;
+    saveUrl();
   }
 
   async function dlaTab() {
@@ -327,6 +403,8 @@
       try { box.appendChild(V.result(await api("dla", inputs, { by }))); }
       catch (err) { V.html("p", { class: "error" }, err.message, box); }
     }
+    state.views.dla = true;
+    saveUrl();
   }
 
   function showTab(tab) {
@@ -334,8 +412,11 @@
     document.querySelectorAll(".tab-body").forEach((s) => { s.hidden = s.id !== `tab-${tab}`; });
     document.querySelectorAll(".tab").forEach((b) => b.classList.toggle("active", b.dataset.tab === tab));
     if (tab === "methods") methodsTab();
+    if (tab === "sae") tabs.saeInit();
     saveUrl();
   }
+
+  const tabs = window.LmTabs({ api, state, $, V, saveUrl: () => saveUrl() });
 
   async function main() {
     const node = loadUrl();
@@ -363,6 +444,17 @@
     });
     $("pair-run").addEventListener("click", pairsTab);
     $("dla-run").addEventListener("click", dlaTab);
+    $("head-run").addEventListener("click", tabs.headRun);
+    $("sae-run").addEventListener("click", tabs.saeRun);
+    $("steer-run").addEventListener("click", tabs.steerRun);
+    $("group-add").addEventListener("click", () => {
+      if (!state.pinned.size) return;
+      state.groups.push({ name: $("group-name").value || `group ${state.groups.length + 1}`, nodes: [...state.pinned] });
+      state.pinned.clear(); $("group-name").value = ""; drawGraph();
+    });
+    $("pin-clear").addEventListener("click", () => { state.pinned.clear(); drawGraph(); });
+    document.querySelectorAll("[data-url]").forEach((el) => el.addEventListener("change", () => saveUrl()));
+    tabs.saeInit();
     showTab(state.tab);
     await runGraph();
     if (node && !node.includes("->")) await selectNode(node);
@@ -370,6 +462,9 @@
       const e = state.edges.find((x) => `${x.source}->${x.target}` === node);
       if (e) await selectEdge(e);
     }
+    const again = { head: tabs.headRun, sae: tabs.saeRun, steer: tabs.steerRun, pairs: pairsTab, dla: dlaTab,
+      attribution: attributionTab };  // views the URL says were shown
+    for (const k of Object.keys(again)) if (state.views[k]) await again[k]();
     document.body.setAttribute("data-ready", "1");
   }
   main();

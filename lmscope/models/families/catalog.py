@@ -7,7 +7,7 @@ from lmscope.models.families import attn_only, gemma, gpt2, gpt_neox, llama, mam
 from lmscope.models.parts import Adapter
 
 ADAPTERS: tuple[Adapter, ...] = (llama.ADAPTER, gemma.ADAPTER, gpt2.ADAPTER, gpt_neox.ADAPTER, attn_only.ADAPTER,
-                                 mamba.ADAPTER)
+                                 mamba.ADAPTER, mamba.FALCON_ADAPTER, mamba.MAMBA2_ADAPTER)
 
 
 def adapter_for(config) -> Adapter:

@@ -33,6 +33,7 @@ BENCHES = {
     "sites": "bench_sites", "batched": "bench_batched", "attribution": "bench_attribution",
     "patching": "bench_patching", "atp": "bench_atp", "lens": "bench_lens", "harvest": "bench_harvest",
     "probe": "bench_probe", "sae": "bench_sae", "circuits": "bench_circuits", "app": "bench_app",
+    "editing": "bench_editing",
 }
 
 if __name__ == "__main__":

@@ -16,12 +16,15 @@ WORDS = ("the a cat dog sat on mat and when Mary John went to store gave drink r
          "ten is was he she it they we you I of in at by for with from up down left right yes no").split()
 
 
+AB_TOKENS = ("(", "A", "B")  # the answer letters of A/B questions (CAA), not drawn into generated texts
+
+
 def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<pad>": 1, "<bos>": 2}
-    for w in WORDS:
+    for w in (*WORDS, *AB_TOKENS):
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

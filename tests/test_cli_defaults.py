@@ -44,6 +44,8 @@ CASES = [
     ("trace", ["--prompt", FACT, "--subject", "The Eiffel Tower"], "Causal trace (hidden)"),
     ("probe", ["--dataset", "sst2"], "logistic probe on sst2 (40 examples"),
     ("patchscope", ["--source", IOI, "--layer", "5"], "Patchscope"),
+    ("patchscope eval", [], "Patchscope capitals"),
+    ("caa", [], "CAA on myopic-reward"),
     ("project", ["--head", "23.3"], "Head 23.3 OV circuit"),
     ("project", ["--neuron", "20.5"], "Neuron 20.5"),
     ("steer", _STEER, "steered (actadd, layer 6"),
@@ -61,6 +63,8 @@ CASES = [
     ("clamp plot", ["clamp.json"], "wrote clamp.png"),   # plots what `clamp run` (with its SIZE) writes first
     ("edit", ["--prompt", FACT, "--subject", "The Eiffel Tower", "--target", " Rome"], "(chosen by causal tracing)"),
     ("edit eval", [], "counterfactual facts at layer"),
+    ("edit sequential", [], "edits kept at layer"),
+    ("recall", [], "in-context answer wins"),
     ("attribute evaluate", [], "random"),
 ]
 
@@ -86,6 +90,16 @@ SIZE = {
                                                     "instead of 20: the traced layer, prefixes and update are the same"),
     "edit eval": (["--n", "1", "--tokens", "2048", "--steps", "5", "--trace-facts", "1", "--gen-tokens", "5"],
                   "1 fact instead of 100 (as `edit`), 1 traced fact and 5 generated tokens"),
+    "edit sequential": (["--n", "2", "--tokens", "2048", "--steps", "3", "--prefixes", "2", "--every", "1",
+                         "--ppl-tokens", "256", "--trace-facts", "1"],
+                        "2 edits instead of 100, C from 2048 keys, 3 Adam steps and 2 prefixes (as `edit eval`), "
+                        "256 held-out tokens; the curve is measured after every edit"),
+    "recall": (["--n", "2"], "2 facts instead of 100 (knockout and patching on both instead of 20): every "
+                                 "knockout window, layer and head is still measured"),
+    "patchscope eval": (["--n", "10"], "10 countries instead of 50: every layer, the target prompt and the direct "
+                                       "reading remain"),
+    "caa": (["--limit", "8"], "8 A/B questions (4 for the vectors, 4 held out) instead of 48: every layer and "
+                              "multiplier remains"),
     "attribute evaluate": (["--n", "1", "--sanity", "1", "--tasks", "ioi"],
                            "1 IOI prompt (and 1 for the sanity checks) instead of 100 per task set; the factual and "
                            "induction sets go through the same erasure code (tests/test_faithfulness.py)"),

@@ -98,10 +98,22 @@ def _cases(tmp, corpus, saes=("",)):
     from lmscope.sae import SAEFeaturesConfig, SAEFolders, compare, run_sae_features
     from lmscope.sae.train_site import SAETrainConfig, train_site_sae
 
+    from dataclasses import replace
+
+    from lmscope.decoding.ab_data import load_ab
+    from lmscope.decoding.caa import caa_sweep
+    from lmscope.decoding.patchscope_eval import evaluate_task, task
+    from lmscope.decoding.patchscopes import target_prompt
     from lmscope.editing import EditConfig, EditEvalConfig, edit_fact, evaluate_edits
+    from lmscope.editing.recall import RecallConfig, recall
+    from lmscope.editing.sequential import SequentialConfig, sequential_edits
     from lmscope.specs import Prompt
 
     edit_cfg = {"subject": "Mary and John", "layer": 1, "tokens": 600, "corpus": corpus, "steps": 2}
+    seq_cfg = {"n": 2, "layer": 1, "tokens": 600, "corpus": corpus, "steps": 2, "prefixes": 2, "every": 1,
+               "ppl_tokens": 64, "known_only": False}
+    recall_cfg = {"window": 3, "question": "Mary went to the", "subject": "Mary", "memorised": " tree",
+                  "in_context": " river"}
     eval_cfg = {"n": 2, "layer": 1, "tokens": 600, "corpus": corpus, "steps": 2, "gen_tokens": 3, "known_only": False}
     lens_cfg = {"tokens": 128, "context": 16, "batch": 4, "seed": 1, "lr": 0.01}
     sae_cfg = {"arch": "topk", "k": 4, "latents": 16, "layer": 1, "tokens": 256, "batch_size": 64, "context": 16}
@@ -140,6 +152,12 @@ def _cases(tmp, corpus, saes=("",)):
                       lambda m: evaluate_lens(m, None, corpus, tokens=64, context=16)),
         "patchscope": ({"prompt": P}, {"layer": 1, "k": 4, "target_prompt": TP, "target_position": -1},
                        lambda m: patchscope(m, P, 1, k=4, target=TP, target_position=-1)),
+        "patchscope-eval": (None, {"task": "identity", "n": 59, "target_prompt": TP, "target_position": -1},
+                            lambda m: evaluate_task(m, replace(task(m, "identity", 59), target=target_prompt(TP),
+                                                               target_position=-1))),
+        "caa": (None, {"layers": "1,2", "multipliers": [-1, 1], "limit": 8, "test": 4},
+                lambda m: caa_sweep(m, load_ab("myopic-reward", limit=8), layers=[1, 2], multipliers=(-1.0, 1.0),
+                                    test=4, name="myopic-reward")),
         "probe": ({"texts": TEXTS, "labels": LABELS}, {"layers": "0,1", "folds": 2, "control": False}, _probe_direct),
         "steer": ({"prompt": P}, {"positive": "yes", "negative": "no", "layer": 1, "max_new_tokens": 3}, _steer_direct),
         "project": (None, {"head": "1.2", "tokens": "cat,dog", "k": 3},
@@ -148,6 +166,8 @@ def _cases(tmp, corpus, saes=("",)):
         "edit": ({"prompt": P, "target": "tree"}, edit_cfg,
                  lambda m: edit_fact(m, Prompt(P, "tree"), EditConfig(**edit_cfg))),
         "edit-eval": (None, eval_cfg, lambda m: evaluate_edits(m, None, EditEvalConfig(**eval_cfg))),
+        "edit-sequential": (None, seq_cfg, lambda m: sequential_edits(m, None, SequentialConfig(**seq_cfg))),
+        "recall": (None, recall_cfg, lambda m: recall(m, None, RecallConfig(**recall_cfg))),
         "heads": (None, {"n": 6, "batch": 2, "texts": 2, "context": 8, "probe_tokens": 20, "corpus": corpus},
                   lambda m: head_atlas(m, HeadsConfig(n=6, batch=2, texts=2, context=8, probe_tokens=20,
                                                       corpus=corpus), progress=False)),

@@ -216,9 +216,10 @@ def make_command(spec: specs.MethodSpec, group_callback: bool = False):
             for name in builtin_names():
                 common.out.print(name)
             return
-        if group_callback and kw.get("in_text") is None:
+        if group_callback and kw.get("in_text") is None and kw.get("in_source") is None:
             sub = " or ".join(f"`lmscope {spec.cli[0]} {c}`" for c in GROUP_SUBCOMMANDS.get(spec.cli[0], ()))
-            raise InputError(f"Give --prompt TEXT (or a subcommand: {sub}).")
+            flag = "--source" if "source" in input_keys(spec) else "--prompt"
+            raise InputError(f"Give {flag} TEXT (or a subcommand: {sub}).")
         config = build_config(spec, kw)
         check_config_outputs(spec, config)
         data, model_name = None, kw.get("model")

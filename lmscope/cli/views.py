@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from rich import box
 from rich.table import Table
 
 from lmscope.cli.common import top_table
 
 NO_PLOT = ("circuit", "flow", "lens-train", "sae-train", "sae-eval", "sae-features",
-           "sae-compare", "edit", "edit-eval", "attribute-evaluate")
+           "sae-compare", "edit", "edit-eval", "edit-sequential", "recall", "attribute-evaluate")
 SAE_SHOWN = ("l0", "fve", "gamma", "gamma_centred", "ce_recovered", "delta_ce", "dead_frac", "dense_frac", "tokens")
 
 
@@ -313,6 +314,47 @@ def _patchscope(result, config):
     return shown, result
 
 
+def _patchscope_eval(result, config):
+    title = (f"Patchscope {result.meta['task']} ({result.params['n']} sources"
+             + (f", {result.params['generate']} generated tokens" if result.params["generate"] else ", next token")
+             + f"): accuracy; direct reading (unpatched) {result.meta['direct']:.2f}")
+    table = Table(title=title)
+    if result.values.ndim == 1:
+        for col in ("layer (ℓ* = ℓ)", "accuracy"):
+            table.add_column(col)
+        for label, v in zip(result.axes[0].labels, result.values.tolist()):
+            table.add_row(label, f"{v:.2f}")
+        return [table], result
+    table.add_column("source layer")
+    cols = list(range(0, len(result.axes[1]), max(1, len(result.axes[1]) // 8)))
+    for c in cols:
+        table.add_column(f"→{result.axes[1].labels[c]}")
+    for i, label in enumerate(result.axes[0].labels):
+        table.add_row(label, *[f"{result.values[i, c]:.2f}" for c in cols])
+    shown = [table]
+    if "map_r2" in result.extras:
+        r2 = result.extras["map_r2"]
+        shown.append(f"maps from {result.params['source_model']}: held-out R² {float(r2.min()):.2f} to "
+                     f"{float(r2.max()):.2f}")
+    return shown, result
+
+
+def _caa(result, config):
+    m = result.meta
+    table = Table(title=f"CAA on {m['behaviour']}: P(matching letter) on {m['n_test']} held-out questions "
+                        f"(vectors from {m['n_train']}; unsteered {m['unsteered']:.3f}) per multiplier; shift = "
+                        "largest − smallest multiplier; v/h = ‖v‖ / ‖h‖", box=box.SIMPLE)
+    for col in ("layer", *result.axes[1].labels, "shift", "v/h"):
+        table.add_column(col, no_wrap=True)
+    ratio = result.extras["vector_norm"] / result.extras["resid_norm"]
+    for i, label in enumerate(result.axes[0].labels):
+        shift = float(result.extras["shift"][i])
+        table.add_row(label, *[f"{v:.3f}" for v in result.values[i].tolist()], f"{shift:+.3f}", f"{float(ratio[i]):.2f}")
+    best = int(result.extras["shift"].argmax())
+    return [table, f"largest shift at layer {result.axes[0].labels[best]}: "
+                   f"{float(result.extras['shift'][best]):+.3f}"], result
+
+
 def _probe(result, config):
     table = Table(title=f"{config.kind} probe on {result.meta['dataset']} ({result.meta.get('n_examples', '')} "
                         f"examples, {config.site}, position {config.position}); majority baseline "
@@ -383,6 +425,39 @@ def _edit_eval(result, config):
     return lines, result
 
 
+def _edit_sequential(result, config):
+    lines = [f"sequential ROME: {len(result.meta['facts'])} edits kept at layer {result.meta['layer']}"]
+    for label, row in zip(result.axes[0].labels, result.values.tolist()):
+        shown = ", ".join(f"{m} {v:.3f}" for m, v in zip(result.axes[1].labels, row))
+        lines.append(f"  after {label:>4} edits: {shown}")
+    return lines, result
+
+
+def _recall(result, config):
+    s = result.meta
+    lines = [f"memorised vs in-context recall on {s['facts']} facts: in-context answer wins "
+             f"{s['in_context_wins']:.3f}, "
+             f"memorised {s['memorised_wins']:.3f} (top-1: in-context {s['top1_in_context']:.3f}, memorised "
+             f"{s['top1_memorised']:.3f}, other {s['top1_other']:.3f})"]
+    ko = result["knockout"]
+    for i, target in enumerate(ko.axes[0].labels):
+        col = ko.values[i, :, 0]
+        layer = int(col.argmin())
+        lines.append(f"  knockout last -> {target}: P(in-context) falls most at layer {layer} "
+                     f"({float(col[layer]):+.3f})")
+    pl = result["patch_layers"]
+    for i, comp in enumerate(pl.axes[0].labels):
+        layer = int(pl.values[i].argmax())
+        lines.append(f"  patching {comp} at the last position: recovery peaks at layer {layer} "
+                     f"({float(pl.values[i, layer]):.3f})")
+    if "patch_heads" in result:
+        ph = result["patch_heads"].values
+        top = ph.flatten().argsort(descending=True)[:5].tolist()
+        lines.append("  top heads: " + ", ".join(f"{i // ph.shape[1]}.{i % ph.shape[1]} ({float(ph.flatten()[i]):.3f})"
+                                                  for i in top))
+    return lines, result
+
+
 def _heads(result, config):
     from lmscope.behaviors.heads import atlas_grid
 
@@ -437,10 +512,13 @@ def _sae_compare(result, config):
     return shown + ([f"wrote {config.png}"] if config.png else []), result
 
 
-VIEWS = {"edit": _edit, "edit-eval": _edit_eval, "attribute-evaluate": _evaluate,
+VIEWS = {"edit": _edit, "edit-eval": _edit_eval, "edit-sequential": _edit_sequential, "recall": _recall,
+         "attribute-evaluate": _evaluate,
          "attribute": _attribute, "dla": _dla, "patch": _patch, "trace": _trace, "atp": _atp, "circuit": _circuit,
          "flow": _flow, "flow-node": _flow_node, "flow-verify": _flow_verify,
-         "head-inspect": _head_inspect, "patch-cell": _patch_cell, "sae-prompt": _sae_prompt, "lens": _lens, "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
+         "head-inspect": _head_inspect, "patch-cell": _patch_cell, "sae-prompt": _sae_prompt, "lens": _lens,
+         "lens-train": _lens_train, "lens-eval": _lens_eval, "patchscope": _patchscope,
+         "patchscope-eval": _patchscope_eval, "caa": _caa,
          "probe": _probe, "steer": _steer, "project": _project, "sae-train": _sae_train,
          "sae-eval": _sae_eval, "sae-features": _sae_features, "sae-compare": _sae_compare, "heads": _heads}
 

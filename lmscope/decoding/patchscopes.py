@@ -9,18 +9,24 @@ uses block outputs instead.
 
 Target prompts: ``identity`` (few-shot "cat -> cat; 1135 -> 1135; hello -> hello; table -> table;
 green -> green; ? ->", patched at "?", ℓ* = ℓ: decodes which token h stands for; with only the first
-three demonstrations SmolLM2 copies 81% of random words at layer 0, with five 98%) and ``entity`` (a few "entity: description" pairs,
-patched at the final "x", then generate). Any prompt with a placeholder token works
-(:class:`TargetPrompt`). :func:`patchscope_sweep` runs all (ℓ, ℓ*) pairs in batched forwards and
-:func:`token_identity` measures how often the identity Patchscope returns the source token per layer.
+three demonstrations SmolLM2 copies 81% of random words at layer 0, with five 98%), ``entity`` (a few
+"entity: description" pairs, patched at the final "x", then generate) and ``capital`` (few-shot
+"country: capital" pairs, patched at the final "x": attribute extraction). Any prompt with a
+placeholder token works (:class:`TargetPrompt`). :func:`patchscope_sweep` runs all (ℓ, ℓ*) pairs of one
+source in batched forwards; :func:`patchscope_accuracy` measures over many sources how often the
+Patchscope yields each one's expected answer (next token, or a text in a greedy continuation), at
+ℓ* = ℓ or over a source × target layer grid; :func:`token_identity` is its identity-prompt case.
+:mod:`lmscope.decoding.patchscope_eval` holds ready tasks (identity, capitals, descriptions).
 
 Shapes: source states (L, B, D); sweep values (source_layer, target_layer); identity accuracy (layer,).
 """
 
 from __future__ import annotations
 
+import re
+
 from lmscope import specs
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +53,7 @@ TARGET_PROMPTS = {
     "identity": TargetPrompt("cat -> cat; 1135 -> 1135; hello -> hello; table -> table; green -> green; ? ->", "?"),
     "entity": TargetPrompt("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South "
                            "Korean multinational major appliance and consumer electronics corporation, x", "x"),
+    "capital": TargetPrompt("Italy: Rome; Egypt: Cairo; Peru: Lima; Kenya: Nairobi; x:", "x"),
 }
 
 
@@ -173,6 +180,102 @@ def patchscope_sweep(model: Model, source: str, *, position: int = -1, layers: S
                   {"position": position, "site": site}, {"rank": rank}, meta)
 
 
+def _expected_ids(model: Model, sources: list[str], expected, position: int) -> torch.Tensor:
+    if expected is None:
+        return torch.tensor([int(model.encode(s).input_ids[0, position]) for s in sources])
+    if len(expected) != len(sources):
+        raise InputError(f"{len(expected)} expected tokens for {len(sources)} sources.")
+    return torch.tensor([model.token_id(e) for e in expected])
+
+
+def contains_any(text: str, wanted: str | Sequence[str], stop: str | None = None) -> bool:
+    """Does ``text`` (cut at the first ``stop``, when given) contain ``wanted``, or one of a list of
+    alternatives, as whole words, case-insensitively?"""
+    if stop:
+        text = text.split(stop)[0]
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    return any(re.search(rf"\b{re.escape(w.strip())}\b", text, flags=re.I) for w in wanted)
+
+
+def patchscope_accuracy(model: Model, sources: Sequence[str], expected: Sequence | None = None, *,
+                        layers: Sequence[int] | None = None, target_layers: Sequence[int] | None = None,
+                        position: int = -1, target: str | TargetPrompt = "identity", target_position: int | None = None,
+                        site: str = "resid_pre", generate: int = 0, stop: str | None = None,
+                        source_model: Model | None = None,
+                        mapping: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+                        chunk_size: int | None = None) -> Result:
+    """How often a Patchscope reads the expected answer out of each source's hidden state.
+
+    Without ``generate``, a source counts as read when the patched target prompt's top-1 next token is
+    its expected token (default: the source's own token at ``position``, the identity Patchscope).
+    With ``generate=n``, the target prompt is continued greedily for n tokens and a source counts when
+    the continuation (up to the first ``stop``, when given) contains its expected text (a string or a
+    list of alternatives: whole words, case-insensitive), as for entity descriptions.
+    ``target_position`` overrides the placeholder. ``target_layers=None`` patches ℓ* = ℓ: values
+    (layer,); a list of target layers gives values (source_layer, target_layer).
+    extras ``correct`` (..., B); in next-token mode also ``expected_prob`` (..., B); in generation mode
+    meta ``generated`` (texts per cell).
+
+    Cross-model: the sources run on ``source_model`` (``layers`` are its layers, ``expected`` defaults
+    to its tokens) and ``mapping(h (B, D_source), ℓ, ℓ*) -> (B, D_target)`` carries each state into
+    ``model`` (see :func:`lmscope.decoding.patchscope_models.fit_affine_maps`); give ``target_layers``.
+    """
+    sources = list(sources)
+    if not sources:
+        raise InputError("No source prompts.")
+    if generate < 0:
+        raise InputError(f"generate={generate}: give 0 (next token) or a number of tokens.")
+    if generate and (expected is None or len(expected) != len(sources)):
+        raise InputError("With generate > 0 give one expected text (or a list of them) per source.")
+    src = model if source_model is None else source_model
+    if (source_model is None) != (mapping is None) or (source_model is not None and target_layers is None):
+        raise InputError("A cross-model Patchscope needs source_model, mapping and target_layers together.")
+    layers = resolve_layers(src, layers)
+    tls = None if target_layers is None else resolve_layers(model, target_layers)
+    pairs = [(i, l, l) for i, l in enumerate(layers)] if tls is None else \
+        [(i, l, t) for i, l in enumerate(layers) for t in tls]
+    tp = target_prompt(target)
+    tpos, _ = placeholder_position(model, tp, target_position)
+    h = source_states(src, sources, layers, position=position, site=site)  # (L, B, D)
+    mapped = [h[i] if mapping is None else mapping(h[i], l, t).to(h.dtype) for i, l, t in pairs]
+    patches = [[Patch(f"blocks.{t}.{site}", value=v[:, None, :], positions=[tpos])]
+               for v, (_, _, t) in zip(mapped, pairs)]
+    shape = (len(layers),) if tls is None else (len(layers), len(tls))
+    extras, meta = {}, {}
+    if generate:
+        batch = model.encode([tp.text] * len(sources))
+        texts = []
+        for ivs in patches:
+            calls = []
+
+            def first_only(abs_pos, real, ivs=ivs, calls=calls):
+                calls.append(1)
+                return ivs if len(calls) == 1 else []
+
+            tokens, _ = model.generate(batch, generate, first_only)
+            texts.append([model.decode(row.tolist()) for row in tokens])
+        correct = torch.tensor([[contains_any(t, e, stop) for t, e in zip(row, expected)] for row in texts])
+        meta["generated"] = texts
+        meta["expected"] = [e if isinstance(e, str) else list(e) for e in expected]
+    else:
+        if expected is None and source_model is not None:  # the source token, as text, in the target's vocabulary
+            expected = [src.decode([int(src.encode(s).input_ids[0, position])]) for s in sources]
+        eids = _expected_ids(model, sources, expected, position)
+        logits = model.run_sets([tp.text] * len(sources), patches, logits="last", chunk_size=chunk_size).logits.float()
+        correct = logits.argmax(-1) == eids
+        extras["expected_prob"] = logits.softmax(-1).gather(-1, eids.expand(len(pairs), -1)[..., None])[..., 0] \
+            .reshape(*shape, -1)
+        meta["expected"] = [model.decode([i]) for i in eids.tolist()]
+    extras["correct"] = correct.int().reshape(*shape, -1)
+    values = correct.float().mean(-1).reshape(shape)
+    axes = (Axis("layer", tuple(map(str, layers))),) if tls is None else \
+        (Axis("source_layer", tuple(map(str, layers))), Axis("target_layer", tuple(map(str, tls))))
+    params = {"site": site, "position": position, "target_prompt": tp.text, "target_position": tpos, "n": len(sources),
+              "generate": generate, **({"stop": stop} if stop else {}),
+              **({"source_model": src.name} if source_model is not None else {})}
+    return Result(values, axes, "patchscope_accuracy", model.name, None, params, extras, meta)
+
+
 def token_identity(model: Model, sources: Sequence[str], *, layers: Sequence[int] | None = None,
                    position: int = -1, target: str | TargetPrompt = "identity", site: str = "resid_pre",
                    expected: Sequence[str | int] | None = None, chunk_size: int | None = None) -> Result:
@@ -181,27 +284,11 @@ def token_identity(model: Model, sources: Sequence[str], *, layers: Sequence[int
     ``expected`` defaults to each source's token at ``position``. values (layer,) accuracy; extras
     ``correct`` (layer, B) booleans and ``expected_prob`` (layer, B).
     """
-    sources = list(sources)
-    layers = resolve_layers(model, layers)
-    tp = target_prompt(target)
-    tpos, _ = placeholder_position(model, tp)
-    if expected is None:
-        enc = [model.encode(s).input_ids[0] for s in sources]
-        eids = torch.tensor([int(e[position]) for e in enc])
-    else:
-        if len(expected) != len(sources):
-            raise InputError(f"{len(expected)} expected tokens for {len(sources)} sources.")
-        eids = torch.tensor([model.token_id(e) for e in expected])
-    h = source_states(model, sources, layers, position=position, site=site)  # (L, B, D)
-    sets = [[Patch(f"blocks.{l}.{site}", value=h[i][:, None, :], positions=[tpos])] for i, l in enumerate(layers)]
-    logits = model.run_sets([tp.text] * len(sources), sets, logits="last", chunk_size=chunk_size).logits.float()
-    correct = logits.argmax(-1) == eids
-    expected_prob = logits.softmax(-1).gather(-1, eids.expand(len(layers), -1)[..., None])[..., 0]
-    return Result(correct.float().mean(1), (Axis("layer", tuple(map(str, layers))),), "patchscope_token_identity",
-                  model.name, None, {"site": site, "position": position, "target_prompt": tp.text,
-                                     "n": len(sources)},
-                  {"correct": correct.int(), "expected_prob": expected_prob},
-                  {"expected": [model.decode([i]) for i in eids.tolist()]})
+    res = patchscope_accuracy(model, sources, expected, layers=layers, position=position, target=target, site=site,
+                              chunk_size=chunk_size)
+    return Result(res.values, res.axes, "patchscope_token_identity", model.name, None,
+                  {k: v for k, v in res.params.items() if k not in ("generate", "target_position")}, res.extras,
+                  res.meta)
 
 
 # ------------------------------------------------------------------------------------------------ spec

@@ -31,25 +31,28 @@ from lmscope.editing.rome import pad_left, target_ids
 from lmscope.models import Model
 
 
-def object_scores(model: Model, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean per-token log-prob (N,), all tokens argmax (N,) bool) of each (prompt, object)."""
-    rows, spans = [], []
-    for prompt, obj in pairs:
-        p = list(model.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        o = target_ids(model, obj)
-        rows.append(p + o[:-1])
-        spans.append(o)
-    batch = pad_left(model, rows)
-    t = batch.input_ids.shape[1]
-    with torch.no_grad():
-        logits = model.run(batch, logits="all").logits.float()
-    logp = torch.log_softmax(logits, -1)
+def object_scores(model: Model, pairs: Sequence[tuple[str, str]], chunk: int = 32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean per-token log-prob (N,), all tokens argmax (N,) bool) of each (prompt, object), ``chunk`` rows
+    per forward."""
     means, hits = [], []
-    for i, o in enumerate(spans):
-        pos = torch.arange(t - len(o), t)  # the last prompt token predicts o[0]
-        ids = torch.tensor(o)
-        means.append(float(logp[i, pos, ids].mean()))
-        hits.append(bool((logp[i, pos].argmax(-1).cpu() == ids).all()))
+    for at in range(0, len(pairs), chunk):
+        rows, spans = [], []
+        for prompt, obj in pairs[at:at + chunk]:
+            p = list(model.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            o = target_ids(model, obj)
+            rows.append(p + o[:-1])
+            spans.append(o)
+        batch = pad_left(model, rows)
+        t = batch.input_ids.shape[1]
+        with torch.no_grad():
+            logits = model.run(batch, logits="all").logits.float()
+        logp = torch.log_softmax(logits, -1)
+        for i, o in enumerate(spans):
+            pos = torch.arange(t - len(o), t)  # the last prompt token predicts o[0]
+            ids = torch.tensor(o)
+            means.append(float(logp[i, pos, ids].mean()))
+            hits.append(bool((logp[i, pos].argmax(-1).cpu() == ids).all()))
     return torch.tensor(means), torch.tensor(hits)
 
 

@@ -13,9 +13,11 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_tiny
-from lmscope.attribution import EvaluateConfig, aopc, erasure_curves, evaluate_attributions
+from lmscope.attribution import EvaluateConfig, aopc, erasure_curves, evaluate_attributions, merge_evaluations
 from lmscope.attribution.faithfulness import RANDOM, erasable_positions, method_scores
 from lmscope.attribution.methods import METHODS
+from lmscope.errors import InputError
+from lmscope.localization import tasks
 from lmscope.models import randomized_copy
 from lmscope.models.parts import get_module
 
@@ -123,7 +125,44 @@ def test_evaluation_table_and_sanity_checks(tiny_llama):
     assert float(r.values[0, 2, 4]) == pytest.approx(1.0)
     assert float(r.values[0, 0, 4]) < 0.99 and float(r.values[0, 0, 3]) < 0.99  # saliency follows both
     assert torch.isnan(r.values[0, 3, 3:]).all()  # the random attribution has no sanity check
-    assert r.meta["randomized_blocks"] == [2] and r.meta["tasks"]["induction"] == {"prompts": 3, "sanity_prompts": 2}
+    assert r.meta["randomized_blocks"] == [2] and r.meta["subsets"] == {}
+    info, f = r.meta["tasks"]["induction"], r.extras["induction.f"]
+    assert (info["prompts"], info["sanity_prompts"]) == (3, 2)
+    pairs = tasks.induction(tiny_llama, 3, seq_len=10, seed=0)  # the prompts the evaluation explained
+    for i, (text, target, foil) in enumerate(zip(pairs.clean, pairs.targets, pairs.foils)):
+        with torch.no_grad():
+            logits = tiny_llama.hf(tiny_llama.encode(text).input_ids).logits[0, -1]
+        assert float(f[i]) == pytest.approx(float(logits[tiny_llama.token_id(target)] - logits[tiny_llama.token_id(foil)]),
+                                            abs=1e-4)
+    assert info["accuracy"] == pytest.approx(float((f > 0).double().mean()))
+
+
+def test_expensive_method_on_a_subset(tiny_llama):
+    methods = ("saliency", "integrated-gradients")
+    r = evaluate_attributions(tiny_llama, EvaluateConfig(tasks=("induction",), n=3, methods=methods, sanity=2,
+                                                         ig_prompts=1))
+    full = evaluate_attributions(tiny_llama, EvaluateConfig(tasks=("induction",), n=3, methods=methods, sanity=2))
+    comp, suff = r.extras["induction.comprehensiveness"], r.extras["induction.sufficiency"]
+    assert torch.isnan(comp[1:, 1]).all() and not torch.isnan(comp[:, [0, 2]]).any()
+    # the prompts it ran on give what the full run gives; the others are left out of its means
+    torch.testing.assert_close(comp[0], full.extras["induction.comprehensiveness"][0])
+    torch.testing.assert_close(comp[:, [0, 2]], full.extras["induction.comprehensiveness"][:, [0, 2]])
+    assert float(r.values[0, 1, 2]) == pytest.approx(float(comp[0, 1] - suff[0, 1]), abs=1e-5)
+    torch.testing.assert_close(r.values[:, [0, 2]], full.values[:, [0, 2]], equal_nan=True)
+    assert r.meta["subsets"] == {"integrated-gradients": {"prompts": 1, "random_comp_suff":
+                                                          pytest.approx(float(comp[0, 2] - suff[0, 2]))}}
+    with pytest.raises(InputError, match="ig-prompts"):
+        EvaluateConfig(ig_prompts=0)
+
+
+def test_identical_erasures_run_once(tiny_llama):
+    t = len(tiny_llama.to_str_tokens(PROMPT))
+    row = torch.arange(t, dtype=torch.float32)
+    one = erasure_curves(tiny_llama, PROMPT, TARGET, FOIL, row[None])
+    two = erasure_curves(tiny_llama, PROMPT, TARGET, FOIL, torch.stack([row, row]))
+    n = len(one["positions"])
+    assert one["forwards"] == two["forwards"] == 2 * n  # clean, n − 1 partial erasures each way, "erase all"
+    torch.testing.assert_close(two["comprehensiveness"][1], one["comprehensiveness"][0])
 
 
 def test_cli_attribute_evaluate(tiny_llama, monkeypatch):
@@ -139,3 +178,22 @@ def test_cli_attribute_evaluate(tiny_llama, monkeypatch):
         assert "attribution faithfulness" in res.output and "saliency" in res.output and RANDOM in res.output
     bad = CliRunner().invoke(app, ["attribute", "--evaluate", "--tasks", "sst2"])
     assert bad.exit_code != 0 and "ioi" in bad.output
+
+
+def test_merged_runs_equal_one_run(tiny_llama):
+    from lmscope.attribution.evaluate import task_prompts
+
+    prompts = task_prompts(tiny_llama, "induction", 3, 0, induction_length=4)
+    assert all(len(tiny_llama.tokenizer.encode(p[0], add_special_tokens=False)) == 2 * 4 - 1 for p in prompts)
+    config = EvaluateConfig(methods=("saliency", "attention"), sanity=1)
+    joint = evaluate_attributions(tiny_llama, config, {"a": prompts[:2], "b": prompts[2:]})
+    parts = [evaluate_attributions(tiny_llama, config, {"a": prompts[:2]}),
+             evaluate_attributions(tiny_llama, config, {"b": prompts[2:]})]
+    merged = merge_evaluations(parts)
+    torch.testing.assert_close(merged.values, joint.values, equal_nan=True)
+    assert merged.axes == joint.axes and merged.meta["tasks"] == joint.meta["tasks"]
+    assert all(torch.equal(merged.extras[k], joint.extras[k]) for k in joint.extras)
+    with pytest.raises(InputError, match="appears twice"):
+        merge_evaluations([parts[0], parts[0]])
+    with pytest.raises(InputError, match="induction-length"):
+        EvaluateConfig(induction_length=1)

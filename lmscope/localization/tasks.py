@@ -17,6 +17,7 @@ Public API (stable; other method families import it)::
     ioi(model, n=50, *, order="mixed"|"ABBA"|"BABA", corruption="ABC"|"swap_io_s"|"s2_io", seed=0)
     induction(model, n=20, *, seq_len=20, seed=0)            # repeated random tokens
     factual(model, n=None, *, seed=0)                        # "The capital of France is" → " Paris"
+    task_pairs(model, "recall", n)   # GeoNames facts the model knows (:mod:`.recall`)
 
 IOI (Wang et al. 2023): "When Mary and John went to the store, John gave a drink to" → " Mary".
 The indirect object (IO) appears once, the subject (S) twice (S1, S2). ``order="ABBA"`` puts IO
@@ -341,29 +342,36 @@ def factual(model: Model, n: int | None = None, *, seed: int = 0) -> PromptPairs
     return PromptPairs(clean, corrupt, targets, foils, positions, meta).check(model)
 
 
-TASKS = ("ioi", "induction", "factual")
+TASKS = ("ioi", "induction", "factual", "recall")
 
 
-def task_pairs(model: Model, task: str, n: int = 20, seed: int = 0) -> PromptPairs:
-    """Prompt pairs of a built-in task by name (what ``--task`` and ``{"task": ...}`` inputs build)."""
+def task_pairs(model: Model, task: str, n: int = 20, seed: int = 0, seq_len: int = 10) -> PromptPairs:
+    """Prompt pairs of a built-in task by name (what ``--task`` and ``{"task": ...}`` inputs build);
+    ``seq_len`` is the induction task's sequence length."""
     if task == "ioi":
         return ioi(model, n, seed=seed)
     if task == "induction":
-        return induction(model, n, seq_len=10, seed=seed)
+        return induction(model, n, seq_len=seq_len, seed=seed)
     if task == "factual":
         return factual(model, n, seed=seed)
+    if task == "recall":
+        from lmscope.localization.recall import known_facts
+
+        return known_facts(model, n, seed=seed)
     raise InputError(f"task={task!r}: choose one of {', '.join(TASKS)}.")
 
 
 def pairs_from_json(model: Model, doc) -> PromptPairs:
-    """Prompt pairs from JSON: a list of {clean, corrupt, target, foil} or {"task": "ioi", "n": 50, "seed": 0}."""
+    """Prompt pairs from JSON: a list of {clean, corrupt, target, foil} or {"task": "ioi", "n": 50, "seed": 0}
+    (induction also takes "seq_len")."""
     if isinstance(doc, PromptPairs):
         return doc
     if isinstance(doc, dict) and "task" in doc:
-        extra = set(doc) - {"task", "n", "seed"}
-        if extra:
-            raise InputError(f"pairs input: unknown key(s) {sorted(extra)}; a task takes task, n and seed.")
-        return task_pairs(model, doc["task"], doc.get("n", 20), doc.get("seed", 0))
+        extra = set(doc) - {"task", "n", "seed", "seq_len"}
+        if extra or ("seq_len" in doc and doc["task"] != "induction"):
+            raise InputError(f"pairs input: unknown key(s) {sorted(extra) or ['seq_len']}; a task takes task, n and "
+                             "seed (and induction seq_len).")
+        return task_pairs(model, doc["task"], doc.get("n", 20), doc.get("seed", 0), doc.get("seq_len", 10))
     if isinstance(doc, dict):
         doc = [doc]
     if not isinstance(doc, list) or not doc or not all(isinstance(d, dict) for d in doc):

@@ -27,8 +27,12 @@ def models():
     from lmscope.models import list_models
 
     table = Table(title="lmscope built-in models")
-    for col in ("name", "weights", "description", "installed", "prepared", "install with"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True)  # never shortened: it is what users type
+    table.add_column("weights")
+    table.add_column("description", overflow="fold")
+    table.add_column("installed")
+    table.add_column("prepared")
+    table.add_column("install with", overflow="fold")  # wrapped, never cut, so it can be copied
     for m in list_models():
         table.add_row(m["name"], "package" if m["kind"] == "package" else "trained by lmscope", m["description"],
                       "yes" if m["installed"] else "no", "yes" if m["prepared"] else "no", m["install"])

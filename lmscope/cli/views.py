@@ -364,13 +364,17 @@ def _caa(result, config):
     m = result.meta
     table = Table(title=f"CAA on {m['behaviour']}: P(matching letter) on {m['n_test']} held-out questions "
                         f"(vectors from {m['n_train']}; unsteered {m['unsteered']:.3f}) per multiplier; shift = "
-                        "largest − smallest multiplier; v/h = ‖v‖ / ‖h‖", box=box.SIMPLE)
-    for col in ("layer", *result.axes[1].labels, "shift", "v/h"):
+                        "largest − smallest multiplier; v/h = ‖v‖ / ‖h‖", box=box.SIMPLE, pad_edge=False,
+                  collapse_padding=True)
+    multipliers = result.axes[1].labels
+    digits = 3 if len(multipliers) <= 6 else 2  # a wide sweep still fits 80 columns
+    for col in ("layer", *(f"{float(m):g}" for m in multipliers), "shift", "v/h"):
         table.add_column(col, no_wrap=True)
     ratio = result.extras["vector_norm"] / result.extras["resid_norm"]
     for i, label in enumerate(result.axes[0].labels):
         shift = float(result.extras["shift"][i])
-        table.add_row(label, *[f"{v:.3f}" for v in result.values[i].tolist()], f"{shift:+.3f}", f"{float(ratio[i]):.2f}")
+        table.add_row(label, *[f"{v:.{digits}f}" for v in result.values[i].tolist()], f"{shift:+.{digits}f}",
+                      f"{float(ratio[i]):.2f}")
     best = int(result.extras["shift"].argmax())
     return [table, f"largest shift at layer {result.axes[0].labels[best]}: "
                    f"{float(result.extras['shift'][best]):+.3f}"], result

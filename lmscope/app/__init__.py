@@ -2,6 +2,7 @@
 renderers for a Result in a notebook."""
 
 from lmscope.app.notebook import result_html, show
-from lmscope.app.server import App, make_server, served_specs, start
+from lmscope.app.server import App, served_specs
+from lmscope.app.web import Server, make_asgi, make_server, start
 
-__all__ = ["App", "make_server", "result_html", "served_specs", "show", "start"]
+__all__ = ["App", "Server", "make_asgi", "make_server", "result_html", "served_specs", "show", "start"]

@@ -1,36 +1,44 @@
-"""``lmscope app``: a single-page explorer and a JSON API over the method specs (stdlib ``http.server``).
+"""``lmscope app``: a single-page explorer and a JSON API over the method specs; this module holds the API's
+state and checks (:class:`App`), :mod:`lmscope.app.web` serves it (Starlette on uvicorn).
 
 The API has no method logic of its own: ``POST /api/run {"method", "inputs", "config"}`` answers
 ``{"result": specs.run_json(model, method, inputs, config).to_dict(), "meta": {...}}``, with the latency
-of the call (queue wait and compute, in ms) and whether it came from the cache. ``GET /api/info`` lists
-the model and the methods the app may run (their config fields, defaults and help); ``GET /`` and
-``/static/<file>`` serve the page from the package (no CDN).
+of the call (queue wait and compute, in ms), whether it came from the cache and its job id. ``GET /api/info``
+lists the model and the methods the app may run (their config fields, defaults and help); ``GET
+/api/jobs/<id>`` says where a job stands (queued at which place, running for how long, the library's progress
+bars); ``GET /`` and ``/static/<file>`` serve the page from the package (no CDN).
 
-Safety: binds 127.0.0.1 unless told otherwise; one lock per model (hooks are global to a model), a bounded
-queue of waiting jobs (503 past it), limits on body size, prompt tokens and generated tokens (413), every bad
-input a 4xx with the library's message. Methods whose inputs are prompts, prompt pairs or nothing are served,
-and no config option that names a file. SAE methods that only read (``SAE_METHODS``) are served when the app
-was started with an SAE folder (``App(sae_dir=...)``, ``lmscope app --sae-dir DIR``): their input names a
-folder *under* that root (``{"saes": "name"}``, listed by ``/api/info``), resolved and checked to stay inside
-it, on the built-in corpus only. The server reads no other user files and unpickles nothing (SAE weights are
-safetensors, their config JSON).
+Safety: binds 127.0.0.1 unless told otherwise; one lock per model (hooks are global to a model) and one
+worker thread running its jobs, a bounded queue of waiting jobs (503 past it), limits on body size, prompt
+tokens and generated tokens (413), every bad input a 4xx with the library's message. Methods whose inputs are
+prompts, prompt pairs or nothing are served, and no config option that names a file. SAE methods that only
+read (``SAE_METHODS``) are served when the app was started with an SAE folder (``App(sae_dir=...)``,
+``lmscope app --sae-dir DIR``): their input names a folder *under* that root (``{"saes": "name"}``, listed
+by ``/api/info``), resolved and checked to stay inside it, on the built-in corpus only. The server reads no
+other user files and unpickles nothing (SAE weights are safetensors, their config JSON).
+
+Jobs run inside the app's :class:`~lmscope.models.RunMemo`: a forward the model already ran for a prompt is
+read back instead of run again (the graph's node clicks; the values are a fresh run's, bit for bit).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
 import time
+import uuid
 from collections import OrderedDict
-from dataclasses import MISSING
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import MISSING, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from lmscope import specs
-from lmscope.errors import InputError, LmscopeError
+from lmscope.errors import InputError
+from lmscope.models import RunMemo
 
 SERVED_INPUTS = ("prompt", "pairs", "none")
 SAE_METHODS = ("sae-prompt", "sae-features")  # SAE methods that read their folder and write nothing
@@ -81,12 +89,17 @@ class App:
     """The API's state: one model, its lock, a queue bound and an LRU cache of Result JSON per request."""
 
     def __init__(self, model, *, max_tokens: int = 512, max_body: int = 1 << 20, max_queue: int = 32,
-                 cache_size: int = 128, sae_dir: str | os.PathLike | None = None):
+                 cache_size: int = 128, sae_dir: str | os.PathLike | None = None, memo_bytes: int = 2 << 30):
         self.model, self.max_tokens, self.max_body, self.max_queue = model, max_tokens, max_body, max_queue
         self.sae_root = None if sae_dir is None else Path(sae_dir).resolve()
         if self.sae_root is not None and not self.sae_root.is_dir():
             raise InputError(f"--sae-dir {sae_dir}: not a folder; give the folder that holds your SAE folders.")
-        self.lock = threading.Lock()  # one model, one forward at a time
+        self.lock = threading.Lock()  # one model, one forward at a time (run by one worker thread in the server)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="lmscope-model")  # the model's worker thread
+        self.memo = RunMemo(model, max_bytes=memo_bytes)  # the forwards of recent prompts (node clicks reuse them)
+        self.max_jobs = 256
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._seq = itertools.count(1)
         self._state = threading.Lock()  # guards the cache and the queue count
         self._cache: OrderedDict[str, dict] = OrderedDict()
         self.cache_size, self.waiting = cache_size, 0
@@ -154,8 +167,9 @@ class App:
                 raise HTTPError(413, f"A prompt of {n} tokens is too long for the app (at most {self.max_tokens}; "
                                      "start it with --max-tokens N for more).")
 
-    def run(self, body: Any) -> dict:
-        """``{"method", "inputs", "config"}`` -> ``{"result": Result JSON, "meta": {...}}``."""
+    def submit(self, body: Any, job_id: str | None = None) -> Job:
+        """Check ``{"method", "inputs", "config"}`` (a 4xx ``HTTPError`` for bad input), answer it from the cache
+        or queue it (503 when ``max_queue`` jobs already wait); :meth:`work` computes a queued job."""
         t0 = time.perf_counter()
         if not isinstance(body, dict) or not isinstance(body.get("method"), str):
             raise HTTPError(400, 'Send {"method": name, "inputs": ..., "config": {...}}.')
@@ -179,38 +193,105 @@ class App:
             inputs = self._sae_inputs(name, inputs)
         else:
             self._check_prompts(inputs)
+        job = Job(job_id if job_id is not None else uuid.uuid4().hex, name, inputs, config, key, t0)
         with self._state:
-            hit = self._cache.get(key)
-            if hit is not None:
+            job.hit = self._cache.get(key)
+            if job.hit is not None:
                 self._cache.move_to_end(key)
+                job.state = "done"
             elif self.waiting >= self.max_queue:
                 raise HTTPError(503, f"{self.waiting} jobs are waiting for the model; try again shortly.")
             else:
                 self.waiting += 1
+                job.seq = next(self._seq)
+            self._jobs[job.id] = job
+            if len(self._jobs) > self.max_jobs:  # forget the oldest finished jobs
+                for old in [k for k, j in self._jobs.items() if j.state in ("done", "error")][:len(self._jobs) -
+                                                                                              self.max_jobs]:
+                    del self._jobs[old]
+        return job
+
+    def work(self, job: Job) -> dict:
+        """Compute a submitted job under the model's lock (or take its cached answer):
+        ``{"result": Result JSON, "meta": {...}}``."""
+        cached = job.hit is not None
         queue_ms = compute_ms = 0.0
-        if hit is None:
+        if not cached:
             try:
                 with self.lock:
-                    t1 = time.perf_counter()
-                    queue_ms = (t1 - t0) * 1e3
+                    job.t_start = time.perf_counter()
+                    job.state = "running"
+                    queue_ms = (job.t_start - job.t0) * 1e3
                     with self._state:
-                        hit = self._cache.get(key)
-                    if hit is None:
-                        hit = specs.run_json(self.model, name, inputs, config).to_dict()
-                    compute_ms = (time.perf_counter() - t1) * 1e3
+                        job.hit = self._cache.get(job.key)
+                    if job.hit is None:
+                        with self.memo:  # a forward this prompt already ran is read, not run again
+                            job.hit = specs.run_json(self.model, job.method, job.inputs, job.config).to_dict()
+                    compute_ms = (time.perf_counter() - job.t_start) * 1e3
+            except BaseException:
+                job.state = "error"
+                raise
             finally:
+                job.t_end = time.perf_counter()
                 with self._state:
                     self.waiting -= 1
             with self._state:
-                self._cache[key] = hit
+                self._cache[job.key] = job.hit
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
-            cached = False
-        else:
-            cached = True
-        meta = {"latency_ms": round((time.perf_counter() - t0) * 1e3, 2), "queue_ms": round(queue_ms, 2),
-                "compute_ms": round(compute_ms, 2), "cached": cached}
-        return {"result": hit, "meta": meta}
+        job.state = "done"
+        meta = {"latency_ms": round((time.perf_counter() - job.t0) * 1e3, 2), "queue_ms": round(queue_ms, 2),
+                "compute_ms": round(compute_ms, 2), "cached": cached, "job": job.id}
+        return {"result": job.hit, "meta": meta}
+
+    def run(self, body: Any, job_id: str | None = None) -> dict:
+        """``{"method", "inputs", "config"}`` -> ``{"result": Result JSON, "meta": {...}}`` in this thread."""
+        return self.work(self.submit(body, job_id))
+
+    def job_status(self, job_id: str) -> dict:
+        """Where a job stands: its state, its place in the queue (1: next to run, 0: running or done), the
+        seconds since it was sent and since it started, and the progress bars the library shows while it runs."""
+        with self._state:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise HTTPError(404, f"No job {job_id!r} (jobs are kept for the last {self.max_jobs} calls).")
+            ahead = sum(1 for j in self._jobs.values() if j.state == "queued" and j.seq < job.seq)
+        now = time.perf_counter()
+        end = job.t_end if job.t_end is not None else now
+        doc = {"id": job.id, "method": job.method, "state": job.state,
+               "position": ahead + 1 if job.state == "queued" else 0,
+               "elapsed_s": round(end - job.t0, 3),
+               "running_s": None if job.t_start is None else round(end - job.t_start, 3), "bars": []}
+        if job.state == "running":
+            doc["bars"] = progress_bars()
+        return doc
+
+
+@dataclass
+class Job:
+    """One API call: queued, running, done or error (``hit``: its answer)."""
+
+    id: str
+    method: str
+    inputs: Any
+    config: dict
+    key: str
+    t0: float
+    state: str = "queued"
+    seq: int = 0
+    hit: dict | None = None
+    t_start: float | None = None
+    t_end: float | None = None
+
+
+def progress_bars() -> list[dict]:
+    """The library's live progress bars (tqdm) in this process: description, count, total."""
+    from tqdm import tqdm
+
+    with tqdm.get_lock():
+        bars = list(getattr(tqdm, "_instances", ()))
+    return [{"desc": b.desc or "", "n": int(b.n), "total": None if b.total is None else int(b.total)}
+            for b in bars if not getattr(b, "disable", False)]
 
 
 def _static(name: str) -> tuple[bytes, str]:
@@ -224,88 +305,3 @@ def _static(name: str) -> tuple[bytes, str]:
     return (folder / name).read_bytes(), STATIC_TYPES.get(suffix, "application/octet-stream")
 
 
-def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "lmscope"
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, fmt, *args):  # quiet by default
-            pass
-
-        def _send(self, status: int, body: bytes, ctype: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, status: int, doc: dict) -> None:
-            self._send(status, json.dumps(doc, ensure_ascii=False, allow_nan=False).encode(), "application/json")
-
-        def _guard(self, fn) -> None:
-            try:
-                fn()
-                return
-            except HTTPError as err:
-                self._json(err.status, {"error": str(err), "status": err.status})
-            except (LmscopeError, InputError, TypeError, ValueError, KeyError, IndexError) as err:
-                self._json(400, {"error": str(err) or type(err).__name__, "status": 400})
-            except Exception as err:  # noqa: BLE001 - a bug: say so, keep serving
-                self._json(500, {"error": f"{type(err).__name__}: {err}", "status": 500})
-            self.close_connection = True  # the body of a refused request may be unread
-
-        def do_GET(self):
-            def get():
-                path = self.path.split("?", 1)[0]
-                if path == "/favicon.ico":
-                    return self._send(204, b"", "image/x-icon")
-                if path == "/api/info":
-                    return self._json(200, app.info())
-                if path == "/" or path.startswith("/static/"):
-                    body, ctype = _static(path.removeprefix("/static/").lstrip("/"))
-                    return self._send(200, body, ctype)
-                raise HTTPError(404, f"No page {path!r}; the app is at /.")
-
-            self._guard(get)
-
-        def do_POST(self):
-            def post():
-                if self.path.split("?", 1)[0] != "/api/run":
-                    raise HTTPError(404, "POST /api/run is the only API call.")
-                try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                except ValueError:
-                    raise HTTPError(400, "Bad Content-Length.") from None
-                if length < 0 or length > app.max_body:
-                    self.close_connection = True
-                    raise HTTPError(413, f"The request body is over {app.max_body} bytes.")
-                raw = self.rfile.read(length)
-                try:
-                    body = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                    raise HTTPError(400, f"The body is not JSON ({err}).") from None
-                self._json(200, app.run(body))
-
-            self._guard(post)
-
-    return Handler
-
-
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 128  # the listen backlog (socketserver's default of 5 resets bursts of connections)
-
-
-def make_server(app: App, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """A threaded server for ``app`` (port 0: any free port; ``server.server_address`` says which)."""
-    server = _Server((host, port), make_handler(app))
-    server.daemon_threads = True
-    return server
-
-
-def start(app: App, host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadingHTTPServer, threading.Thread]:
-    """Serve ``app`` in a background thread; stop with ``server.shutdown(); server.server_close()``."""
-    server = make_server(app, host, port)
-    thread = threading.Thread(target=server.serve_forever, name="lmscope-app", daemon=True)
-    thread.start()
-    return server, thread

@@ -62,7 +62,7 @@ def app_cmd(model: str = ModelOpt,
             sae_dir: Path | None = typer.Option(None, "--sae-dir", help="A folder of SAE folders the SAE view may "
                                                                          "read (nothing outside it is read).")):
     """Serve the interactive explorer (contribution graph, node inspector, every method) and its JSON API."""
-    from lmscope.app.server import App, make_server
+    from lmscope.app import App, make_server
     from lmscope.cli.common import load_model
     from lmscope.errors import InputError
 
@@ -75,16 +75,11 @@ def app_cmd(model: str = ModelOpt,
                       "through the app; use the default 127.0.0.1 unless you mean it.[/yellow]")
     if sae_dir is not None and not sae_dir.is_dir():
         raise InputError(f"--sae-dir {sae_dir}: not a folder; give the folder that holds your SAE folders.")
-    server = make_server(App(load_model(model), max_tokens=max_tokens, sae_dir=sae_dir), host, port)
+    server = make_server(App(load_model(model), max_tokens=max_tokens, sae_dir=sae_dir), host, port, requests)
     url = f"http://{server.server_address[0]}:{server.server_address[1]}/"
-    out.print(f"lmscope app serving {url} (Ctrl-C stops it)", soft_wrap=True)
+    out.print(f"lmscope app serving {url} (Starlette on uvicorn; Ctrl-C stops it)", soft_wrap=True)
     try:
-        if requests:
-            server.daemon_threads = False  # answer every request before closing
-            for _ in range(requests):
-                server.handle_request()
-        else:
-            server.serve_forever()
+        server.serve_forever()  # uvicorn stops on Ctrl-C, or after --requests requests
     except KeyboardInterrupt:
         pass
     finally:

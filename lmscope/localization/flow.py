@@ -71,20 +71,39 @@ def _proximity(whole: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
     return (whole.abs().sum(-1, keepdim=True) - (whole.unsqueeze(1) - parts).abs().sum(-1)).clamp(min=EPS)
 
 
-def flow_contributions(model: Model, prompt: str, layers: list[int] | None = None) -> FlowContributions:
+GRAPH_KINDS = ("attn.v", "attn.pattern", "resid_pre", "attn_out", "mlp_out", "resid_post")
+NODE_KINDS = ("attn.head_out", "mlp.post")  # what the node panels (flow-node) read besides the graph's sites
+
+
+def graph_run(model: Model, prompt: str):
+    """The graph's forward: every layer's graph sites, the node panels' sites (head writes, neuron
+    activations), the embedding, the final norm's scale and all logits. ``flow-graph`` and every
+    ``flow-node`` read this one forward, so a node agrees with its graph to the last bit, and inside the
+    app (a :class:`~lmscope.models.memo.RunMemo`) clicking a node runs no new forward."""
+    model.require(["attn_out", "mlp_out"], "Information flow routes")
+    have = set(model.site_kinds)
+    kinds = GRAPH_KINDS + tuple(k for k in NODE_KINDS if k in have)
+    sites = [f"blocks.{l}.{k}" for l in range(model.spec.n_layers) for k in kinds]
+    sites += [k for k in ("embed", "final.scale") if k in have]
+    with torch.no_grad():
+        return model.run(prompt, cache=sites, logits="all")
+
+
+def flow_contributions(model: Model, prompt: str, layers: list[int] | None = None, run=None) -> FlowContributions:
     """Importances of every edge of the contribution graph for ``prompt`` (one forward pass); with
-    ``layers``, only those layers (the leading axis of every tensor then follows ``layers``)."""
+    ``layers``, only those layers (the leading axis of every tensor then follows ``layers``). ``run``: a
+    forward of ``prompt`` that recorded those layers' sites (:func:`graph_run`) instead of a new one."""
     model.require(["attn_out", "mlp_out"], "Information flow routes")
     s = model.spec
     h_n = s.n_heads
     every = layers is None
     layers = resolve_layers(layers, s.n_layers)
-    sites = [f"blocks.{l}.{k}" for l in layers for k in
-             ("attn.v", "attn.pattern", "resid_pre", "attn_out", "mlp_out", "resid_post")]
+    sites = [f"blocks.{l}.{k}" for l in layers for k in GRAPH_KINDS]
     if s.post_norms:
         sites += [f"blocks.{l}.attn.head_out" for l in layers]  # records the frozen post-norm factors
-    with torch.no_grad():
-        run = model.run(prompt, cache=sites, logits="all" if every else "none")
+    if run is None:
+        with torch.no_grad():
+            run = model.run(prompt, cache=sites, logits="all" if every else "none")
     if run.batch.input_ids.shape[0] != 1:
         raise InputError("flow_contributions takes one prompt.")
     t = run.batch.input_ids.shape[1]
@@ -277,7 +296,7 @@ def run_flow_graph(model: Model, prompt: specs.Prompt, config: FlowGraphConfig) 
     Values: edge weights (axis ``edge``); meta: ``edges``, ``tokens``, ``n_layers``, ``n_heads``, ``floor``,
     ``predictions`` (per position, a list of [token, probability]).
     """
-    c = flow_contributions(model, prompt.text)
+    c = flow_contributions(model, prompt.text, run=graph_run(model, prompt.text))
     edges = graph_edges(c, config.floor)
     vals = torch.tensor([e["weight"] for e in edges], dtype=torch.float32)
     labels = tuple(f"{e['source']}->{e['target']}({e['kind']})" for e in edges)

@@ -16,7 +16,8 @@ spec opens one node of it at (layer, position):
   each one's rank in the state before it (``extras["rank_before"]``; resid_pre for A, A for I, the same
   state for the embedding), and the prompt's target, if given, in ``meta["target"]``.
 
-Only one layer is computed (one forward, the layer's sites cached); no T²·H·D tensor is formed.
+Every node reads the graph's own forward (:func:`~lmscope.localization.flow.graph_run`: the same values as
+the graph, and in the app no new forward); only the node's layer is decomposed, no T²·H·D tensor is formed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from lmscope import specs
 from lmscope.errors import InputError
-from lmscope.localization.flow import EPS, flow_contributions
+from lmscope.localization.flow import EPS, flow_contributions, graph_run
 from lmscope.models import Model
 from lmscope.results import Axis, Result
 from lmscope.sites import resolve_count, resolve_index, resolve_position
@@ -65,11 +66,10 @@ def _top_bottom(model: Model, logits_ND: torch.Tensor, k: int) -> tuple[list, li
     return rows(up), rows(down)
 
 
-def _heads(model: Model, text: str, layer: int, pos: int, k: int) -> Result:
-    c = flow_contributions(model, text, [layer])
+def _heads(model: Model, run, text: str, layer: int, pos: int, k: int) -> Result:
+    c = flow_contributions(model, text, [layer], run=run)
     pre = f"blocks.{layer}."
     with torch.no_grad():
-        run = model.run(text, cache=[pre + "attn.pattern", pre + "attn.head_out", "final.scale"], logits="none")
         writes = run[pre + "attn.head_out"][0, pos].float()  # (H, D)
         logits = model.unembed(writes, scale=run["final.scale"][0, pos])
     promotes, suppresses = _top_bottom(model, logits, k)
@@ -83,11 +83,10 @@ def _heads(model: Model, text: str, layer: int, pos: int, k: int) -> Result:
                   "position": pos, "k": k}, {"pattern": run[pre + "attn.pattern"][0].float()}, meta)
 
 
-def _neurons(model: Model, text: str, layer: int, pos: int, k: int) -> Result:
+def _neurons(model: Model, run, layer: int, pos: int, k: int) -> Result:
     model.require(["mlp.post"], "flow-node mlp_neurons")
     pre = f"blocks.{layer}."
     with torch.no_grad():
-        run = model.run(text, cache=[pre + "mlp.post", pre + "mlp_out", "final.scale"], logits="none")
         act = run[pre + "mlp.post"][0, pos].float()  # (F,)
         writes = act[:, None] * model.W_out(layer).detach().float()  # (F, D)
         factor = run.cache.get(f"aux.blocks.{layer}.mlp_write_factor")
@@ -111,12 +110,9 @@ def _neurons(model: Model, text: str, layer: int, pos: int, k: int) -> Result:
                   {"activation": act[top.indices]}, meta)
 
 
-def _state(model: Model, text: str, target, component: str, layer: int, pos: int, k: int) -> Result:
+def _state(model: Model, run, target, component: str, layer: int, pos: int, k: int) -> Result:
     pre = f"blocks.{layer}."
-    sites = ["embed"] if component == "embed" else [pre + "resid_pre", pre + "attn_out"] + (
-        [pre + "resid_post"] if component == "resid_post" else [])
     with torch.no_grad():
-        run = model.run(text, cache=sites, logits="none")
         if component == "embed":
             states = [run["embed"][0, pos]] * 2
         else:  # the state after attention is resid_pre + attn_out (also for parallel blocks, as in the graph)
@@ -147,11 +143,14 @@ def run_flow_node(model: Model, prompt: specs.Prompt, config: FlowNodeConfig) ->
     pos = resolve_position(config.position, t)
     layer = 0 if config.component == "embed" else resolve_index(config.layer, model.spec.n_layers, "layer",
                                                                    "the model")
-    if config.component == "attn_heads":
-        return _heads(model, prompt.text, layer, pos, config.k)
     if config.component == "mlp_neurons":
-        return _neurons(model, prompt.text, layer, pos, config.k)
-    return _state(model, prompt.text, prompt.target, config.component, layer, pos, config.k)
+        model.require(["mlp.post"], "flow-node mlp_neurons")
+    run = graph_run(model, prompt.text)  # the graph's own forward (reused inside the app)
+    if config.component == "attn_heads":
+        return _heads(model, run, prompt.text, layer, pos, config.k)
+    if config.component == "mlp_neurons":
+        return _neurons(model, run, layer, pos, config.k)
+    return _state(model, run, prompt.target, config.component, layer, pos, config.k)
 
 
 specs.register(specs.MethodSpec("flow-node", "localization", "prompt", FlowNodeConfig, run_flow_node,

@@ -3,6 +3,7 @@
 from lmscope.models.decompose import Decomposition, decompose, decompose_cache, readout_values
 from lmscope.models.edges import EdgeGraph, edge_forward, edge_graph, upstream_values
 from lmscope.models.loading import list_models
+from lmscope.models.memo import RunMemo
 from lmscope.models.memory import MEMORY_KINDS, EditHandle, Memory
 from lmscope.models.mixing import block_outputs, embed_parts
 from lmscope.models.model import Batch, Model, ModelSpec, RunOutput, StepInterventions
@@ -15,7 +16,7 @@ __all__ = ["Batch", "Decomposition", "EdgeGraph", "EditHandle", "LogitDirection"
            "ModelSpec", "RunOutput", "Site",
            "StepInterventions", "block_outputs", "decompose", "decompose_cache", "edge_forward", "edge_graph",
            "embed_parts", "list_models", "load", "named_parameters", "new_attn_only", "parameters", "parse_site",
-           "randomized_copy", "readout_values", "save_model", "upstream_values", "word_tokenizer"]
+           "randomized_copy", "readout_values", "RunMemo", "save_model", "upstream_values", "word_tokenizer"]
 
 
 def load(spec: str | None = None, *, dtype="float32", device=None, device_map=None, check: bool = True,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from lmscope.errors import InputError, TokenError
 from lmscope.interventions import Intervention
 from lmscope.models import attention as _attention  # noqa: F401  (registers the attention function)
-from lmscope.models import generation as _generation, memory as _memory, readout as _readout
+from lmscope.models import generation as _generation, memo as _memo, memory as _memory, readout as _readout
 from lmscope.models.batch import Batch, ModelSpec, RunOutput, StepInterventions, select_logits  # noqa: F401 (re-exported)
 from lmscope.models.families import adapter_for
 from lmscope.models.hooks import HookSession
@@ -279,7 +279,18 @@ class Model:
         """One forward with ``cache`` sites recorded and ``interventions`` applied.
 
         ``logits``: "all" keeps (B, T, V), "last" keeps each row's last real token (B, V), "none".
+        Inside an active :class:`~lmscope.models.memo.RunMemo`, a plain run of one prompt may come from a
+        stored forward (the same values).
         """
+        memo = _memo.active(self)
+        if memo is not None and isinstance(inputs, str) and not interventions and not grad:
+            return memo.run(inputs, cache, logits, padding_side)
+        return self.run_plain(inputs, cache=cache, interventions=interventions, grad=grad, logits=logits,
+                              padding_side=padding_side)
+
+    def run_plain(self, inputs, *, cache: Iterable[str | Site] = (), interventions: Sequence[Intervention] = (),
+                  grad: bool = False, logits: str = "all", padding_side: str = "left") -> RunOutput:
+        """:meth:`run` with a forward of its own (never from a memo)."""
         batch = self.encode(inputs, padding_side)
         with self.hooks(cache, interventions, grad) as session, torch.set_grad_enabled(grad):
             out = self.forward(batch)

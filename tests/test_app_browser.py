@@ -27,6 +27,25 @@ def _browser():
     return pw, exe
 
 
+def _png(page, button: str, least: tuple[int, int] = (80, 40)):
+    """Click a view's PNG button; the download is a PNG of at least ``least`` pixels, not blank."""
+    from PIL import Image
+
+    with page.expect_download() as dl:
+        page.click(button)
+    raw = Path(dl.value.path()).read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 2000, (button, len(raw))
+    shots = Path(__file__).parent / "screenshots"
+    shots.mkdir(exist_ok=True)
+    (shots / f"export-{dl.value.suggested_filename}").write_bytes(raw)  # to look at
+    img = Image.open(Path(dl.value.path())).convert("RGB")
+    assert img.width >= least[0] and img.height >= least[1], (button, img.size)
+    small = img.resize((img.width // 4 or 1, img.height // 4 or 1))
+    inked = sum(1 for px in small.getdata() if min(px) < 200)  # not white: lines, cells, text
+    assert inked > 0.005 * small.width * small.height and len(set(small.getdata())) > 3, (button, inked)
+    return img
+
+
 def _graph_page(browser, url):
     """A new page with the graph of P drawn, and the list its script errors go to."""
     page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -64,6 +83,26 @@ def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
             return ms.sort((a, b) => a - b)[2]; }""")
         print(f"graph redraw median {draws:.1f} ms")
         assert draws < 100
+        # from the slider's event to the new graph painted (no server call): the median of 5 moves, ≤ 100 ms
+        redraws = [page.evaluate("""async (v) => { const el = document.getElementById('threshold');
+            el.value = String(v); el.dispatchEvent(new Event('input')); return await window.lmscope.lastRedraw; }""", v)
+                   for v in (0.02, 0.05, 0.08, 0.03, 0.01)]
+        print(f"threshold move to repaint: median {sorted(redraws)[2]:.1f} ms of {redraws}")
+        assert sorted(redraws)[2] <= 100
+        # node clicks: the panel's data from the graph's forward (no new forward on the server), drawn in ≤ 100 ms
+        misses = app.memo.misses
+        clicks = []
+        for sel in ("circle.node.resid", "rect.node.mlp", "circle.node.attn", "circle.node.resid", "rect.node.mlp"):
+            k = sum(1 for c in clicks if c[0] == sel)
+            page.locator(sel).nth(k + 1).click()
+            clicks.append((sel, page.evaluate("window.lmscope.lastClick")))
+        ms = sorted(c[1] for c in clicks)
+        print(f"node click to panel painted: median {ms[2]:.1f} ms of {[round(c[1], 1) for c in clicks]}")
+        assert app.memo.misses == misses and ms[2] <= 100
+        img = _png(page, "button.png[data-png='graph-wrap']", (200, 200))  # the graph view as a PNG
+        box = page.eval_on_selector("#graph", "e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height]")
+        assert img.width >= 2 * box[0] - 2 and img.height >= 2 * box[1] - 2
+        _png(page, "button.png[data-png='inspector']")
         # another position by clicking its token
         page.click("text.token[data-position='5']")
         at5 = flow(tiny_llama, P, position=5, threshold=0.01, contributions=c)
@@ -103,6 +142,7 @@ def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
         assert float(page.get_attribute("#pair-cell", "data-value")) == pytest.approx(float(lib.values[1, 8]), abs=1e-6)
         assert page.locator("#pair-output rect.cone").count() == (lib.shape[0] - 1) * (lib.shape[1] - 8) - 1
         page.screenshot(path=str(shots / "app-pairs.png"))
+        _png(page, "button.png[data-png='pair-output']", (200, 100))
         # attribution of every method side by side; DLA by layer, head and neuron
         page.click("button.tab[data-tab='attribution']")
         page.fill("#attr-target", "Mary")
@@ -110,12 +150,14 @@ def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
         n_methods = len(specs.get("attribute").config.__dataclass_fields__["method"].metadata["choices"])
         page.wait_for_function(f"document.querySelectorAll('#attr-output .attr-row').length === {n_methods}",
                                timeout=120_000)
+        _png(page, "button.png[data-png='attr-output']", (200, 60))
         page.click("button.tab[data-tab='dla']")
         page.fill("#dla-target", "Mary")
         page.fill("#dla-foil", "John")
         page.click("#dla-run")
         page.wait_for_selector("#dla-output div[data-by='neuron'] svg")
         assert page.locator("#dla-output svg").count() == 3
+        _png(page, "button.png[data-png='dla-output']", (200, 100))
         page.click("button.tab[data-tab='graph']")
         # the URL restores the view
         page2 = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -173,6 +215,7 @@ def test_new_views_in_a_real_browser(served, tiny_llama, sae_root):
         assert page.locator("#head-output svg.heatmap").count() == 2
         assert f"{lib.meta['write']['promotes'][0][0]!r}"[1:-1] in page.inner_text("#head-write")
         page.screenshot(path=str(shots / "app-head-inspector.png"))
+        _png(page, "button.png[data-png='head-output']", (200, 150))
         shared = page.url
         # the SAE view on the attention-output SAE: its latents, activations and per-head bars
         page.click("button.tab[data-tab='sae']")
@@ -187,6 +230,7 @@ def test_new_views_in_a_real_browser(served, tiny_llama, sae_root):
         assert rows == [int(x) for x in lib.axes[0].labels]
         assert page.locator("#sae-table .bar-row").count() == 3 * tiny_llama.spec.n_heads
         page.screenshot(path=str(shots / "app-sae.png"))
+        _png(page, "button.png[data-png='sae-output']", (200, 60))
         # steering: the unsteered text once, then one row per scale, each the library's text
         page.click("button.tab[data-tab='steer']")
         for sel, val in (("#steer-pos", "yes"), ("#steer-neg", "no"), ("#steer-layer", "1"), ("#steer-scales", "2,8"),
@@ -198,6 +242,7 @@ def test_new_views_in_a_real_browser(served, tiny_llama, sae_root):
         want = [specs.run_json(tiny_llama, "steer", P, {"positive": "yes", "negative": "no", "layer": 1, "scale": sc,
                                                          "max_new_tokens": 4}).meta["texts"] for sc in (2.0, 8.0)]
         assert texts == [want[0][0], want[0][1], want[1][1]]
+        _png(page, "button.png[data-png='steer-output']", (150, 40))
         # two prompts: drag a clean token onto a corrupted one; the effect is the library's, the cone shaded
         page.click("button.tab[data-tab='pairs']")
         page.fill("#corrupt", corrupt)
@@ -215,6 +260,7 @@ def test_new_views_in_a_real_browser(served, tiny_llama, sae_root):
         n_layers, t = cell.shape
         assert page.locator("#drag-out rect.cone").count() == (n_layers - 1) * (t - 8)
         page.screenshot(path=str(shots / "app-drag-patch.png"))
+        _png(page, "button.png[data-png='drag-out']", (150, 100))
         # the shared URL (taken in the head inspector) restores pins, the group and the head view
         page2 = browser.new_page(viewport={"width": 1400, "height": 900})
         page2.goto(shared)
@@ -223,6 +269,49 @@ def test_new_views_in_a_real_browser(served, tiny_llama, sae_root):
         assert page2.locator("rect.group").count() == 1 and page2.is_checked("#verify-pinned")
         assert page2.get_attribute("#head-output", "data-done") == f"{layer}.{head}"
         assert page2.is_visible("#tab-head") and not page2.is_visible("#tab-graph")
+        browser.close()
+    assert not errors, errors
+
+
+def test_progress_of_a_long_job_in_a_real_browser(served, monkeypatch):
+    """A call that runs past 400 ms shows its progress (the library's bar from the server's job status, its
+    running time) until it answers; the methods view's result then exports as a PNG."""
+    import io
+    import threading
+
+    from tqdm import tqdm
+
+    import lmscope.app.server as server_mod
+
+    pw, exe = _browser()
+    app, url = served
+    go = threading.Event()
+    real = specs.run_json
+
+    def slow(model, method, inputs, config):
+        if method == "lens":
+            with tqdm(total=10, desc="test bar", file=io.StringIO()) as bar:
+                bar.update(3)
+                go.wait(60)
+        return real(model, method, inputs, config)
+
+    monkeypatch.setattr(server_mod.specs, "run_json", slow)
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        page, errors = _graph_page(browser, url)
+        try:
+            page.click("button.tab[data-tab='methods']")
+            page.select_option("#method-select", "lens")
+            page.click("#method-run")
+            page.wait_for_selector("#progress[data-state='running']", timeout=30_000)
+            page.wait_for_function("document.getElementById('progress-text').textContent.includes('test bar 3/10')")
+            assert "lens: running" in page.inner_text("#progress-text") and page.is_visible("#progress")
+            assert page.get_attribute("#progress-bar", "value") == "3"
+        finally:
+            go.set()
+        page.wait_for_selector("#method-output .result")
+        assert page.is_hidden("#progress")
+        _png(page, "button.png[data-png='method-output']", (100, 60))
         browser.close()
     assert not errors, errors
 

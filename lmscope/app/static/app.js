@@ -7,17 +7,8 @@
     incoming: null, info: null, selected: null, pinned: new Set(), groups: [], views: {} };
   window.lmscope = state;  // for tests and the console
 
-  async function api(method, inputs, config) {
-    const t0 = performance.now();
-    $("status").textContent = `running ${method}…`;
-    const r = await fetch("/api/run", { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ method, inputs, config: config || {} }) });
-    const doc = await r.json();
-    if (!r.ok) { $("status").textContent = `${method}: ${doc.error}`; throw new Error(doc.error); }
-    $("status").textContent = `${method}: ${doc.meta.compute_ms.toFixed(0)} ms compute, ` +
-      `${(performance.now() - t0).toFixed(0)} ms round trip${doc.meta.cached ? " (cached)" : ""}`;
-    return doc.result;
-  }
+  const { api, painted } = window.LmApi($);
+  state.api = api;
 
   // ------------------------------------------------------------------ URL state: the whole view, shareable
   // (prompt, threshold, position, target, tab, selected node, pinned nodes, groups, every input marked
@@ -165,11 +156,19 @@
     const t = ev.target.closest("[data-edge],[data-node],[data-position]");
     if (!t) return;
     if (ev.shiftKey && t.dataset.node !== undefined) { togglePin(t.dataset.node); return; }
+    let drawn = null;
     if (t.dataset.edge !== undefined) {
       const e = state.edges[+t.dataset.edge];
-      if (e.kind === "attn") selectEdge(e);
-    } else if (t.dataset.node !== undefined) selectNode(t.dataset.node);
+      if (e.kind === "attn") drawn = selectEdge(e);
+    } else if (t.dataset.node !== undefined) drawn = selectNode(t.dataset.node);
     else { state.position = +t.dataset.position; state.target = null; drawGraph(); }
+    if (drawn) {  // from the click to the panel painted (its data from the server, which runs no new forward)
+      state.lastClick = drawn.then(painted).then(() => {
+        const ms = performance.now() - ev.timeStamp;
+        $("inspector").setAttribute("data-click-ms", ms.toFixed(1));
+        return ms;
+      });
+    }
   }
 
   function drawPredictions() {
@@ -425,10 +424,20 @@
     state.info = await (await fetch("/api/info")).json();
     $("model-name").textContent = `${state.info.model} (${state.info.n_layers} layers × ${state.info.n_heads} heads)`;
     document.querySelectorAll(".tab").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
-    $("threshold").addEventListener("input", () => {
+    $("threshold").addEventListener("input", (ev) => {
       state.threshold = +$("threshold").value;
       $("threshold-value").textContent = state.threshold.toFixed(3);
-      if (state.graph) drawGraph();
+      if (!state.graph) return;
+      drawGraph();  // the route at the new threshold from the graph already here: no call to the server
+      state.lastRedraw = painted().then(() => {  // from the slider's event to the new graph painted
+        const ms = performance.now() - ev.timeStamp;
+        $("graph").setAttribute("data-redraw-ms", ms.toFixed(1));
+        return ms;
+      });
+    });
+    document.addEventListener("click", (ev) => {  // every view's PNG button draws its view onto a canvas
+      const b = ev.target.closest("button.png");
+      if (b) V.savePng($(b.dataset.png), b.dataset.name).catch((err) => { $("status").textContent = `PNG: ${err.message}`; });
     });
     $("run").addEventListener("click", () => { state.position = null; state.selected = null; runGraph(); });
     $("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter") $("run").click(); });

@@ -100,5 +100,82 @@
     });
     return box;
   }
-  root.LmViews = { el, html, heatmap, bars, tokenRow, result, color };
+  // ---------------------------------------------------------------- PNG export: any view drawn onto a canvas
+  // SVG elements are drawn as images (their computed styles inlined), HTML boxes as their background
+  // colour and text, each where the page lays it out; nothing leaves the browser.
+  const SVG_STYLE = ["fill", "fill-opacity", "stroke", "stroke-width", "stroke-opacity", "stroke-dasharray",
+    "opacity", "font-size", "font-family", "font-weight"];
+  function svgImage(svg) {
+    const copy = svg.cloneNode(true), src = [svg, ...svg.querySelectorAll("*")], dst = [copy, ...copy.querySelectorAll("*")];
+    src.forEach((e, i) => {
+      const cs = getComputedStyle(e);
+      dst[i].setAttribute("style", SVG_STYLE.map((k) => `${k}:${cs.getPropertyValue(k)}`).join(";"));
+    });
+    copy.setAttribute("xmlns", SVG);
+    const box = svg.getBoundingClientRect();
+    copy.setAttribute("width", box.width); copy.setAttribute("height", box.height);
+    const url = URL.createObjectURL(new Blob([new XMLSerializer().serializeToString(copy)], { type: "image/svg+xml" }));
+    return new Promise((ok, fail) => {
+      const img = new Image();
+      img.onload = () => { URL.revokeObjectURL(url); ok(img); };
+      img.onerror = () => { URL.revokeObjectURL(url); fail(new Error("the SVG did not draw")); };
+      img.src = url;
+    });
+  }
+  function visible(c) { return c && c !== "transparent" && !/rgba\(.*,\s*0\)$/.test(c); }
+  async function toCanvas(node, scale) {
+    scale = scale || 2;
+    const origin = node.getBoundingClientRect(), ox = origin.left - node.scrollLeft, oy = origin.top - node.scrollTop;
+    const ops = [];
+    let w = 1, h = 1;
+    const extend = (r) => { w = Math.max(w, r.right - ox); h = Math.max(h, r.bottom - oy); };
+    (function walk(e) {
+      for (const c of e.childNodes) {
+        if (c.nodeType === 3 && c.textContent.trim()) {
+          const range = document.createRange();
+          range.selectNodeContents(c);
+          const cs = getComputedStyle(e), rects = [...range.getClientRects()].filter((r) => r.width > 0);
+          let text = c.textContent.replace(/\s+/g, " ").trim();
+          rects.forEach((r, k) => {  // one rectangle per line: as many characters as fit it
+            const n = k === rects.length - 1 ? text.length : Math.max(1, Math.round(text.length * r.width /
+              rects.slice(k).reduce((a, q) => a + q.width, 0)));
+            ops.push({ text: text.slice(0, n), r, font: cs.font, color: cs.color });
+            text = text.slice(n).trimStart();
+            extend(r);
+          });
+        } else if (c.nodeType === 1) {
+          const cs = getComputedStyle(c);
+          if (cs.display === "none" || cs.visibility === "hidden") continue;
+          const r = c.getBoundingClientRect();
+          if (!r.width || !r.height) continue;
+          extend(r);
+          if (c instanceof SVGSVGElement) { ops.push({ svg: c, r }); continue; }
+          if (visible(cs.backgroundColor)) ops.push({ fill: cs.backgroundColor, r });
+          walk(c);
+        }
+      }
+    })(node);
+    w = Math.min(Math.ceil(w) + 4, 8000); h = Math.min(Math.ceil(h) + 4, 8000);
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.round(w * scale); canvas.height = Math.round(h * scale);
+    const ctx = canvas.getContext("2d");
+    ctx.scale(scale, scale);
+    ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, w, h);
+    for (const op of ops) {
+      const x = op.r.left - ox, y = op.r.top - oy;
+      if (op.svg) ctx.drawImage(await svgImage(op.svg), x, y, op.r.width, op.r.height);
+      else if (op.fill) { ctx.fillStyle = op.fill; ctx.fillRect(x, y, op.r.width, op.r.height); }
+      else { ctx.font = op.font; ctx.fillStyle = op.color; ctx.textBaseline = "middle"; ctx.fillText(op.text, x, y + op.r.height / 2); }
+    }
+    return canvas;
+  }
+  async function savePng(node, name) {  // draw ``node`` and download it as ``name``.png
+    const canvas = await toCanvas(node);
+    const blob = await new Promise((ok) => canvas.toBlob(ok, "image/png"));
+    const a = html("a", { download: `${name}.png`, href: URL.createObjectURL(blob) });
+    document.body.appendChild(a); a.click(); a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+    return canvas;
+  }
+  root.LmViews = { el, html, heatmap, bars, tokenRow, result, color, toCanvas, savePng };
 })(window);

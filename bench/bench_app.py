@@ -11,6 +11,10 @@
 * one cold API call of each view that needs a forward (node click, verify, head inspector, drag-to-patch,
   steering) on the 64-token prompt.
 
+* in a real browser (Playwright, Debian's chromium) on the 64-token prompt: from moving the threshold slider
+  to the new graph painted, and from clicking a node to its panel painted (five different nodes: the server
+  reads the graph's forward, ``forwards_during_clicks`` must be 0); ``--browser`` runs only this part.
+
 ``python bench_app.py --screenshot PATH`` instead serves the default model and saves a screenshot of the
 graph view with Playwright and Debian's chromium (the README's picture).
 """
@@ -18,9 +22,11 @@ graph view with Playwright and Debian's chromium (the README's picture).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import resource
 import time
+import urllib.parse
 
 import torch
 
@@ -78,8 +84,8 @@ def main() -> None:
     views_ms = {}  # one cold API call each on the 64-token prompt: what a click in each view waits for
     pair = [{"clean": p64, "corrupt": p64.replace("John gave", "Mary gave", 1), "target": " Mary", "foil": " John"}]
     for label, method, inputs, config in (
-            ("node click (flow-node heads)", "flow-node", p64, {"component": "attn_heads", "layer": 15}),
-            ("node click (flow-node lens)", "flow-node", p64, {"component": "resid_post", "layer": 15}),
+            ("node click (flow-node heads, no forward)", "flow-node", p64, {"component": "attn_heads", "layer": 15}),
+            ("node click (flow-node lens, no forward)", "flow-node", p64, {"component": "resid_post", "layer": 15}),
             ("verify (flow-verify)", "flow-verify", p64, {}),
             ("head inspector (head-inspect)", "head-inspect", p64, {"layer": 15, "head": 3}),
             ("drag to patch (patch-cell)", "patch-cell", pair, {"layer": 10, "position": 10}),
@@ -105,40 +111,88 @@ def main() -> None:
         tokens_512=t512, seconds_512=round(s512, 2), edges_512=len(g512.meta["edges"]),
         peak_rss_growth_mb_512=round((rss1 - rss0) / 1024, 1),
         one_block_parts_gb_512=round(t512 * (t512 + 1) / 2 * s.n_heads * s.d_model * 4 / 1e9, 2))
+    browser(model, p64)
     finish()
 
 
-def screenshot(path: str, prompt: str) -> None:
+@contextlib.contextmanager
+def app_page(model, prompt: str):
+    """The app serving ``model``, and a chromium page (Playwright) showing the graph of ``prompt``."""
     from playwright.sync_api import sync_playwright
 
     from lmscope.app import start
 
-    model = lmscope.load(progress=False)
-    server, _ = start(App(model))
-    url = f"http://127.0.0.1:{server.server_address[1]}/#" + __import__("urllib.parse").parse.urlencode(
-        {"prompt": prompt, "threshold": 0.04})
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/lib/chromium/chromium", args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1000})
-        page.goto(url)
-        page.wait_for_selector("body[data-ready='1']", timeout=300_000)
+    app = App(model)
+    server, _ = start(app)
+    url = f"http://127.0.0.1:{server.server_address[1]}/#" + urllib.parse.urlencode({"prompt": prompt,
+                                                                                    "threshold": 0.04})
+    try:
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path="/usr/lib/chromium/chromium", args=["--no-sandbox"])
+            page = b.new_page(viewport={"width": 1500, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("body[data-ready='1']", timeout=600_000)
+            yield app, page
+            b.close()
+    finally:
+        server.shutdown()
+
+
+def browser(model, prompt: str) -> None:
+    """Interaction latencies in a real browser on ``prompt`` (the issue's ≤ 100 ms targets)."""
+    with app_page(model, prompt) as (app, page):
+        edges = int(page.get_attribute("#graph", "data-edges"))
+        slider = [page.evaluate("""async (v) => { const el = document.getElementById('threshold');
+            el.value = String(v); el.dispatchEvent(new Event('input')); return await window.lmscope.lastRedraw; }""", v)
+                  for v in (0.02, 0.05, 0.08, 0.03, 0.01, 0.06, 0.04)]
+        misses, clicks, server = app.memo.misses, {}, {}
+        far = page.evaluate("""() => window.lmscope.edges.map((e, k) => [e, k]).filter(([e]) => e.kind === 'attn' &&
+            e.source.split('_')[1] !== e.target.split('_')[1]).map(([, k]) => k)""")  # curves, not zero-width
+        for sel in ("circle.node.resid", "rect.node.mlp", "circle.node.attn", "path.edge.attn"):
+            for k in (1, 2):
+                if sel == "path.edge.attn":  # a curve's box centre is off its stroke: the click event itself
+                    page.locator(f"path[data-edge='{far[k]}']").dispatch_event("click")
+                else:
+                    page.locator(sel).nth(k).click()
+                ms = page.evaluate("window.lmscope.lastClick")
+                call = page.evaluate("window.lmscope.lastCall")  # the server's part of it
+                clicks.setdefault(sel, []).append(round(ms, 1))
+                server.setdefault(sel, []).append([round(call["compute_ms"], 1), round(call["round_trip_ms"], 1)])
+    every = sorted(x for v in clicks.values() for x in v)
+    record("app_browser", work={"threshold": "slider input event to the rerouted graph painted (no server call)",
+                                "node click": "click to the node's panel painted (server: flow-node from the "
+                                              "graph's forward); with each click the server's compute and the "
+                                              "request's round trip (JSON both ways included)"},
+           model=model.name, tokens=len(model.to_str_tokens(prompt)), edges_at_0_04=edges,
+           threshold_ms=[round(x, 1) for x in slider], threshold_median_ms=round(sorted(slider)[len(slider) // 2], 1),
+           click_ms=clicks, click_median_ms=every[len(every) // 2], click_server_compute_and_round_trip_ms=server,
+           forwards_during_clicks=app.memo.misses - misses,
+           checks=[check("no forward during node clicks", app.memo.misses - misses, 0, atol=0,
+                         why="the panels read the graph's forward")])
+
+
+def screenshot(path: str, prompt: str) -> None:
+    with app_page(lmscope.load(progress=False), prompt) as (_, page):
         k = page.evaluate("""() => { const g = window.lmscope, last = g.graph.meta.tokens.length - 1;
             let best = -1; g.edges.forEach((e, i) => { if (e.kind === 'attn' && e.target.endsWith('_' + last) &&
               (best < 0 || e.weight > g.edges[best].weight)) best = i; }); return best; }""")
         page.locator(f"path[data-edge='{k}']").click()
         page.wait_for_selector("#head-detail[data-head]", timeout=120_000)
         page.screenshot(path=path)
-        browser.close()
-    server.shutdown()
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--screenshot", default=None)
+    ap.add_argument("--browser", action="store_true", help="only the browser latencies")
     ap.add_argument("--prompt", default="When Mary and John went to the store, John gave a drink to")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.screenshot:
         screenshot(args.screenshot, args.prompt)
+    elif args.browser:
+        m = lmscope.load(progress=False)
+        browser(m, prompt_of(m, 64))
+        finish()
     else:
         main()

@@ -91,6 +91,10 @@ def test_node_clicks_after_the_graph_run_no_forward(tiny_llama, monkeypatch):
         assert _plain(doc["result"]) == _plain(want), config
     run = graph_run(tiny_llama, P2)  # the graph's forward holds what every panel reads
     assert {f"blocks.0.{k}" for k in GRAPH_SITES + ("attn.head_out", "mlp.post")} <= set(run.cache)
+    one = graph_run(tiny_llama, P2, [1])  # one layer's sites (what a panel asks for): the same values
+    assert one.logits is None and not any(k.startswith("blocks.0.") and not k.endswith("pattern") for k in one.cache)
+    for k, v in one.cache.items():
+        assert torch.equal(v, run.cache[k]), k
 
 
 def _post(url, body, job_id=None, out=None):

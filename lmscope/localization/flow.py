@@ -75,18 +75,21 @@ GRAPH_KINDS = ("attn.v", "attn.pattern", "resid_pre", "attn_out", "mlp_out", "re
 NODE_KINDS = ("attn.head_out", "mlp.post")  # what the node panels (flow-node) read besides the graph's sites
 
 
-def graph_run(model: Model, prompt: str):
-    """The graph's forward: every layer's graph sites, the node panels' sites (head writes, neuron
-    activations), the embedding, the final norm's scale and all logits. ``flow-graph`` and every
-    ``flow-node`` read this one forward, so a node agrees with its graph to the last bit, and inside the
-    app (a :class:`~lmscope.models.memo.RunMemo`) clicking a node runs no new forward."""
+def graph_run(model: Model, prompt: str, layers: list[int] | None = None):
+    """The graph's forward: the graph's sites and the node panels' (head writes, neuron activations), the
+    embedding, the final norm's scale and all logits, at every layer or only at ``layers`` — but always
+    with every layer's attention pattern, so every layer takes the same (explicit) attention path and the
+    values are those of the whole graph's forward to the last bit. ``flow-graph`` and every ``flow-node``
+    read it; inside the app (a :class:`~lmscope.models.memo.RunMemo`) a node click reads the graph's stored
+    forward and runs no new one."""
     model.require(["attn_out", "mlp_out"], "Information flow routes")
+    n = model.spec.n_layers
     have = set(model.site_kinds)
     kinds = GRAPH_KINDS + tuple(k for k in NODE_KINDS if k in have)
-    sites = [f"blocks.{l}.{k}" for l in range(model.spec.n_layers) for k in kinds]
-    sites += [k for k in ("embed", "final.scale") if k in have]
+    sites = [f"blocks.{l}.{k}" for l in resolve_layers(layers, n) for k in kinds]
+    sites += [f"blocks.{l}.attn.pattern" for l in range(n)] + [k for k in ("embed", "final.scale") if k in have]
     with torch.no_grad():
-        return model.run(prompt, cache=sites, logits="all")
+        return model.run(prompt, cache=sites, logits="all" if layers is None else "none")
 
 
 def flow_contributions(model: Model, prompt: str, layers: list[int] | None = None, run=None) -> FlowContributions:

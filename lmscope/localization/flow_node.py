@@ -145,7 +145,7 @@ def run_flow_node(model: Model, prompt: specs.Prompt, config: FlowNodeConfig) ->
                                                                    "the model")
     if config.component == "mlp_neurons":
         model.require(["mlp.post"], "flow-node mlp_neurons")
-    run = graph_run(model, prompt.text)  # the graph's own forward (reused inside the app)
+    run = graph_run(model, prompt.text, [layer])  # the graph's own forward, this layer's sites (reused in the app)
     if config.component == "attn_heads":
         return _heads(model, run, prompt.text, layer, pos, config.k)
     if config.component == "mlp_neurons":

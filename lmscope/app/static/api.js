@@ -15,8 +15,10 @@
         doc = await r.json();
       } finally { watch.stop(); }
       if (!r.ok) { $("status").textContent = `${method}: ${doc.error}`; throw new Error(doc.error); }
+      const trip = performance.now() - t0;
       $("status").textContent = `${method}: ${doc.meta.compute_ms.toFixed(0)} ms compute, ` +
-        `${(performance.now() - t0).toFixed(0)} ms round trip${doc.meta.cached ? " (cached)" : ""}`;
+        `${trip.toFixed(0)} ms round trip${doc.meta.cached ? " (cached)" : ""}`;
+      if (window.lmscope) window.lmscope.lastCall = { ...doc.meta, method, round_trip_ms: trip };
       return doc.result;
     }
 

@@ -25,28 +25,34 @@
     for (const r of rows) for (const v of r) if (v !== null && Math.abs(v) > m) m = Math.abs(v);
     return m;
   }
-  // rows: 2-D array; rowLabels / colLabels; returns an <svg>
+  function esc(t) { return String(t).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]); }
+  // rows: 2-D array; rowLabels / colLabels; returns an <svg> (one markup string: fast for thousands of cells)
   function heatmap(rows, rowLabels, colLabels, opts) {
     opts = opts || {};
     const cell = opts.cell || Math.max(6, Math.min(22, Math.floor(360 / Math.max(1, colLabels.length))));
     const left = opts.left || 70, top = opts.top || 60;
     const w = left + cell * colLabels.length + 10, h = top + cell * rows.length + 10;
     const svg = el("svg", { width: w, height: h, class: "heatmap" });
-    if (opts.title) el("text", { x: 2, y: 12, "font-size": 12, "font-weight": "bold" }, svg).textContent = opts.title;
-    const max = opts.max || absMax(rows);
+    const parts = [], max = opts.max || absMax(rows), cursor = opts.onclick ? ' style="cursor:pointer"' : "";
+    if (opts.title) parts.push(`<text x="2" y="12" font-size="12" font-weight="bold">${esc(opts.title)}</text>`);
     rows.forEach((r, i) => {
       r.forEach((v, j) => {
-        const rect = el("rect", { x: left + j * cell, y: top + i * cell, width: cell, height: cell,
-          fill: v === null ? "#eee" : color(v, max), class: "heat-cell", "data-i": i, "data-j": j }, svg);
-        if (opts.onclick) { rect.style.cursor = "pointer"; rect.addEventListener("click", () => opts.onclick(i, j, v)); }
-        el("title", {}, rect).textContent = `${rowLabels[i]} / ${colLabels[j]}: ${v === null ? "—" : (+v).toFixed(4)}`;
+        parts.push(`<rect x="${left + j * cell}" y="${top + i * cell}" width="${cell}" height="${cell}" fill="` +
+          `${v === null ? "#eee" : color(v, max)}" class="heat-cell" data-i="${i}" data-j="${j}"${cursor}><title>` +
+          `${esc(rowLabels[i])} / ${esc(colLabels[j])}: ${v === null ? "—" : (+v).toFixed(4)}</title></rect>`);
       });
-      if (cell >= 9) el("text", { x: left - 3, y: top + i * cell + cell * 0.75, "text-anchor": "end", "font-size": 10 }, svg)
-        .textContent = String(rowLabels[i]).slice(0, 12);
+      if (cell >= 9) parts.push(`<text x="${left - 3}" y="${top + i * cell + cell * 0.75}" text-anchor="end" ` +
+        `font-size="10">${esc(String(rowLabels[i]).slice(0, 12))}</text>`);
     });
     if (cell >= 9) colLabels.forEach((lab, j) => {
       const x = left + j * cell + cell * 0.7, y = top - 3;
-      el("text", { x, y, transform: `rotate(-60 ${x} ${y})`, "font-size": 10 }, svg).textContent = String(lab).slice(0, 12);
+      parts.push(`<text x="${x}" y="${y}" transform="rotate(-60 ${x} ${y})" font-size="10">` +
+        `${esc(String(lab).slice(0, 12))}</text>`);
+    });
+    svg.innerHTML = parts.join("");
+    if (opts.onclick) svg.addEventListener("click", (ev) => {
+      const r = ev.target.closest("rect.heat-cell");
+      if (r) opts.onclick(+r.dataset.i, +r.dataset.j, rows[+r.dataset.i][+r.dataset.j]);
     });
     return svg;
   }
@@ -177,5 +183,5 @@
     setTimeout(() => URL.revokeObjectURL(a.href), 10000);
     return canvas;
   }
-  root.LmViews = { el, html, heatmap, bars, tokenRow, result, color, toCanvas, savePng };
+  root.LmViews = { el, html, esc, heatmap, bars, tokenRow, result, color, toCanvas, savePng };
 })(window);

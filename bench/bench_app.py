@@ -13,7 +13,9 @@
 
 * in a real browser (Playwright, Debian's chromium) on the 64-token prompt: from moving the threshold slider
   to the new graph painted, and from clicking a node to its panel painted (five different nodes: the server
-  reads the graph's forward, ``forwards_during_clicks`` must be 0); ``--browser`` runs only this part.
+  reads the graph's forward, ``forwards_during_clicks`` must be 0; five attention edges, whose panel asks for
+  the shown head only: ``attn_edge_panel_json_kb`` compares its answer with every head's); ``--browser`` runs
+  only this part.
 
 ``python bench_app.py --screenshot PATH`` instead serves the default model and saves a screenshot of the
 graph view with Playwright and Debian's chromium (the README's picture).
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import resource
 import time
 import urllib.parse
@@ -107,7 +110,7 @@ def main() -> None:
         api_flow_graph_cold_ms=cold["meta"]["latency_ms"], api_flow_graph_cached_ms=warm["meta"]["latency_ms"],
         api_views_cold_ms=views_ms,
         graph_edges_above_0_01=len(edges), route_ms_python=round(route_ms, 2), route_edges=len(routed),
-        json_mb=round(len(__import__("json").dumps(cold["result"])) / 1e6, 2),
+        json_mb=round(len(json.dumps(cold["result"])) / 1e6, 2),
         tokens_512=t512, seconds_512=round(s512, 2), edges_512=len(g512.meta["edges"]),
         peak_rss_growth_mb_512=round((rss1 - rss0) / 1024, 1),
         one_block_parts_gb_512=round(t512 * (t512 + 1) / 2 * s.n_heads * s.d_model * 4 / 1e9, 2))
@@ -149,7 +152,7 @@ def browser(model, prompt: str) -> None:
         far = page.evaluate("""() => window.lmscope.edges.map((e, k) => [e, k]).filter(([e]) => e.kind === 'attn' &&
             e.source.split('_')[1] !== e.target.split('_')[1]).map(([, k]) => k)""")  # curves, not zero-width
         for sel in ("circle.node.resid", "rect.node.mlp", "circle.node.attn", "path.edge.attn"):
-            for k in (1, 2):
+            for k in ((1, 2, 3, 4, 5) if sel == "path.edge.attn" else (1, 2)):
                 if sel == "path.edge.attn":  # a curve's box centre is off its stroke: the click event itself
                     page.locator(f"path[data-edge='{far[k]}']").dispatch_event("click")
                 else:
@@ -158,14 +161,25 @@ def browser(model, prompt: str) -> None:
                 call = page.evaluate("window.lmscope.lastCall")  # the server's part of it
                 clicks.setdefault(sel, []).append(round(ms, 1))
                 server.setdefault(sel, []).append([round(call["compute_ms"], 1), round(call["round_trip_ms"], 1)])
+        shown = page.evaluate("window.lmscope.selected.edge")  # what the last edge click asked for, as JSON
+        layer, pos = map(int, shown["target"][1:].split("_"))
+        config = {"component": "attn_heads", "layer": layer, "position": pos}
+        head_kb = len(json.dumps(app.run({"method": "flow-node", "inputs": prompt, "config": {
+            **config, "head": int(page.get_attribute("#head-detail", "data-head"))}})))
+        every_kb = len(json.dumps(app.run({"method": "flow-node", "inputs": prompt, "config": config})))
     every = sorted(x for v in clicks.values() for x in v)
+    edge = sorted(clicks["path.edge.attn"])
     record("app_browser", work={"threshold": "slider input event to the rerouted graph painted (no server call)",
                                 "node click": "click to the node's panel painted (server: flow-node from the "
-                                              "graph's forward); with each click the server's compute and the "
-                                              "request's round trip (JSON both ways included)"},
+                                              "graph's forward; an attention edge: the shown head's maps and "
+                                              "tokens, from the layer importances the graph kept with its "
+                                              "forward, drawn on canvases); with each click the server's compute "
+                                              "and the request's round trip (JSON both ways included)"},
            model=model.name, tokens=len(model.to_str_tokens(prompt)), edges_at_0_04=edges,
            threshold_ms=[round(x, 1) for x in slider], threshold_median_ms=round(sorted(slider)[len(slider) // 2], 1),
-           click_ms=clicks, click_median_ms=every[len(every) // 2], click_server_compute_and_round_trip_ms=server,
+           click_ms=clicks, click_median_ms=every[len(every) // 2], attn_edge_click_median_ms=edge[len(edge) // 2],
+           attn_edge_panel_json_kb={"one head (what the page asks for)": round(head_kb / 1e3, 1),
+                                    "every head": round(every_kb / 1e3, 1)}, click_server_compute_and_round_trip_ms=server,
            forwards_during_clicks=app.memo.misses - misses,
            checks=[check("no forward during node clicks", app.memo.misses - misses, 0, atol=0,
                          why="the panels read the graph's forward")])

@@ -99,6 +99,19 @@ def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
         ms = sorted(c[1] for c in clicks)
         print(f"node click to panel painted: median {ms[2]:.1f} ms of {[round(c[1], 1) for c in clicks]}")
         assert app.memo.misses == misses and ms[2] <= 100
+        # attention-edge clicks (five different edges): every head's share from the graph, the shown head's maps
+        # from the layer importances the graph kept with its forward, drawn on canvases: ≤ 100 ms (median)
+        attn = page.evaluate("""() => window.lmscope.edges.map((e, k) => [e, k]).filter(([e]) => e.kind === 'attn')
+            .map(([e, k]) => [k, e.target]).filter(([, t], i, all) => all.findIndex(([, u]) => u === t) === i)""")
+        assert len(attn) >= 5
+        edge_ms = []
+        for k, _ in attn[:5]:
+            page.locator(f"path[data-edge='{k}']").dispatch_event("click")  # the click event itself (curves)
+            edge_ms.append(page.evaluate("window.lmscope.lastClick"))
+            assert page.locator("#head-detail canvas.heatmap").count() == 2
+        print(f"attention edge click to panel painted: median {sorted(edge_ms)[2]:.1f} ms of "
+              f"{[round(x, 1) for x in edge_ms]}")
+        assert app.memo.misses == misses and sorted(edge_ms)[2] <= 100
         img = _png(page, "button.png[data-png='graph-wrap']", (200, 200))  # the graph view as a PNG
         box = page.eval_on_selector("#graph", "e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height]")
         assert img.width >= 2 * box[0] - 2 and img.height >= 2 * box[1] - 2
@@ -121,8 +134,22 @@ def test_graph_page_in_a_real_browser(served, tiny_llama, tmp_path):
         # an attention edge: head shares, attention map and contribution map, promoted tokens
         page.locator("path.edge.attn").first.click()
         page.wait_for_selector("#head-detail[data-head]")
-        assert page.locator("#head-detail svg.heatmap").count() == 2
+        assert page.locator("#head-detail canvas.heatmap").count() == 2
         assert "promotes" in page.inner_text("#head-detail")
+        # the maps are the library's: hover the edge's cell of each map and read its value
+        sel = page.evaluate("window.lmscope.selected.edge")
+        (layer, i), j = map(int, sel["target"][1:].split("_")), int(sel["source"].split("_")[1])
+        head = int(page.get_attribute("#head-detail", "data-head"))
+        lib = specs.run_json(tiny_llama, "flow-node", P, {"component": "attn_heads", "layer": layer, "position": i,
+                                                          "head": head})
+        assert head == max(range(len(sel["heads"])), key=lambda h: sel["heads"][h])  # the largest share first
+        for n, want in enumerate((lib.extras["pattern"][0, i, j], lib.values[0, i, j])):
+            canvas = page.locator("#head-detail canvas.heatmap").nth(n)
+            cell, left, top = (int(canvas.get_attribute(f"data-{k}")) for k in ("cell", "left", "top"))
+            canvas.hover(position={"x": left + j * cell + cell / 2, "y": top + i * cell + cell / 2})
+            assert canvas.get_attribute("data-hover") == f"{i},{j}"
+            assert canvas.get_attribute("title").endswith(f": {float(want):.4f}")
+        assert f"{lib.meta['promotes'][0][0][0]!r}"[1:-1] in page.inner_text("#head-detail")
         page.screenshot(path=str(shots / "app-head.png"))
         # an FFN node: its neurons
         page.locator("rect.node.mlp").first.click()

@@ -4,6 +4,7 @@ layer's own refusals (body size, unknown paths, bad job ids)."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import threading
 import time
@@ -22,6 +23,7 @@ from lmscope.models import RunMemo
 
 from test_app import P, P2, _plain, call
 
+flow_mod = importlib.import_module("lmscope.localization.flow")  # the module (the package exports flow())
 GRAPH_SITES = ("attn.v", "attn.pattern", "resid_pre", "attn_out", "mlp_out", "resid_post")
 
 
@@ -74,17 +76,20 @@ def test_memo_answers_are_fresh_runs_bit_for_bit(tiny):
 
 def test_node_clicks_after_the_graph_run_no_forward(tiny_llama, monkeypatch):
     """After the graph of a prompt, every kind of node panel is computed without a forward, and equals the
-    library's flow-node result exactly."""
+    library's flow-node result exactly; attention-edge panels read the layer importances the graph kept with
+    its forward (no layer is decomposed again)."""
     app = App(tiny_llama)
     assert app.run({"method": "flow-graph", "inputs": P2})["meta"]["cached"] is False
-    forwards = []
-    real = tiny_llama.forward
+    forwards, decomposed = [], []
+    real, layer_imp = tiny_llama.forward, flow_mod._layer_importances
     monkeypatch.setattr(tiny_llama, "forward", lambda batch, **kw: forwards.append(1) or real(batch, **kw))
+    monkeypatch.setattr(flow_mod, "_layer_importances", lambda *a: decomposed.append(a[2]) or layer_imp(*a))
     clicks = [{"component": "attn_heads", "layer": 1, "position": 9}, {"component": "mlp_neurons", "layer": 2},
               {"component": "resid_mid", "layer": 0, "position": 4}, {"component": "resid_post", "layer": 2},
-              {"component": "embed", "position": 3}]
+              {"component": "embed", "position": 3}, {"component": "attn_heads", "layer": 2, "position": 5, "head": 1},
+              {"component": "attn_heads", "layer": 0, "head": -1}]
     got = [app.run({"method": "flow-node", "inputs": {"prompt": P2, "target": "dog"}, "config": c}) for c in clicks]
-    assert forwards == [] and app.memo.hits >= len(clicks)
+    assert forwards == [] and decomposed == [] and app.memo.hits >= len(clicks)
     monkeypatch.setattr(tiny_llama, "forward", real)
     for config, doc in zip(clicks, got):
         want = specs.run_json(tiny_llama, "flow-node", {"prompt": P2, "target": "dog"}, config).to_dict()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmscope import specs
-from lmscope.errors import InputError
+from lmscope.errors import InputError, LmscopeError
 from lmscope.localization.flow import EPS, flow_contributions
 
 flow_mod = importlib.import_module("lmscope.localization.flow")  # the module (the package exports the function)
@@ -178,6 +178,23 @@ def test_flow_verify_metrics_are_the_shared_ones(tiny_llama):
 
 
 @pytest.mark.real
+
+def test_one_head_is_that_head_of_every_head(tiny):
+    """``head=h``: head h's maps of the all-heads result to the bit, its promoted and suppressed tokens (a
+    one-row read-out: the same tokens, logits within float rounding); a bad head is a clear error."""
+    every = specs.run_json(tiny, "flow-node", P, {"component": "attn_heads", "layer": 1, "position": 7, "k": 4})
+    for h in (0, tiny.spec.n_heads - 1):
+        one = specs.run_json(tiny, "flow-node", P, {"component": "attn_heads", "layer": 1, "position": 7, "k": 4,
+                                                    "head": h})
+        assert one.shape[0] == 1 and one.axes[0].labels == (str(h),) and one.params["head"] == h
+        assert torch.equal(one.values[0], every.values[h]) and torch.equal(one.extras["pattern"][0],
+                                                                           every.extras["pattern"][h])
+        for key in ("promotes", "suppresses"):
+            assert [t for t, _ in one.meta[key][0]] == [t for t, _ in every.meta[key][h]]
+            assert [v for _, v in one.meta[key][0]] == pytest.approx([v for _, v in every.meta[key][h]], abs=2e-4)
+    with pytest.raises(LmscopeError, match="out of range"):
+        specs.run_json(tiny, "flow-node", P, {"component": "attn_heads", "layer": 1, "head": tiny.spec.n_heads})
+
 def test_flow_verify_defaults_are_meaningful_on_ioi(smollm):
     """The reported bug: on SmolLM2's IOI prompt the defaults (raw logit, plain mean) gave a 'none' run above the
     clean one and faithfulness 1.93. With the shared metric and the sink left out of the mean, patching every

@@ -92,6 +92,35 @@ def graph_run(model: Model, prompt: str, layers: list[int] | None = None):
         return model.run(prompt, cache=sites, logits="all" if layers is None else "none")
 
 
+def _layer_importances(model: Model, run, layer: int, t: int, step: int) -> tuple[torch.Tensor, ...]:
+    """One layer's importances from its sites in ``run``: (attn (T, T, H), attn_resid (T,), mlp (T,),
+    mlp_resid (T,)), the attention parts formed ``step`` causal pairs at a time."""
+    h_n = model.spec.n_heads
+    ii, jj = torch.tril_indices(t, t)
+    pre = f"blocks.{layer}."
+    with torch.no_grad():
+        factor = run.cache.get(f"aux.blocks.{layer}.attn_write_factor")
+        vw = model.head_writes(layer, run[pre + "attn.v"].float(),
+                               None if factor is None else factor.float())[0]  # (T_j, H, D)
+        a = run[pre + "attn.pattern"][0].float()  # (H, T_i, T_j)
+        x_pre = run[pre + "resid_pre"][0].float()
+        mid = x_pre + run[pre + "attn_out"][0].float()
+        mid_l1 = mid.abs().sum(-1)
+        prox = torch.zeros(t, t, h_n)
+        for lo in range(0, len(ii), step):
+            pi, pj = ii[lo:lo + step], jj[lo:lo + step]
+            parts = a[:, pi, pj].T.unsqueeze(-1) * vw[pj]  # (chunk, H, D)
+            dist = (mid[pi].unsqueeze(1) - parts).abs().sum(-1)  # (chunk, H)
+            prox[pi, pj] = (mid_l1[pi].unsqueeze(1) - dist).clamp(min=EPS)
+        prox_res = _proximity(mid, x_pre.unsqueeze(1))[:, 0]
+        total = prox.sum(dim=(1, 2)) + prox_res
+        post = run[pre + "resid_post"][0].float()
+        mparts = torch.stack([run[pre + "mlp_out"][0].float(), mid], dim=1)  # (T, 2, D)
+        mprox = _proximity(post, mparts)
+        mprox = mprox / mprox.sum(-1, keepdim=True)
+    return prox / total[:, None, None], prox_res / total, mprox[:, 0], mprox[:, 1]
+
+
 def flow_contributions(model: Model, prompt: str, layers: list[int] | None = None, run=None) -> FlowContributions:
     """Importances of every edge of the contribution graph for ``prompt`` (one forward pass); with
     ``layers``, only those layers (the leading axis of every tensor then follows ``layers``). ``run``: a
@@ -110,37 +139,14 @@ def flow_contributions(model: Model, prompt: str, layers: list[int] | None = Non
     if run.batch.input_ids.shape[0] != 1:
         raise InputError("flow_contributions takes one prompt.")
     t = run.batch.input_ids.shape[1]
-    ii, jj = torch.tril_indices(t, t)
     # blockwise over the causal pairs (j <= i): at most CHUNK_FLOATS floats of (pairs, H, D) parts at a time,
-    # so the T²·H·D decomposition is never held (only the (T, T, H) importances are kept per layer)
+    # so the T²·H·D decomposition is never held (only the (T, T, H) importances are kept per layer). A layer's
+    # importances depend on its sites of this forward alone: inside the app they are kept with the forward
+    # (Model.derived), so an attention-edge click reads the graph's instead of decomposing the layer again.
     step = max(1, CHUNK_FLOATS // (h_n * s.d_model))
-    attn, attn_res, mlp, mlp_res = [], [], [], []
-    with torch.no_grad():
-        for layer in layers:
-            pre = f"blocks.{layer}."
-            factor = run.cache.get(f"aux.blocks.{layer}.attn_write_factor")
-            vw = model.head_writes(layer, run[pre + "attn.v"].float(),
-                                   None if factor is None else factor.float())[0]  # (T_j, H, D)
-            a = run[pre + "attn.pattern"][0].float()  # (H, T_i, T_j)
-            x_pre = run[pre + "resid_pre"][0].float()
-            mid = x_pre + run[pre + "attn_out"][0].float()
-            mid_l1 = mid.abs().sum(-1)
-            prox = torch.zeros(t, t, h_n)
-            for lo in range(0, len(ii), step):
-                pi, pj = ii[lo:lo + step], jj[lo:lo + step]
-                parts = a[:, pi, pj].T.unsqueeze(-1) * vw[pj]  # (chunk, H, D)
-                dist = (mid[pi].unsqueeze(1) - parts).abs().sum(-1)  # (chunk, H)
-                prox[pi, pj] = (mid_l1[pi].unsqueeze(1) - dist).clamp(min=EPS)
-            prox_res = _proximity(mid, x_pre.unsqueeze(1))[:, 0]
-            total = prox.sum(dim=(1, 2)) + prox_res
-            attn.append(prox / total[:, None, None])
-            attn_res.append(prox_res / total)
-            post = run[pre + "resid_post"][0].float()
-            mparts = torch.stack([run[pre + "mlp_out"][0].float(), mid], dim=1)  # (T, 2, D)
-            mprox = _proximity(post, mparts)
-            mprox = mprox / mprox.sum(-1, keepdim=True)
-            mlp.append(mprox[:, 0])
-            mlp_res.append(mprox[:, 1])
+    per_layer = [model.derived(run, ("flow_contributions", layer, step),
+                               lambda layer=layer: _layer_importances(model, run, layer, t, step)) for layer in layers]
+    attn, attn_res, mlp, mlp_res = (list(x) for x in zip(*per_layer))
     top_ids = top_probs = None
     if every:  # the model's own predictions come with the whole graph
         top_probs, top_ids = run.logits[0].float().softmax(-1).topk(min(TOP_PREDICTIONS, s.d_vocab), dim=-1)

@@ -7,7 +7,8 @@ spec opens one node of it at (layer, position):
   importance of head h, source j into ``A{l}_j'`` for every j' — the same numbers as the graph, shape
   (H, T, T)), its attention pattern (``extras["pattern"]``, H × T × T), and the tokens its write at
   position i promotes and suppresses: the write read through the unembedding with the final norm's
-  scale frozen at position i (``meta["promotes"]``/``["suppresses"]``, k per head).
+  scale frozen at position i (``meta["promotes"]``/``["suppresses"]``, k per head). With ``head``, only
+  that head's maps and tokens (the same numbers: the app asks for the head it shows, a tenth of the data).
 * ``mlp_neurons`` (``M{l}_i``): the k neurons whose write ``a_n · W_out[n]`` (post-norm frozen where the
   block has one) is closest to the MLP's write in the graph's L1 proximity, normalised over all neurons;
   ``extras["activation"]``, and per neuron the tokens its write promotes and suppresses.
@@ -45,6 +46,7 @@ class FlowNodeConfig:
     layer: int = specs.option(0, "Layer of the node (ignored for embed).")
     position: int | None = specs.option(None, "Token position of the node (default: last).")
     k: int = specs.option(10, "Top tokens (and neurons) shown.")
+    head: int | None = specs.option(None, "attn_heads: only this head's maps and tokens (default: every head).")
 
     def __post_init__(self):
         specs.check_config(self)
@@ -52,6 +54,8 @@ class FlowNodeConfig:
             raise InputError(f"k={self.k!r}: give a positive number of top tokens.")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
             raise InputError(f"layer={self.layer!r}: give a layer index.")
+        if self.head is not None and (isinstance(self.head, bool) or not isinstance(self.head, int)):
+            raise InputError(f"head={self.head!r}: give a head index (or leave it out for every head).")
 
 
 def _top_bottom(model: Model, logits_ND: torch.Tensor, k: int) -> tuple[list, list]:
@@ -66,21 +70,25 @@ def _top_bottom(model: Model, logits_ND: torch.Tensor, k: int) -> tuple[list, li
     return rows(up), rows(down)
 
 
-def _heads(model: Model, run, text: str, layer: int, pos: int, k: int) -> Result:
-    c = flow_contributions(model, text, [layer], run=run)
+def _heads(model: Model, run, text: str, layer: int, pos: int, k: int, head: int | None) -> Result:
+    c = flow_contributions(model, text, [layer], run=run)  # in the app: the graph's, kept with its forward
     pre = f"blocks.{layer}."
+    n_heads = model.spec.n_heads
+    heads = list(range(n_heads)) if head is None else [resolve_index(head, n_heads, "head", "the layer")]
     with torch.no_grad():
-        writes = run[pre + "attn.head_out"][0, pos].float()  # (H, D)
+        writes = run[pre + "attn.head_out"][0, pos][heads].float()  # (H, D)
         logits = model.unembed(writes, scale=run["final.scale"][0, pos])
     promotes, suppresses = _top_bottom(model, logits, k)
     tokens = c.tokens
-    maps = c.attn[0].permute(2, 0, 1).contiguous()  # (H, T_i, T_j)
+    maps = c.attn[0].permute(2, 0, 1)[heads].contiguous()  # (H, T_i, T_j)
     labels = tuple(f"{i}:{tok}" for i, tok in enumerate(tokens))
-    axes = (Axis("head", tuple(str(h) for h in range(maps.shape[0]))), Axis("target", labels), Axis("source", labels))
+    axes = (Axis("head", tuple(str(h) for h in heads)), Axis("target", labels), Axis("source", labels))
     meta = {"tokens": tokens, "promotes": promotes, "suppresses": suppresses,
             "value": "importance of head h, source j into A{layer}_i (as in the graph)"}
-    return Result(maps, axes, "flow-node", model.name, None, {"component": "attn_heads", "layer": layer,
-                  "position": pos, "k": k}, {"pattern": run[pre + "attn.pattern"][0].float()}, meta)
+    params = {"component": "attn_heads", "layer": layer, "position": pos, "k": k} | (
+        {} if head is None else {"head": heads[0]})
+    return Result(maps, axes, "flow-node", model.name, None, params,
+                  {"pattern": run[pre + "attn.pattern"][0][heads].float()}, meta)
 
 
 def _neurons(model: Model, run, layer: int, pos: int, k: int) -> Result:
@@ -147,7 +155,7 @@ def run_flow_node(model: Model, prompt: specs.Prompt, config: FlowNodeConfig) ->
         model.require(["mlp.post"], "flow-node mlp_neurons")
     run = graph_run(model, prompt.text, [layer])  # the graph's own forward, this layer's sites (reused in the app)
     if config.component == "attn_heads":
-        return _heads(model, run, prompt.text, layer, pos, config.k)
+        return _heads(model, run, prompt.text, layer, pos, config.k, config.head)
     if config.component == "mlp_neurons":
         return _neurons(model, run, layer, pos, config.k)
     return _state(model, run, prompt.target, config.component, layer, pos, config.k)

@@ -71,6 +71,7 @@ class RunOutput:
     batch: Batch
     logits: torch.Tensor | None
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
+    memo_slot: object = field(default=None, repr=False, compare=False)  # (RunMemo, entry) when read from a memo
 
     def __getitem__(self, site: str) -> torch.Tensor:
         return self.cache[parse_site(site).name] if not site.startswith("aux.") else self.cache[site]

@@ -12,6 +12,10 @@ value (hooks that only record return what they were given). A hit hands out copi
 tensors (and the auxiliary post-norm factors a fresh run would record with them), so callers may change
 them. Runs with interventions, gradients or several prompts always run.
 
+Values computed from a stored forward alone (and the model's weights) can be kept with it
+(:func:`derived`, ``Model.derived``): the contribution graph keeps each layer's importances, so a click on an
+attention edge reads them instead of decomposing the layer again. They go when their forward goes.
+
 A miss runs one forward recording what was asked plus what the stored forward of that text and path
 already held (so the sites only grow); entries are dropped least recently used past ``max_bytes``, and a
 forward larger than that is not kept. The memo is active only in the thread (or task) that entered it.
@@ -22,7 +26,7 @@ from __future__ import annotations
 import contextvars
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +44,7 @@ class _Entry:
     cache: dict
     sites: frozenset
     nbytes: int
+    derived: dict = field(default_factory=dict)  # values computed from this forward alone (see derived())
 
 
 def active(model) -> RunMemo | None:
@@ -116,4 +121,31 @@ class RunMemo:
                 continue
             picked[name] = t.clone()
         return RunOutput(entry.batch, select_logits(entry.logits, entry.batch, logits).clone()
-                         if logits != "none" else None, picked)
+                         if logits != "none" else None, picked, memo_slot=(self, entry))
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def derived(run: RunOutput, key, compute):
+    """``compute()``, a value that depends only on the forward ``run`` and the model's weights (``key`` names
+    it and every setting it depends on): kept with the stored forward when ``run`` was read from a
+    :class:`RunMemo`, so the next call on that forward reads it back instead of computing it again; computed
+    and not kept for a forward of its own. Callers must not change what they get (it is shared)."""
+    slot = run.memo_slot
+    if slot is None:
+        return compute()
+    memo, entry = slot
+    with memo._lock:
+        if key in entry.derived:
+            return entry.derived[key]
+    value = compute()
+    with memo._lock:
+        entry.derived[key] = value
+        entry.nbytes += _nbytes(value)
+    return value

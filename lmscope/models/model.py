@@ -288,6 +288,12 @@ class Model:
         return self.run_plain(inputs, cache=cache, interventions=interventions, grad=grad, logits=logits,
                               padding_side=padding_side)
 
+    def derived(self, run: RunOutput, key, compute):
+        """``compute()``, a value of the forward ``run`` alone (``key`` names it and its settings): kept with
+        the forward when ``run`` came from an active :class:`~lmscope.models.memo.RunMemo` (the next call reads
+        it back), computed otherwise. See :func:`lmscope.models.memo.derived`."""
+        return _memo.derived(run, key, compute)
+
     def run_plain(self, inputs, *, cache: Iterable[str | Site] = (), interventions: Sequence[Intervention] = (),
                   grad: bool = False, logits: str = "all", padding_side: str = "left") -> RunOutput:
         """:meth:`run` with a forward of its own (never from a memo)."""

@@ -221,33 +221,44 @@
 
   async function selectEdge(e) {
     const tgt = R.parseNode(e.target), src = R.parseNode(e.source);
-    state.selected = { key: `${e.source}->${e.target}`, kind: "edge", edge: e };
+    const key = `${e.source}->${e.target}`;
+    state.selected = { key, kind: "edge", edge: e };
     const box = inspector(`Attention edge ${src.pos} → ${tgt.pos} into layer ${tgt.layer}`);
-    const shares = e.heads.map((h) => h / e.weight);
+    const shares = e.heads.map((h) => h / e.weight);  // every head's share: from the graph, no call
     let head = shares.indexOf(Math.max(...shares));
     V.html("div", {}, "each head's share of the edge (click a head):", box);
     const barBox = V.html("div", { id: "head-shares" }, null, box);
     const detail = V.html("div", { id: "head-detail" }, null, box);
-    const res = await api("flow-node", state.prompt, { component: "attn_heads", layer: tgt.layer, position: tgt.pos });
-    function show() {
+    // a head's maps and tokens when it is shown (flow-node with head: the layer's importances the graph kept
+    // with its forward, one head's data), each head asked for once
+    const asked = {};
+    const headResult = (h) => asked[h] || (asked[h] = api("flow-node", state.prompt,
+      { component: "attn_heads", layer: tgt.layer, position: tgt.pos, head: h }));
+    async function show() {
+      const h = head;
       barBox.innerHTML = "";
-      barBox.appendChild(V.bars(shares, shares.map((_, h) => `head ${h}`), { selected: head, onclick: (h) => { head = h; show(); } }));
+      barBox.appendChild(V.bars(shares, shares.map((_, k) => `head ${k}`), { selected: h,
+        onclick: (k) => { head = k; show().catch((err) => { detail.textContent = err.message; }); } }));
+      const res = await headResult(h);
+      if (head !== h || !state.selected || state.selected.key !== key) return;  // another head or edge since
+      const t0 = performance.now();
       detail.innerHTML = "";
       const labels = res.meta.tokens.map((t, i) => `${i}:${t}`);
       const maps = V.html("div", { class: "maps" }, null, detail);
-      maps.appendChild(V.heatmap(res.extras.pattern.values[head], labels, labels, { title: `attention, L${tgt.layer} H${head}`, cell: 12 }));
-      maps.appendChild(V.heatmap(res.values[head], labels, labels, { title: `contribution, L${tgt.layer} H${head}`, cell: 12 }));
-      tokenList(detail, `head ${head}'s write at ${tgt.pos} promotes:`, res.meta.promotes[head], "tok-pos");
-      tokenList(detail, "and suppresses:", res.meta.suppresses[head], "tok-neg");
-      const open = V.html("button", { id: "open-head" }, `open L${tgt.layer} H${head} in the head inspector`, detail);
+      maps.appendChild(V.heatCanvas(res.extras.pattern.values[0], labels, labels, { title: `attention, L${tgt.layer} H${h}`, cell: 12 }));
+      maps.appendChild(V.heatCanvas(res.values[0], labels, labels, { title: `contribution, L${tgt.layer} H${h}`, cell: 12 }));
+      tokenList(detail, `head ${h}'s write at ${tgt.pos} promotes:`, res.meta.promotes[0], "tok-pos");
+      tokenList(detail, "and suppresses:", res.meta.suppresses[0], "tok-neg");
+      const open = V.html("button", { id: "open-head" }, `open L${tgt.layer} H${h} in the head inspector`, detail);
       open.addEventListener("click", () => {
-        $("head-layer").value = tgt.layer; $("head-index").value = head;
+        $("head-layer").value = tgt.layer; $("head-index").value = h;
         showTab("head"); tabs.headRun();
       });
-      detail.setAttribute("data-head", head);
+      detail.setAttribute("data-head", h);
+      detail.setAttribute("data-draw-ms", (performance.now() - t0).toFixed(1));
     }
-    show();
     saveUrl();
+    await show();
   }
 
   async function selectNode(id) {
@@ -465,6 +476,7 @@
     document.querySelectorAll("[data-url]").forEach((el) => el.addEventListener("change", () => saveUrl()));
     tabs.saeInit();
     showTab(state.tab);
+    V.heatCanvas([[0]], ["0"], ["0"], { title: "0", cell: 12 });  // the browser sets up 2-D canvases once, now
     await runGraph();
     if (node && !node.includes("->")) await selectNode(node);
     else if (node) {

@@ -1,4 +1,4 @@
-// Plain SVG/HTML renderers of Result JSON (heat maps, bars, token rows); no method logic here.
+// Plain SVG/HTML/canvas renderers of Result JSON (heat maps, bars, token rows); no method logic here.
 (function (root) {
   "use strict";
   const SVG = "http://www.w3.org/2000/svg";
@@ -55,6 +55,44 @@
       if (r) opts.onclick(+r.dataset.i, +r.dataset.j, rows[+r.dataset.i][+r.dataset.j]);
     });
     return svg;
+  }
+  // the same heat map on one <canvas>: thousands of cells (a 64 × 64 map) drawn as pixels, not elements;
+  // hovering a cell shows its read-out (row / column: value) as the canvas's tooltip and in data-hover
+  function heatCanvas(rows, rowLabels, colLabels, opts) {
+    opts = opts || {};
+    const cell = opts.cell || Math.max(6, Math.min(22, Math.floor(360 / Math.max(1, colLabels.length))));
+    const left = opts.left || 70, top = opts.top || 60, ratio = window.devicePixelRatio || 1;
+    const w = left + cell * colLabels.length + 10, h = top + cell * rows.length + 10;
+    const cv = html("canvas", { class: "heatmap", width: Math.round(w * ratio), height: Math.round(h * ratio) });
+    cv.style.width = `${w}px`; cv.style.height = `${h}px`;
+    const ctx = cv.getContext("2d"), max = opts.max || absMax(rows);
+    ctx.scale(ratio, ratio);
+    ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, w, h);
+    rows.forEach((r, i) => r.forEach((v, j) => {
+      ctx.fillStyle = v === null ? "#eee" : color(v, max);
+      ctx.fillRect(left + j * cell, top + i * cell, cell, cell);
+    }));
+    ctx.fillStyle = "#000";
+    if (opts.title) { ctx.font = "bold 12px sans-serif"; ctx.textBaseline = "alphabetic"; ctx.fillText(opts.title, 2, 12); }
+    if (cell >= 9) {
+      ctx.font = "10px sans-serif"; ctx.textAlign = "end";
+      rowLabels.forEach((lab, i) => ctx.fillText(String(lab).slice(0, 12), left - 3, top + i * cell + cell * 0.75));
+      ctx.textAlign = "start";
+      colLabels.forEach((lab, j) => {
+        ctx.save(); ctx.translate(left + j * cell + cell * 0.7, top - 3); ctx.rotate(-Math.PI / 3);
+        ctx.fillText(String(lab).slice(0, 12), 0, 0); ctx.restore();
+      });
+    }
+    cv.addEventListener("mousemove", (ev) => {
+      const box = cv.getBoundingClientRect();
+      const j = Math.floor((ev.clientX - box.left - left) / cell), i = Math.floor((ev.clientY - box.top - top) / cell);
+      if (i < 0 || j < 0 || i >= rows.length || j >= colLabels.length) { cv.title = ""; delete cv.dataset.hover; return; }
+      const v = rows[i][j];
+      cv.title = `${rowLabels[i]} / ${colLabels[j]}: ${v === null ? "—" : (+v).toFixed(4)}`;
+      cv.dataset.hover = `${i},${j}`;
+    });
+    cv.dataset.cell = cell; cv.dataset.left = left; cv.dataset.top = top;
+    return cv;
   }
   function bars(values, labels, opts) {
     opts = opts || {};
@@ -156,6 +194,7 @@
           if (!r.width || !r.height) continue;
           extend(r);
           if (c instanceof SVGSVGElement) { ops.push({ svg: c, r }); continue; }
+          if (c instanceof HTMLCanvasElement) { ops.push({ canvas: c, r }); continue; }
           if (visible(cs.backgroundColor)) ops.push({ fill: cs.backgroundColor, r });
           walk(c);
         }
@@ -170,6 +209,7 @@
     for (const op of ops) {
       const x = op.r.left - ox, y = op.r.top - oy;
       if (op.svg) ctx.drawImage(await svgImage(op.svg), x, y, op.r.width, op.r.height);
+      else if (op.canvas) ctx.drawImage(op.canvas, x, y, op.r.width, op.r.height);
       else if (op.fill) { ctx.fillStyle = op.fill; ctx.fillRect(x, y, op.r.width, op.r.height); }
       else { ctx.font = op.font; ctx.fillStyle = op.color; ctx.textBaseline = "middle"; ctx.fillText(op.text, x, y + op.r.height / 2); }
     }
@@ -183,5 +223,5 @@
     setTimeout(() => URL.revokeObjectURL(a.href), 10000);
     return canvas;
   }
-  root.LmViews = { el, html, esc, heatmap, bars, tokenRow, result, color, toCanvas, savePng };
+  root.LmViews = { el, html, esc, heatmap, heatCanvas, bars, tokenRow, result, color, toCanvas, savePng };
 })(window);

@@ -77,7 +77,9 @@ def _heads(model: Model, run, text: str, layer: int, pos: int, k: int, head: int
     heads = list(range(n_heads)) if head is None else [resolve_index(head, n_heads, "head", "the layer")]
     with torch.no_grad():
         writes = run[pre + "attn.head_out"][0, pos][heads].float()  # (H, D)
-        logits = model.unembed(writes, scale=run["final.scale"][0, pos])
+        scale = run["final.scale"][0, pos]
+        # one read-out per head, so a head's tokens are the same to the bit whether asked alone or with the rest
+        logits = torch.cat([model.unembed(w[None], scale=scale) for w in writes])
     promotes, suppresses = _top_bottom(model, logits, k)
     tokens = c.tokens
     maps = c.attn[0].permute(2, 0, 1)[heads].contiguous()  # (H, T_i, T_j)

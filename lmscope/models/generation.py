@@ -31,8 +31,10 @@ def _check_length(model: Model, prompt_tokens: int, max_new_tokens: int) -> None
 
 
 def cache_kwarg(model: Model) -> str:
-    """The forward's KV-cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.hf.forward).parameters else "past_key_values"
+    """The forward's KV-cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before; RWKV's
+    recurrent ``state``."""
+    params = inspect.signature(model.hf.forward).parameters
+    return "cache" if "cache" in params else "state" if "state" in params else "past_key_values"
 
 
 def generate(model: Model, inputs, max_new_tokens: int, interventions: StepInterventions | None = None
@@ -77,6 +79,10 @@ def sample(model: Model, inputs, max_new_tokens: int, generate_kwargs: dict | No
     """
     batch = model.encode(inputs, "left")
     _check_length(model, batch.input_ids.shape[1], max_new_tokens)
+    if "wkv" in model.parts and not bool(batch.attention_mask.all()):
+        raise InputError(f"{model.name} is an RWKV model, whose own generate ignores the attention mask, so padding "
+                         "would enter the shorter prompts' state: sample prompts of different lengths one at a time, "
+                         "or use lmscope's greedy generate, which keeps padding out.")
     tok = model.tokenizer
     kwargs = {"do_sample": False, **(generate_kwargs or {})}
     kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)

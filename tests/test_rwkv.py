@@ -6,17 +6,17 @@ ignoring the mask, state steering, and the toolbox (lenses, probes, CAA, patchin
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 
-from conftest import WORDS, make_tiny, tiny_config, tiny_tokenizer
-from lmscope import Add, Knockout, Patch
+from conftest import make_tiny, tiny_config, tiny_tokenizer
+from lmscope import Add, Knockout
 from lmscope.errors import InputError, ModelCheckError, SiteError, UnsupportedArchitectureError
 from lmscope.models import Model
 from lmscope.models.checks import check_model
 from lmscope.sites import KINDS
+from toolbox_checks import check_caa_generation, check_patching_cells, check_probe, check_tuned_lens
 
 PROMPT = "the cat sat on the mat and the dog ran to the"
 RAGGED = ["the cat sat on the mat and the dog ran to the", "when Mary went", "a big red tree is by the river"]
@@ -203,67 +203,20 @@ def test_logit_lens_and_dla_per_block_and_neuron(rwkv):
 
 
 def test_tuned_lens_trains_and_reports_bits_per_byte(rwkv):
-    from lmscope.data import Corpus, token_contexts
-    from lmscope.decoding.tuned_lens import TunedLensConfig, evaluate_lens, train_tuned_lens
-
-    g = torch.Generator().manual_seed(0)
-    corpus = Corpus("words", tuple(" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (12,), generator=g).tolist())
-                                   for _ in range(200)))
-    lens = train_tuned_lens(rwkv, corpus, TunedLensConfig(tokens=16 * 8 * 10, context=16, batch_contexts=8, lr=3e-2),
-                            progress=False)
-    ev = evaluate_lens(rwkv, lens, contexts=token_contexts(rwkv, corpus, 16, "heldout"))
-    assert (ev.values[:-1, 1] < ev.values[:-1, 0]).all(), ev.values
-    assert torch.allclose(ev.extras["bits_per_byte"], ev.values / math.log(2) / ev.meta["bytes_per_token"])
+    check_tuned_lens(rwkv)
 
 
 def test_probe_reads_the_last_token(rwkv):
-    from lmscope.decoding.probes import probe_layers
-
-    g = torch.Generator().manual_seed(1)
-    texts, y = [], []
-    for i in range(24):
-        prefix = " ".join(WORDS[j] for j in torch.randint(0, 20, (4,), generator=g).tolist())
-        texts.append(f"{prefix} {'cat' if i % 2 else 'dog'}")
-        y.append(i % 2)
-    res = probe_layers(rwkv, texts, y, control=False)
-    assert res.values.shape[0] == 3 and float(res.values[:, 0].min()) > 0.9
+    check_probe(rwkv)
 
 
 def test_caa_steering_in_cached_generation_equals_recomputation(rwkv):
-    from lmscope.decoding.steering import caa_vector, generate
-
-    vec = caa_vector(rwkv, [("the cat sat", "the dog sat"), ("a cat ran", "a dog ran")], 1)
-    prompts = ["the cat sat on the", "when Mary went to"]  # of different lengths: the second is padded
-    gen = generate(rwkv, prompts, vec, 1, scale=4.0, from_position=-1, max_new_tokens=3)
-    plain = generate(rwkv, prompts, max_new_tokens=3)
-    assert not torch.allclose(gen.log_probs, plain.log_probs)
-    for row, prompt in enumerate(prompts):
-        ids = rwkv.encode(prompt).input_ids[0].tolist()
-        p = len(ids)
-        for step in range(3):
-            delta = torch.zeros(1, len(ids), 32)
-            delta[0, p - 1:] = vec
-            run = rwkv.run(torch.tensor([ids]), interventions=[Add("blocks.1.resid_pre", delta, scale=4.0)],
-                           logits="last")
-            assert torch.allclose(run.logits[0].float().log_softmax(-1), gen.log_probs[row, step], atol=1e-4)
-            ids.append(int(gen.tokens[row, step]))
+    check_caa_generation(rwkv, 3)
 
 
 @pytest.mark.parametrize("site", ["resid_post", "wkv_out", "wkv.out", "wkv.r", "mlp_out"])
 def test_patching_cells_equal_single_patched_runs(rwkv, site):
-    from lmscope.localization.patching import activation_patching
-    from lmscope.localization.tasks import PromptPairs
-
-    pairs = PromptPairs(["the cat sat on the"], ["the dog sat on the"], ["mat"], ["tree"])
-    res = activation_patching(rwkv, pairs, site, normalise=False)
-    clean = rwkv.run(pairs.clean, cache=[f"blocks.{l}.{site}" for l in range(3)])
-    for layer, pos in ((0, 1), (2, 4)):
-        name = f"blocks.{layer}.{site}"
-        run = rwkv.run(pairs.corrupt, interventions=[Patch(name, value=clean[name], positions=[pos])], logits="last")
-        want = float(run.logits[0, rwkv.token_id("mat")] - run.logits[0, rwkv.token_id("tree")])
-        assert abs(float(res.values[layer, pos]) - want) < 1e-4
-    if site == "resid_post":
-        assert abs(float(res.values[2, -1]) - res.meta["clean_metric"]) < 1e-4
+    check_patching_cells(rwkv, site)
 
 
 @pytest.mark.parametrize("kind", ["hidden", "wkv", "wkv_s", "receptance", "mlp"])

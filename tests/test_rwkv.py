@@ -62,8 +62,13 @@ def test_loads_checked_with_every_site(rwkv):
     t = run.batch.input_ids.shape[1]
     for name in sites:
         assert tuple(run[name].shape) == KINDS[name.split(".", 2)[2]].shape(rwkv.spec, 1, t), name
-    with pytest.raises(UnsupportedArchitectureError, match="attention"):
-        rwkv.run(PROMPT, cache=["blocks.1.resid_mid"])
+    # resid_mid: between the time mix's write and the channel mix's, also under an intervention on the write
+    vec = torch.randn(32, generator=torch.Generator().manual_seed(2))
+    for ivs in ([], [Add("blocks.1.wkv_out", vec, positions=[2])]):
+        mid = rwkv.run(PROMPT, cache=["blocks.1.resid_pre", "blocks.1.wkv_out", "blocks.1.resid_mid",
+                                      "blocks.1.mlp_out", "blocks.1.resid_post"], interventions=ivs)
+        torch.testing.assert_close(mid["blocks.1.resid_mid"], mid["blocks.1.resid_pre"] + mid["blocks.1.wkv_out"])
+        torch.testing.assert_close(mid["blocks.1.resid_post"], mid["blocks.1.resid_mid"] + mid["blocks.1.mlp_out"])
 
 
 def test_time_mix_sites_are_the_recurrence_and_the_writes_add_up(rwkv):
@@ -214,7 +219,7 @@ def test_caa_steering_in_cached_generation_equals_recomputation(rwkv):
     check_caa_generation(rwkv, 3)
 
 
-@pytest.mark.parametrize("site", ["resid_post", "wkv_out", "wkv.out", "wkv.r", "mlp_out"])
+@pytest.mark.parametrize("site", ["resid_post", "resid_mid", "wkv_out", "wkv.out", "wkv.r", "mlp_out"])
 def test_patching_cells_equal_single_patched_runs(rwkv, site):
     check_patching_cells(rwkv, site)
 

@@ -203,6 +203,8 @@ class HookSession:
                     self._hook_pre(block, self._block_pre(layer))
             if kinds & {"attn.z", "attn.head_out"}:
                 self._hook_pre(get_module(block, a.block.mixer.o_proj), self._o_proj_pre(layer))
+            for write in {"ssm_out", "wkv_out"} & kinds:  # before resid_mid (RWKV), which adds the write to resid_pre
+                self._hook_fwd(get_module(block, a.block.mixer.module), self._site_output(Site(write, layer)))
             if kinds & {"attn_out", "attn.head_out", "resid_mid"}:
                 self._hook_fwd(get_module(block, a.block.mixer_write), self._attn_write(layer))
             if "mlp.post" in kinds:
@@ -213,8 +215,6 @@ class HookSession:
                     self._hook_fwd(get_module(block, a.block.mlp.gate), self._mlp_gate(layer))
             if "mlp_out" in kinds:
                 self._hook_fwd(get_module(block, a.block.mlp_write), self._site_output(Site("mlp_out", layer)))
-            for write in {"ssm_out", "wkv_out"} & kinds:
-                self._hook_fwd(get_module(block, a.block.mixer.module), self._site_output(Site(write, layer)))
             if "resid_post" in kinds:
                 self._hook_fwd(block, self._site_output(Site("resid_post", layer)))
         if Site("final.scale") in wanted:

@@ -236,10 +236,16 @@ class Adapter:
             self.block, norms=dataclasses.replace(self.block.norms, kind=kind)))
 
 
+def _has_part_for(adapter: Adapter, kind: str) -> bool:
+    """Whether ``adapter`` has the part site ``kind`` needs. ``resid_mid`` (the stream between the mixer's write and
+    the MLP's) belongs to the attention part, and also exists where another mixer is followed by an MLP (RWKV)."""
+    return KINDS[kind].part in adapter.parts or (kind == "resid_mid" and adapter.block.mlp is not None)
+
+
 def site_kinds(adapter: Adapter, parallel: bool) -> tuple[str, ...]:
     """The site kinds a model built from ``adapter`` has (no resid_mid when blocks run in parallel)."""
-    parts = adapter.parts
-    return tuple(k.name for k in KINDS.values() if k.part in parts and not (k.name == "resid_mid" and parallel))
+    return tuple(k.name for k in KINDS.values() if _has_part_for(adapter, k.name)
+                 and not (k.name == "resid_mid" and parallel))
 
 
 def require_kinds(adapter: Adapter, parallel: bool, name: str, kinds, method: str | None = None) -> None:
@@ -252,7 +258,7 @@ def require_kinds(adapter: Adapter, parallel: bool, name: str, kinds, method: st
             raise SiteError(f"{who} needs resid_mid, but {name} runs attention and MLP in parallel, so it has no "
                             "resid_mid; use resid_pre, attn_out or mlp_out.")
         part = KINDS[kind].part
-        if part not in adapter.parts:
+        if not _has_part_for(adapter, kind):
             block = adapter.block
             what = f"{block.mixer.part}" + (" + mlp" if block.mlp is not None else " only")
             raise UnsupportedArchitectureError(

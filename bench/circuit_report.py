@@ -8,7 +8,7 @@
   fine-tuned with the KL objective.
 
     python bench/circuit_report.py atp --n 50 --out atp.json
-    python bench/circuit_report.py mib --n 16 --seeds 0 1 2 --out mib.json
+    python bench/circuit_report.py mib --n 8 --seeds 0 1 2 --exact 100 --out mib.json
     python bench/circuit_report.py lens --lstsq-tokens 16384 --kl-tokens 4096 --out lens.json
 
 Slow (minutes each on a CPU); run them one at a time.
@@ -41,7 +41,10 @@ def part_atp(model, args) -> dict:
 
 
 def part_mib(model, args) -> dict:
+    from dataclasses import replace
+
     from lmscope.localization.circuit_scores import circuit_scores
+    from lmscope.localization.circuits import exact_top
     from lmscope.localization.eap import eap
     from lmscope.localization.node_circuits import atp_edge_scores
     from lmscope.localization.tasks import ioi
@@ -53,6 +56,9 @@ def part_mib(model, args) -> dict:
         sets = [eap(model, pairs, method="eap", batch_size=8),
                 eap(model, pairs, method="eap-ig", ig_steps=5, batch_size=8),
                 atp_edge_scores(model, pairs, batch_size=8)]
+        if args.exact:  # EAP with its top edges re-scored by exact single-edge patching
+            sets.insert(1, replace(exact_top(model, pairs, sets[0], args.exact, batch_size=8),
+                                   method=f"eap+exact{args.exact}"))
         res = circuit_scores(model, pairs, sets, how=args.how, random_seed=seed, batch_size=8)
         row = {"seed": seed, "n_prompts": args.n, "how": args.how, "cpu_s": time.process_time() - t0,
                "scores": list(res.axes[0].labels), "cmd_cpr": res.values.tolist(),
@@ -95,6 +101,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--how", default="top")
+    ap.add_argument("--exact", type=int, default=0, help="mib: also EAP with its top K edges re-scored exactly")
     ap.add_argument("--heads", nargs="*", default=["L16.H0", "L8.H1"])
     ap.add_argument("--lstsq-tokens", type=int, default=16384)
     ap.add_argument("--kl-tokens", type=int, default=4096)

@@ -473,3 +473,39 @@ def test_mib_scores_of_several_methods_in_one_pass(tiny_llama):
         torch.testing.assert_close(both.values[row], alone.values[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(both.values[2], alone.values[1], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(both.values[0], both.values[1])
+
+
+def test_exact_top_rescores_the_top_edges_by_single_edge_patching(tiny):
+    """exact_top replaces the k largest-|score| edges' first-order scores by M(edge alone corrupted) − M(clean):
+    for an edge u → logits that is the clean run with u's corrupted-minus-clean write added to the final
+    residual (checked with a plain Add intervention); every other score is left as it was."""
+    from lmscope.localization.circuits import exact_top
+    from lmscope.localization.find_circuit import CircuitConfig, find_circuit
+
+    clean, corrupt, up_c, up_r = _batches(tiny)
+    scores = eap(tiny, PAIRS)
+    graph = scores.graph
+    col = graph.receivers.index("logits")
+    u = int(scores.scores[:, col].abs().argmax())  # the strongest edge into the logits
+    k = int((scores.scores.abs() * graph.valid >= scores.scores[u, col].abs()).sum())  # its |score| rank
+    fixed = exact_top(tiny, PAIRS, scores, k)
+    n = tiny.spec.n_layers
+    metric = Metric("logit_diff", *PAIRS.token_ids(tiny))
+    with torch.no_grad():
+        base = metric(tiny.run(clean, logits="last").logits)
+        moved = metric(tiny.run(clean, logits="last", interventions=[
+            Add(f"blocks.{n - 1}.resid_post", up_r[u] - up_c[u])]).logits)
+    assert abs(float(moved - base)) > 1e-3
+    torch.testing.assert_close(fixed.scores[u, col], (moved - base).to(fixed.scores.dtype), atol=1e-4, rtol=1e-3)
+    changed = (fixed.scores != scores.scores) & graph.valid
+    assert int(changed.sum()) <= k and len(fixed.meta["exact_edges"]) == k
+    top = torch.where(graph.valid, scores.scores.abs(), torch.tensor(-1.0)).flatten().argsort(descending=True)[:k]
+    untouched = torch.ones(graph.valid.numel(), dtype=torch.bool)
+    untouched[top] = False
+    assert torch.equal(fixed.scores.flatten()[untouched], scores.scores.flatten()[untouched])
+    # a first-order score differs from the exact effect somewhere among the re-scored edges
+    assert changed.any()
+    res = find_circuit(tiny, PAIRS, CircuitConfig(method="eap", edges=20, exact=5, rank="support"))
+    assert "note" not in res.meta and res.params["exact_top"] == 5
+    with pytest.raises(InputError, match="--exact"):
+        CircuitConfig(method="atp", exact=3)

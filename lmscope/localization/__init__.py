@@ -7,7 +7,7 @@ from lmscope.localization.acdc import acdc
 from lmscope.localization.atp import AtPConfig, atp, atp_star, exact_head_effects
 from lmscope.localization.atp_check import head_check
 from lmscope.localization.circuit_scores import circuit_scores
-from lmscope.localization.circuits import Circuit, EdgeScores, extract, faithfulness_curve
+from lmscope.localization.circuits import Circuit, EdgeScores, exact_top, extract, faithfulness_curve
 from lmscope.localization.dla import DLAConfig, dla
 from lmscope.localization.eap import eap
 from lmscope.localization.find_circuit import CircuitConfig, find_circuit
@@ -24,7 +24,7 @@ from lmscope.localization.tracing import TraceConfig, causal_trace
 __all__ = ["AtPConfig", "Circuit", "CircuitConfig", "DLAConfig", "EdgeScores", "FlowConfig", "FlowGraphConfig",
            "FlowNodeConfig", "FlowVerifyConfig", "PatchConfig", "PathPatchConfig",
            "PromptPairs", "TraceConfig", "acdc", "activation_patching", "atp", "atp_edge_scores", "atp_star", "causal_trace",
-           "circuit_scores", "dla", "eap", "edge_scores_from_nodes", "exact_head_effects", "extract", "factual",
+           "circuit_scores", "dla", "eap", "edge_scores_from_nodes", "exact_head_effects", "exact_top", "extract", "factual",
            "faithfulness_curve", "find_circuit", "flow", "flow_contributions", "graph_edges", "head_check", "induction",
            "ioi", "known_facts", "metrics", "pair", "path_patching", "prepare",
            "route", "task_pairs", "tasks"]

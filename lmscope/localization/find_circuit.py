@@ -17,7 +17,7 @@ from lmscope import specs
 from lmscope.errors import InputError
 from lmscope.localization.acdc import acdc
 from lmscope.localization.circuit_scores import circuit_scores
-from lmscope.localization.circuits import SELECTIONS, evaluate_masks, extract, faithfulness_curve
+from lmscope.localization.circuits import SELECTIONS, evaluate_masks, exact_top, extract, faithfulness_curve
 from lmscope.localization.eap import eap
 from lmscope.localization.node_circuits import atp_edge_scores
 from lmscope.localization.tasks import PromptPairs
@@ -40,6 +40,8 @@ class CircuitConfig:
     rank: str = specs.option("abs", "abs (rank edges by |score|: edges that matter either way, aims at F = 1) | "
                                     "support (edges pushing the metric towards clean; recovers more, F may exceed 1).")
     ig_steps: int = specs.option(5, "EAP-IG interpolation steps.")
+    exact: int = specs.option(0, "Re-score the K edges of largest |score| exactly (one patched forward each) before "
+                                 "choosing: fixes first-order sign errors that --rank support would trust.")
     threshold: float = specs.option(0.1, "ACDC's τ (KL increase allowed per removed edge).")
     curve: bool = specs.option(False, "Also compute the faithfulness curve (meta['curve']).", flags=("--curve",))
     mib: bool = specs.option(False, "Also compute the MIB circuit scores (CMD, CPR) with a random baseline "
@@ -57,6 +59,9 @@ class CircuitConfig:
         if self.mib and self.method == "acdc":
             raise InputError("--mib ranks edges by their scores; ACDC gives a circuit, not scores. Use --method eap, "
                              "eap-ig, clean-corrupted or atp.")
+        if self.exact < 0 or (self.exact and self.method in ("acdc", "atp")):
+            raise InputError(f"--exact {self.exact}: give a number of edges ≥ 0, with --method eap, eap-ig or "
+                             "clean-corrupted (ACDC patches exactly already; AtP scores nodes).")
         if self.edges is not None and self.edges < 1:
             raise InputError(f"--edges {self.edges}: give a positive number of edges.")
 
@@ -72,6 +77,8 @@ def find_circuit(model: Model, pairs: PromptPairs, config: CircuitConfig = Circu
             scores = atp_edge_scores(model, pairs)
         else:
             scores = eap(model, pairs, method=config.method, ig_steps=config.ig_steps)
+            if config.exact:
+                scores = exact_top(model, pairs, scores, config.exact)
         size = config.edges if config.edges is not None else max(1, round(config.fraction * scores.graph.n_edges))
         circ = extract(scores, size, config.select, absolute=absolute)
     ev = evaluate_masks(model, pairs, [circ.mask])
@@ -79,9 +86,9 @@ def find_circuit(model: Model, pairs: PromptPairs, config: CircuitConfig = Circu
     faith = (float(ev["circuit"][0]) - ev["corrupt"]) / gap if abs(gap) > 1e-6 else float("nan")
     circ.meta.update(faithfulness=faith, clean_metric=ev["clean"], corrupt_metric=ev["corrupt"],
                      circuit_metric=float(ev["circuit"][0]), task=pairs.meta.get("task"))
-    if config.rank == "support" and config.method in ("eap", "clean-corrupted", "atp"):
+    if config.rank == "support" and config.method in ("eap", "clean-corrupted", "atp") and not config.exact:
         circ.meta["note"] = (f"--rank support trusts the sign of each score; {config.method} can get it wrong for "
-                             "strongly nonlinear edges (input → m0 on SmolLM2). --method eap-ig is safer.")
+                             "strongly nonlinear edges (input → m0 on SmolLM2). --method eap-ig or --exact 100 is safer.")
     if config.curve and scores is not None:
         fc = faithfulness_curve(model, pairs, scores, how=config.select, absolute=absolute)
         circ.meta["curve"] = {"n_edges": [int(x) for x in fc.axes[0].labels], "kept": fc.extras["kept"].tolist(),

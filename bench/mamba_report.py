@@ -1,8 +1,9 @@
-"""Mamba vs a Transformer of the same size and budget (the self-trained mamba-facts and llama-facts):
-fact recall, logit vs tuned lens per layer (bits per byte), causal tracing of the facts, knockout of the
-subject -> last token flow per layer, and CAA steering between two cities. Prints one JSON per model.
+"""Mamba vs a Transformer of the same size and budget (the self-trained mamba-facts and llama-facts; also
+rwkv-facts): fact recall, logit vs tuned lens per layer (bits per byte), causal tracing of the facts, knockout of
+the subject -> last token flow per layer (attention or SSM knockout; RWKV has none), and CAA steering between two
+cities. Prints one JSON per model.
 
-    python bench/mamba_report.py [--facts 24] [--lens-tokens 16384]
+    python bench/mamba_report.py [--facts 24] [--lens-tokens 16384] [--models mamba-facts llama-facts rwkv-facts]
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ def report(name: str, n_facts: int, lens_tokens: int) -> dict:
         ie = res.extras["indirect_effect"]
         subj_last += ie[:, pos[-1]]
         last += ie[:, -1]
-        sets = [[Knockout(layer, from_positions=[-1], to_positions=pos)] for layer in range(n)]
-        ko = m.run_sets(prompts[i], sets, logits="last").logits[:, 0].float().softmax(-1)[:, cities[i]]
-        ko_drop += float(probs[i, cities[i]]) - ko
+        if "wkv" not in m.parts:  # RWKV has no knockout
+            sets = [[Knockout(layer, from_positions=[-1], to_positions=pos)] for layer in range(n)]
+            ko = m.run_sets(prompts[i], sets, logits="last").logits[:, 0].float().softmax(-1)[:, cities[i]]
+            ko_drop += float(probs[i, cities[i]]) - ko
     k = max(1, len(known))
     out["traced_facts"] = len(known)
     out["trace_ie_subject_last_token"] = [round(float(x), 3) for x in subj_last / k]
     out["trace_ie_last_token"] = [round(float(x), 3) for x in last / k]
-    out["knockout_subject_to_last_prob_drop"] = [round(float(x), 3) for x in ko_drop / k]
+    if "wkv" not in m.parts:
+        out["knockout_subject_to_last_prob_drop"] = [round(float(x), 3) for x in ko_drop / k]
 
     # CAA steering between two cities at the middle layer: vector from half the subjects, tested on the rest
     a, b = "Paris", "Tokyo"
@@ -89,8 +92,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--facts", type=int, default=24)
     ap.add_argument("--lens-tokens", type=int, default=16384)
+    ap.add_argument("--models", nargs="+", default=["mamba-facts", "llama-facts"])
     args = ap.parse_args()
-    for name in ("mamba-facts", "llama-facts"):
+    for name in args.models:
         print(json.dumps(report(name, args.facts, args.lens_tokens)), flush=True)
 
 

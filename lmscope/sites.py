@@ -17,6 +17,10 @@ H heads of width dh, residual width D, F neurons, V vocabulary):
 ``blocks.{l}.ssm.state``           B T E N      Mamba: recurrent state after each token
 ``blocks.{l}.ssm.out|y``           B T E        Mamba: scan output s, out_proj input s ⊙ SiLU(g)
 ``blocks.{l}.ssm_out``             B T D        Mamba: the mixer's write (out_proj output)
+``blocks.{l}.wkv.r|k|v``           B T E        RWKV time mix: receptance σ(R x_r), keys, values
+``blocks.{l}.wkv.state``           B T E N      RWKV: WKV state (numerator a, denominator b; N = 2)
+``blocks.{l}.wkv.out|y``           B T E        RWKV: the WKV output, output-projection input r ⊙ wkv
+``blocks.{l}.wkv_out``             B T D        RWKV: the time mix's write (output projection's output)
 ``final.scale``                    B T 1        the final norm's scale 1/s (frozen for DLA)
 ``logits``                         B T V        the model's logits (after any final soft-cap)
 =================================  ===========  ==============================================
@@ -129,6 +133,15 @@ KINDS: dict[str, SiteKind] = {k.name: k for k in (
     _k("ssm.out", "ssm.hook_out", "B T E", "ssm", doc="scan output s = C·h + D·u, before the gate"),
     _k("ssm.y", "ssm.hook_y", "B T E", "ssm", doc="out_proj input s ⊙ SiLU(g)"),
     _k("ssm_out", "hook_ssm_out", "B T D", "ssm", doc="the state-space mixer's write (out_proj output)"),
+    # RWKV's time-mixing (WKV) mixer: E channels, a state of N = 2 (numerator, denominator) per channel
+    _k("wkv.r", "wkv.hook_r", "B T E", "wkv", doc="receptance σ(R x_r), the gate of the WKV output"),
+    _k("wkv.k", "wkv.hook_k", "B T E", "wkv", doc="keys k = K x_k"),
+    _k("wkv.v", "wkv.hook_v", "B T E", "wkv", doc="values v = V x_v"),
+    _k("wkv.state", "wkv.hook_state", "B T E N", "wkv", doc="WKV state (a, b) after each token: "
+       "a_t = e^−w a_{t−1} + e^k_t v_t, b_t = e^−w b_{t−1} + e^k_t"),
+    _k("wkv.out", "wkv.hook_out", "B T E", "wkv", doc="WKV output (a_{t−1} + e^{u+k_t} v_t) / (b_{t−1} + e^{u+k_t})"),
+    _k("wkv.y", "wkv.hook_y", "B T E", "wkv", doc="output-projection input r ⊙ wkv"),
+    _k("wkv_out", "hook_wkv_out", "B T D", "wkv", doc="the time mix's write (output projection's output)"),
     _k("final.scale", "ln_final.hook_scale", "B T 1", "final_norm", layer=False, doc="final norm's 1/s"),
     _k("logits", "logits", "B T V", "unembedding", layer=False, doc="the logits"),
 )}
@@ -138,6 +151,7 @@ GLOBAL_KINDS = tuple(k.name for k in KINDS.values() if not k.layer)
 HEAD_KINDS = tuple(k.name for k in KINDS.values() if k.head_axis is not None)
 ATTN_INNER_KINDS = ("attn.q", "attn.k", "attn.v", "attn.pattern")  # need the explicit attention path
 SSM_INNER_KINDS = ("ssm.in", "ssm.gate", "ssm.conv", "ssm.state", "ssm.out", "ssm.y")  # need the explicit scan
+WKV_INNER_KINDS = ("wkv.r", "wkv.k", "wkv.v", "wkv.state", "wkv.out", "wkv.y")  # from RWKV's explicit time mix
 
 _ALIASES = {alias: k.name for k in KINDS.values() if k.layer for alias in (k.tl, *k.short)}
 _GLOBAL_ALIASES = {alias: k.name for k in KINDS.values() if not k.layer for alias in (k.tl, k.name)}

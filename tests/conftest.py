@@ -80,6 +80,10 @@ def tiny_config(family: str):
         return tr.Mamba2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, state_size=4, expand=2,
                                num_heads=8, head_dim=8, n_groups=2, conv_kernel=4, chunk_size=8, pad_token_id=1,
                                bos_token_id=2, eos_token_id=1)
+    if family == "rwkv":  # time mix (WKV) + gated channel mix; 48 channel-mix neurons (E = D, as the cache needs)
+        return tr.RwkvConfig(vocab_size=VOCAB, hidden_size=32, attention_hidden_size=32, intermediate_size=48,
+                             num_hidden_layers=3, context_length=128, rescale_every=2, pad_token_id=1,
+                             bos_token_id=2, eos_token_id=1)
     raise ValueError(family)
 
 

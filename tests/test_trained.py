@@ -30,7 +30,7 @@ def test_facts_are_fixed_and_distinct():
     assert all(c in trained.CITIES for _, c in a)
 
 
-@pytest.mark.parametrize("arch", ["mamba", "llama"])
+@pytest.mark.parametrize("arch", ["mamba", "llama", "rwkv"])
 def test_training_lowers_the_loss_and_is_deterministic(arch):
     entry = _tiny(arch)
     model, tok, log = train_small_lm(entry, _corpus(), progress=False)

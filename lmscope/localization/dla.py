@@ -18,7 +18,7 @@ cap. The cap is monotonic, so a single logit keeps its sign and ranking; magnitu
 Without a soft-cap both values are the model's logit (difference).
 
 Granularity: ``by="layer"`` (embedding, each attention block, each MLP; each block of a state-space
-model such as Mamba), ``by="head"`` (layer ×
+model such as Mamba; each time mix and channel mix of RWKV), ``by="head"`` (layer ×
 head, with the MLPs, embedding and biases in ``extras``), ``by="neuron"`` (layer × neuron, with the
 heads and the rest in ``extras``; needs a model with MLPs). An attention-only model has no MLP
 entries. Reference: nostalgebraist (2020); Elhage et al. (2021); the
@@ -51,7 +51,8 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
         model.require(["attn.head_out"], "DLA by head")
     has_mlp = "mlp" in model.parts  # an attention-only model has no MLP components
     n = model.spec.n_layers
-    writes = "ssm_out" if "ssm" in model.parts else "attn.head_out"  # a state-space block writes once
+    # a state-space block writes once; RWKV's time mix once, then its channel mix (the MLP part)
+    writes = "attn.head_out" if "attention" in model.parts else model.mixer_write_kind
     sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post", *site_names(writes, n),
              *(site_names("mlp.post" if neurons else "mlp_out", n) if has_mlp else [])]
     run = model.run(prompt, cache=sites, logits="all")
@@ -78,8 +79,8 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
                 labels.append(f"L{layer}.ssm")
                 values.append(sum(contrib[i] for i in idx))
                 continue
-            attn = sum(contrib[i] for i in idx if dec.kinds[i] in ("head", "attn_bias"))
-            labels.append(f"L{layer}.attn")
+            attn = sum(contrib[i] for i in idx if dec.kinds[i] in ("head", "attn_bias", "wkv"))
+            labels.append(f"L{layer}.wkv" if "wkv" in model.parts else f"L{layer}.attn")
             values.append(attn)
             if has_mlp:
                 labels.append(f"L{layer}.mlp")
@@ -88,10 +89,11 @@ def dla(model: Model, prompt: str, target: str | int, foil: str | int | None = N
         return Result(torch.stack(values), (Axis("component", tuple(labels)),), "dla", model.name,
                       target_doc, params, meta=meta)
 
-    heads = torch.stack([run[f"blocks.{l}.attn.head_out"][0, pos].float().cpu() @ v for l in range(n)])
+    # the mixers' writes beside the neurons: per head, or (RWKV) each time mix's write, in extras["heads"]
+    heads = torch.stack([run[f"blocks.{l}.{writes}"][0, pos].float().cpu() @ v for l in range(n)])
     embed = run["embed"][0, pos].float().cpu() @ v
     attn_bias = torch.tensor([_bias_term(model.b_O(l), run, f"aux.blocks.{l}.attn_write_factor", pos, v)
-                              for l in range(n)])
+                              if "attention" in model.parts else 0.0 for l in range(n)])
     extras = {"embed": embed.reshape(1), "attn_bias": attn_bias}
     if by == "head":
         mlp = torch.stack([run[f"blocks.{l}.mlp_out"][0, pos].float().cpu() @ v for l in range(n)]) if has_mlp \

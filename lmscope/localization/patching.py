@@ -50,7 +50,8 @@ from lmscope.results import Axis, Result
 from lmscope.sites import resolve_heads, resolve_layers, resolve_positions
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "head_out",
-         "ssm_out", "ssm.out", "ssm.gate", "ssm.conv", "ssm.y")  # the ssm sites: state-space models (Mamba)
+         "ssm_out", "ssm.out", "ssm.gate", "ssm.conv", "ssm.y",  # the ssm sites: state-space models (Mamba)
+         "wkv_out", "wkv.out", "wkv.r", "wkv.k", "wkv.v", "wkv.y")  # the wkv sites: RWKV's time mix
 _KIND = {"z": "attn.z", "q": "attn.q", "k": "attn.k", "v": "attn.v", "pattern": "attn.pattern",
          "head_out": "attn.head_out"}
 SOURCES = ("clean", "corrupt", "zeros", "mean")
@@ -223,7 +224,8 @@ class PatchConfig:
 
     site: str = specs.option("resid_pre", "resid_pre | resid_mid | resid_post | attn_out | mlp_out | z (per head) | "
                                           "q | k | v | pattern | head_out; Mamba: ssm_out | ssm.out | ssm.gate | "
-                                          "ssm.conv | ssm.y", choices=SITES)
+                                          "ssm.conv | ssm.y; RWKV: wkv_out | wkv.out | wkv.r | wkv.k | wkv.v | wkv.y",
+                                  choices=SITES)
     direction: str = specs.option("denoise", "Denoise: clean values into the corrupted run (default); noise: the "
                                              "reverse.", choices=DIRECTIONS, flags=("--denoise/--noise",),
                                   values=DIRECTIONS)

@@ -13,6 +13,8 @@ embeddings instead (an earlier default here; on SmolLM2 it is a different scale)
   ``window`` consecutive layers centred on the layer (10 in the paper).
 * State-space models (Mamba; Sen Sharma et al. 2024): ``kind="ssm"`` (the block's write o),
   ``"ssm_s"`` (the scan output s) and ``"gate"`` (the gate g), windowed like ``mlp``/``attn``.
+* RWKV: ``kind="wkv"`` (the time mix's write), ``"wkv_s"`` (the WKV output), ``"receptance"`` (its gate σ(r)),
+  and ``"mlp"`` (the channel mix's write), windowed likewise.
 
 The same noise is used for every cell of one trace (seeded), as in the reference code. The result
 is a heat map over layer × position of the restored probability; ``extras`` hold the indirect
@@ -52,6 +54,7 @@ NOISE_BASES = ("subjects", "vocab")
 
 
 KINDS.update(ssm="ssm_out", ssm_s="ssm.out", gate="ssm.gate")  # state-space models (Mamba): write, scan output, gate
+KINDS.update(wkv="wkv_out", wkv_s="wkv.out", receptance="wkv.r")  # RWKV's time mix: write, WKV output, receptance
 
 
 def subject_positions(model: Model, prompt: str, subject: str) -> list[int]:
@@ -178,7 +181,8 @@ class TraceConfig:
     """Causal tracing of a factual prompt (the target defaults to the clean top-1 token)."""
 
     subject: str = specs.option(help="Subject text as written in the prompt, e.g. 'The Eiffel Tower'.")
-    kind: str = specs.option("hidden", "hidden | mlp | attn; Mamba: ssm | ssm_s | gate", choices=tuple(KINDS))
+    kind: str = specs.option("hidden", "hidden | mlp | attn; Mamba: ssm | ssm_s | gate; RWKV: wkv | wkv_s | "
+                                              "receptance (and mlp)", choices=tuple(KINDS))
     samples: int = specs.option(10, "Noised copies.")
     noise: float = specs.option(3.0, "Noise std as a multiple of σ, the std of subject embeddings (Meng et al.).")
     noise_basis: str = specs.option("subjects", "σ over subject embeddings (this subject and the built-in "

@@ -1,5 +1,6 @@
 """Load-time checks: every site fires with the expected shape, the explicit attention path matches
-the native kernel, the residual decomposition adds up to the model's own final residual, and the
+the native kernel (RWKV: lmscope's time and channel mix match the native forward, and each time-mix write is
+``output(r ⊙ wkv)``), the residual decomposition adds up to the model's own final residual, and the
 read-out (final norm, unembedding, soft-cap) of that residual gives the model's own logits.
 
 A pass is remembered per model fingerprint under ``$LMSCOPE_CACHE/checks/``: the identity of the
@@ -25,6 +26,7 @@ from lmscope.errors import ModelCheckError
 from lmscope.models.decompose import decompose_cache, decomposition_sites
 from lmscope.models.norms import apply_frozen_norm, norm_bias
 from lmscope.models.ssm2 import out_proj_input
+from lmscope.models.wkv import check_wkv_writes
 from lmscope.sites import KINDS, site_names
 
 if TYPE_CHECKING:
@@ -124,13 +126,16 @@ def check_model(model: Model) -> None:
         raise ModelCheckError(f"{model.name}: sites never fired: {sorted(missing)[:5]}.")
     err = (run.logits.float() - plain).abs().max().item()
     if err > 1e-3 * max(1.0, plain.abs().max().item()):
-        what = "the explicit state-space mixer" if "ssm" in model.parts else "explicitly computed attention"
+        what = "the explicit state-space mixer" if "ssm" in model.parts else \
+            "lmscope's time-mix and channel-mix path" if "wkv" in model.parts else "explicitly computed attention"
         raise ModelCheckError(
             f"{model.name}: {what} changes the logits by {err:.2e}; "
             "the attention mask or the adapter's mixer path is wrong."
         )
     if "ssm" in model.parts:
         check_ssm_writes(model, batch, run.cache)
+    if "wkv" in model.parts:
+        check_wkv_writes(model, batch, run.cache)
     dec = decompose_cache(model, run.batch, run.cache)
     total = dec.vectors.sum(dim=1)
     rel = ((total - dec.resid).norm() / dec.resid.norm()).item()

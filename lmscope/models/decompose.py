@@ -3,7 +3,9 @@
 For a position t, the input of the final norm is
 ``x_t = embed_t + Σ_l [Σ_h head_write_{l,h,t} + b_O^l] + Σ_l mlp_write_{l,t}``
 (with ``mlp_write`` optionally split into ``Σ_n post_{l,t,n} W_out[n] + b_out^l``); for a
-state-space model (Mamba) ``x_t = embed_t + Σ_l ssm_write_{l,t}``. The parts add
+state-space model (Mamba) ``x_t = embed_t + Σ_l ssm_write_{l,t}``; for RWKV
+``x_t = embed_t + Σ_l [wkv_write_{l,t} + mlp_write_{l,t}]`` (``embed`` after block 0's norm of the embeddings,
+and a neuron's term carries the channel mix's gate σ(r) at its value in the run). The parts add
 up to ``x_t`` exactly for sequential and parallel blocks alike. A model without MLPs (an
 attention-only model) has no MLP terms.
 
@@ -38,7 +40,7 @@ class Decomposition:
     """Components at one position per prompt: ``vectors`` (B, C, D) with C labelled components."""
 
     labels: list[str]
-    kinds: list[str]  # embed | head | attn_bias | ssm | mlp | neuron | mlp_bias
+    kinds: list[str]  # embed | head | attn_bias | ssm | wkv | mlp | neuron | mlp_bias
     layers: list[int | None]
     heads: list[int | None]  # head index, or neuron index for kind "neuron"
     vectors: torch.Tensor
@@ -54,10 +56,15 @@ def decomposition_sites(model: Model, neurons: bool = False) -> list[str]:
     if neurons:
         model.require(["mlp.post"], "A per-neuron decomposition")
     sites = ["embed", "final.scale", f"blocks.{n - 1}.resid_post"]
-    sites += site_names("ssm_out" if "ssm" in model.parts else "attn.head_out", n)
+    sites += site_names(_mixer_writes(model), n)
     if "mlp" in model.parts:
         sites += site_names("mlp.post" if neurons else "mlp_out", n)
     return sites
+
+
+def _mixer_writes(model: Model) -> str:
+    """The site kind a decomposition reads for each block's mixer: its heads' writes, or a recurrent mixer's write."""
+    return "attn.head_out" if "attention" in model.parts else model.adapter.block.mixer.write_kind
 
 
 def decompose(model: Model, inputs, position: int | None = None, *, neurons: bool = False) -> Decomposition:
@@ -88,10 +95,13 @@ def decompose_cache(model: Model, batch: Batch, cache: dict, position: int | Non
         if "ssm" in model.parts:  # a state-space block has one write, its mixer's
             add(f"L{layer}.ssm", "ssm", layer, None, at(cache[f"blocks.{layer}.ssm_out"]))
             continue
-        hw = at(cache[f"blocks.{layer}.attn.head_out"])  # (B, H, D)
-        for h in range(s.n_heads):
-            add(f"L{layer}H{h}", "head", layer, h, hw[:, h])
-        b_o = model.b_O(layer)
+        if "wkv" in model.parts:  # RWKV's time mix writes once, then its channel mix (the MLP part)
+            add(f"L{layer}.wkv", "wkv", layer, None, at(cache[f"blocks.{layer}.wkv_out"]))
+        else:
+            hw = at(cache[f"blocks.{layer}.attn.head_out"])  # (B, H, D)
+            for h in range(s.n_heads):
+                add(f"L{layer}H{h}", "head", layer, h, hw[:, h])
+        b_o = model.b_O(layer) if "attention" in model.parts else None
         if b_o is not None:
             vec = b_o.detach().float().expand(len(rows), -1)
             if s.post_norms:
@@ -104,7 +114,8 @@ def decompose_cache(model: Model, batch: Batch, cache: dict, position: int | Non
             continue
         post = at(cache[f"blocks.{layer}.mlp.post"])  # (B, F)
         w_out = model.W_out(layer).detach().float()
-        factor = at(cache[f"aux.blocks.{layer}.mlp_write_factor"]) if s.post_norms else None
+        factor = cache.get(f"aux.blocks.{layer}.mlp_write_factor")  # a post-norm's frozen scale, or RWKV's gate
+        factor = None if factor is None else at(factor)
         for n in range(s.d_mlp):
             vec = post[:, n:n + 1] * w_out[n]
             add(f"L{layer}N{n}", "neuron", layer, n, vec if factor is None else vec * factor)

@@ -31,8 +31,10 @@ def _check_length(model: Model, prompt_tokens: int, max_new_tokens: int) -> None
 
 
 def cache_kwarg(model: Model) -> str:
-    """The forward's KV-cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.hf.forward).parameters else "past_key_values"
+    """The forward's KV-cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before; RWKV's
+    recurrent ``state``."""
+    params = inspect.signature(model.hf.forward).parameters
+    return "cache" if "cache" in params else "state" if "state" in params else "past_key_values"
 
 
 def generate(model: Model, inputs, max_new_tokens: int, interventions: StepInterventions | None = None
@@ -80,11 +82,29 @@ def sample(model: Model, inputs, max_new_tokens: int, generate_kwargs: dict | No
     tok = model.tokenizer
     kwargs = {"do_sample": False, **(generate_kwargs or {})}
     kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    if "wkv" in model.parts and not bool(batch.attention_mask.all()):
+        return _sample_rows(model, batch, max_new_tokens, kwargs)
     with torch.no_grad():
         out = model.hf.generate(input_ids=batch.input_ids.to(model.device),
                                 attention_mask=batch.attention_mask.to(model.device),
                                 max_new_tokens=max_new_tokens, **kwargs)
     return out.cpu()
+
+
+def _sample_rows(model: Model, batch, max_new_tokens: int, kwargs: dict) -> torch.Tensor:
+    """RWKV's own ``generate`` ignores the attention mask, so padding would enter the shorter prompts' state: each
+    prompt is generated alone, and the rows laid out as a batched ``generate`` lays them out (prompts left-padded,
+    continuations padded after an early stop)."""
+    pad, p = kwargs["pad_token_id"], batch.input_ids.shape[1]
+    rows = []
+    for ids, mask in zip(batch.input_ids, batch.attention_mask.bool()):
+        real = ids[mask][None].to(model.device)
+        with torch.no_grad():
+            out = model.hf.generate(input_ids=real, attention_mask=torch.ones_like(real), max_new_tokens=max_new_tokens,
+                                    **kwargs)
+        rows.append(torch.cat([ids[~mask], out[0].cpu()]))  # the row's own left padding, then prompt and continuation
+    width = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r, torch.full((width - len(r),), pad, dtype=r.dtype)]) for r in rows])
 
 
 def eos_token_ids(model: Model) -> tuple[int, ...]:

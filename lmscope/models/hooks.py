@@ -23,6 +23,7 @@ from lmscope.models.attention import ATTN_ATTR, _explicit, explicit_attention
 from lmscope.models.reuse import Expansion, Prefix
 from lmscope.models.ssm import explicit_mixer
 from lmscope.models.ssm2 import explicit_mixer2
+from lmscope.models import wkv as _wkv
 from lmscope.sites import ATTN_INNER_KINDS, SSM_INNER_KINDS, Site, parse_site
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ class HookSession:
                     raise SiteError("final.scale can be read but not intervened on; intervene on the residual.")
                 self.ivs[site].append((rows, iv))
         self.ssm = "ssm" in model.parts  # a state-space model: knockouts act on the scan
+        self.wkv = "wkv" in model.parts  # RWKV: every block's time and channel mix run lmscope's masked path
+        self._mask: torch.Tensor | None = None  # the forward's attention mask (B, T), for the RWKV path
         knock = "ssm.out" if self.ssm else "attn.pattern"
         kinds = {s.kind for s in self.cache_sites | set(self.ivs)} | ({knock} if self.knockouts else set())
         model.require(sorted(kinds))
@@ -114,6 +117,17 @@ class HookSession:
         if site in self.cache_sites:
             self._store(site.name, x)
         return x
+
+    def token_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """(rows, T, 1) real-token mask of the current forward for ``hidden`` (rows, T, D), the batch's mask repeated
+        over copies of the batch; None when no token is padding."""
+        mask = self._mask
+        if mask is None or bool(mask.all()):
+            return None
+        if mask.shape[1] != hidden.shape[1]:
+            raise RuntimeError(f"The attention mask covers {mask.shape[1]} tokens but the block sees {hidden.shape[1]}.")
+        mask = mask.repeat(hidden.shape[0] // mask.shape[0], 1)
+        return mask[:, :, None].to(device=hidden.device, dtype=hidden.dtype)
 
     def _store(self, name: str, x: torch.Tensor) -> None:
         if self.grad:
@@ -159,6 +173,8 @@ class HookSession:
             kinds_by_layer[layer].add("knockout")
         if Site("embed") in wanted:
             kinds_by_layer[0].add("embed")
+        if self.wkv:
+            self._handles.append(m.hf.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
         if self.expand is not None:
             for layer in range(self.expand.first, m.spec.n_layers):
                 self._hook_pre(m.block(layer), self._expand_pre(layer))
@@ -166,11 +182,13 @@ class HookSession:
         inner = {*SSM_INNER_KINDS, "knockout"} if self.ssm else {*ATTN_INNER_KINDS, "knockout"}
         explicit = {layer for layer, kinds in kinds_by_layer.items() if kinds & inner}
         every = self.prefix is not None
+        if (self.ssm or self.wkv) and every:
+            raise RuntimeError("Prefix reuse needs attention keys and values; a recurrent model has none.")
         if self.ssm:
-            if every:
-                raise RuntimeError("Prefix reuse needs attention keys and values; a state-space model has none.")
             self._explicit_mixers(explicit)
-        for layer in () if self.ssm else range(m.spec.n_layers) if every else sorted(explicit):
+        if self.wkv:
+            self._mixers.extend(_wkv.install(self))
+        for layer in () if self.ssm or self.wkv else range(m.spec.n_layers) if every else sorted(explicit):
             attn = get_module(m.block(layer), a.block.mixer.module)
             if getattr(attn, ATTN_ATTR, None) is not None:
                 raise RuntimeError("Another lmscope hook session is active on this model; nest runs instead.")
@@ -179,19 +197,24 @@ class HookSession:
         for layer, kinds in kinds_by_layer.items():
             block = m.block(layer)
             if kinds & {"embed", "resid_pre", "resid_mid"}:
-                self._hook_pre(block, self._block_pre(layer))
+                if layer == 0 and a.embedding.norm is not None:  # the stream starts after the embeddings' norm
+                    self._hook_fwd(get_module(block, a.embedding.norm), self._embedding_norm)
+                else:
+                    self._hook_pre(block, self._block_pre(layer))
             if kinds & {"attn.z", "attn.head_out"}:
                 self._hook_pre(get_module(block, a.block.mixer.o_proj), self._o_proj_pre(layer))
+            for write in {"ssm_out", "wkv_out"} & kinds:  # before resid_mid (RWKV), which adds the write to resid_pre
+                self._hook_fwd(get_module(block, a.block.mixer.module), self._site_output(Site(write, layer)))
             if kinds & {"attn_out", "attn.head_out", "resid_mid"}:
                 self._hook_fwd(get_module(block, a.block.mixer_write), self._attn_write(layer))
             if "mlp.post" in kinds:
                 self._hook_pre(get_module(block, a.block.mlp.down), self._mlp_down_pre(layer))
                 if m.spec.post_norms:
                     self._hook_fwd(get_module(block, a.block.mlp_write), self._mlp_write_scale(layer))
+                if a.block.mlp.gate is not None:
+                    self._hook_fwd(get_module(block, a.block.mlp.gate), self._mlp_gate(layer))
             if "mlp_out" in kinds:
                 self._hook_fwd(get_module(block, a.block.mlp_write), self._site_output(Site("mlp_out", layer)))
-            if "ssm_out" in kinds:
-                self._hook_fwd(get_module(block, a.block.mixer.module), self._site_output(Site("ssm_out", layer)))
             if "resid_post" in kinds:
                 self._hook_fwd(block, self._site_output(Site("resid_post", layer)))
         if Site("final.scale") in wanted:
@@ -255,6 +278,17 @@ class HookSession:
             return args, {**kwargs, "hidden_states": x}
 
         return hook
+
+    def _capture_mask(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._mask = None if mask is None else mask.detach()
+
+    def _embedding_norm(self, module, args, output):
+        """The embeddings' norm inside block 0 (RWKV's pre_ln): its output is ``embed`` and ``blocks.0.resid_pre``."""
+        x = self.process(Site("embed"), output) if self.wants(Site("embed")) else output
+        x = self.process(Site("resid_pre", 0), x)
+        self._stash[(0, "resid_pre")] = x
+        return x
 
     def _attention(self, layer: int, explicit: bool = True):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -325,6 +359,12 @@ class HookSession:
         def hook(module, args, output):
             factor = norm_scale(args[0], kind, self.model.norm_eps_of(module))
             self._stash_store(layer, "mlp_write_factor", (factor * norm_gain(module, kind)).to(output.dtype))
+
+        return hook
+
+    def _mlp_gate(self, layer: int):
+        def hook(module, args, output):  # the gate σ(g) multiplies the down projection's output (RWKV)
+            self._stash_store(layer, "mlp_write_factor", torch.sigmoid(output))
 
         return hook
 

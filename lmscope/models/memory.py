@@ -6,7 +6,10 @@ which site holds its keys, is a property of the model's parts, named once in :da
 
 * ``"mlp"``: the MLP down projection (``mlp.down`` of the block's MLP part); keys at ``mlp.post``;
 * ``"ssm"``: a state-space block's output projection ``W_o`` (``out_proj``; Sen Sharma, Atkinson and
-  Bau 2024 edit it in Mamba's middle layers): keys at ``ssm.y = s ⊙ SiLU(g)``, values the block's write.
+  Bau 2024 edit it in Mamba's middle layers): keys at ``ssm.y = s ⊙ SiLU(g)``, values the block's write;
+* ``"wkv"``: RWKV's time-mix output projection: keys at ``wkv.y = r ⊙ wkv``, values the time mix's write.
+  RWKV's channel mix is no ``"mlp"`` memory: its down projection's output is multiplied by a gate σ(r) that
+  depends on the token, so ``v = W k`` is not what the block writes.
 
 Each entry names its part, the site kind of the matrix's input (the keys), the site kind its output
 writes (what causal tracing restores to choose the layer) and the block-relative module path; a new
@@ -51,12 +54,14 @@ class MemoryKind:
 MEMORY_KINDS: dict[str, MemoryKind] = {
     "mlp": MemoryKind("mlp", "mlp", "mlp.post", "mlp_out", lambda a: a.block.mlp.down),
     "ssm": MemoryKind("ssm", "ssm", "ssm.y", "ssm_out", lambda a: a.block.mixer.out_proj),
+    "wkv": MemoryKind("wkv", "wkv", "wkv.y", "wkv_out", lambda a: a.block.mixer.output),
 }
 
 
 def memory_kinds(adapter: Adapter) -> tuple[str, ...]:
     """The memory kinds a model built from ``adapter`` has, in table order (the first is the default)."""
-    return tuple(k for k, mk in MEMORY_KINDS.items() if mk.part in adapter.parts)
+    gated = adapter.block.mlp is not None and adapter.block.mlp.gate is not None  # RWKV: W k is not the write
+    return tuple(k for k, mk in MEMORY_KINDS.items() if mk.part in adapter.parts and not (k == "mlp" and gated))
 
 
 class Memory:

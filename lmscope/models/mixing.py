@@ -20,6 +20,7 @@ import torch
 
 from lmscope.interventions import Intervention
 from lmscope.models.hooks import HookSession
+from lmscope.models.parts import get_module
 from lmscope.sites import Site, parse_site
 
 if TYPE_CHECKING:
@@ -38,7 +39,11 @@ def embed_parts(model: Model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]
         captured["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
         raise _Stop
 
-    handle = model.block(0).register_forward_pre_hook(stop, with_kwargs=True)
+    norm = model.adapter.embedding.norm  # RWKV: the stream starts after block 0's norm of the embeddings
+    if norm is None:
+        handle = model.block(0).register_forward_pre_hook(stop, with_kwargs=True)
+    else:
+        handle = get_module(model.block(0), norm).register_forward_hook(lambda m, args, out: stop(m, (out,), {}))
     try:
         with torch.no_grad():
             model.forward(batch)
@@ -62,7 +67,8 @@ def run_until(model: Model, batch: Batch, site: str | Site) -> torch.Tensor:
     with torch.no_grad(), model.hooks(cache=[site]) as session:
         if stop is not None:  # registered after the session's hooks, so those run first
             block = model.block(stop)
-            early = site.kind in ("embed", "resid_pre")  # known before the block runs
+            # known before the block runs (unless block 0 normalises the embeddings first: RWKV)
+            early = site.kind in ("embed", "resid_pre") and not (stop == 0 and model.adapter.embedding.norm)
             handle = block.register_forward_pre_hook(halt) if early else block.register_forward_hook(halt)
         try:
             model.forward(batch)

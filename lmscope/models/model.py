@@ -21,6 +21,7 @@ from lmscope.errors import InputError, TokenError
 from lmscope.interventions import Intervention
 from lmscope.models import attention as _attention  # noqa: F401  (registers the attention function)
 from lmscope.models import generation as _generation, memo as _memo, memory as _memory, readout as _readout
+from lmscope.models import wkv as _wkv
 from lmscope.models.batch import Batch, ModelSpec, RunOutput, StepInterventions, select_logits  # noqa: F401 (re-exported)
 from lmscope.models.families import adapter_for
 from lmscope.models.hooks import HookSession
@@ -40,7 +41,10 @@ class Model:
         self.tokenizer = tokenizer
         self.name = name
         self.adapter: Adapter = adapter_for(hf.config)
-        self.hf.set_attn_implementation(_attention.ATTN_IMPL)
+        if self.adapter.block.mixer.part == "wkv":
+            _wkv.prepare(self.hf)  # RWKV: no in-place rescaling of the weights, the true residual stream
+        if self.adapter.block.mixer.part != "wkv":  # RWKV has no attention interface to set
+            self.hf.set_attn_implementation(_attention.ATTN_IMPL)
         self.spec = make_spec(self)
         self.load_check = "skipped"  # "checked", or "cached" when a pass with this fingerprint is recorded
         if check:
@@ -58,6 +62,11 @@ class Model:
     def site_kinds(self) -> tuple[str, ...]:
         """The site kinds this model has, in :data:`lmscope.sites.KINDS` order."""
         return site_kinds(self.adapter, self.spec.parallel)
+
+    @property
+    def mixer_write_kind(self) -> str:
+        """The site kind of each block's mixer write: ``attn_out``, ``ssm_out`` (Mamba) or ``wkv_out`` (RWKV)."""
+        return self.adapter.block.mixer.write_kind
 
     def require(self, kinds: Iterable[str | Site], method: str | None = None) -> None:
         """Raise unless the model has every site kind in ``kinds`` (kinds or site names).
@@ -142,9 +151,12 @@ class Model:
         return _readout.norm_module(self, name).weight
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (..., D) as the embedding module outputs them (Gemma's √D in), on the model's device."""
+        """Token embeddings (..., D) as the embedding module outputs them (Gemma's √D in), on the model's device;
+        where block 0 normalises the embeddings first (RWKV's pre_ln), after that norm, as ``embed`` holds them."""
         with torch.no_grad():
-            return get_module(self.hf, self.adapter.embedding.tokens)(ids.to(self.device))
+            x = get_module(self.hf, self.adapter.embedding.tokens)(ids.to(self.device))
+            norm = self.adapter.embedding.norm
+            return x if norm is None else get_module(self.block(0), norm)(x)
 
     def W_O(self, layer: int) -> torch.Tensor:
         """(H, dh, D) per-head output projection."""

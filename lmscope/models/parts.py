@@ -2,7 +2,8 @@
 
 An :class:`Adapter` describes one architecture family by composition: the token :class:`Embedding`;
 a :class:`Block` made of a *mixer* (:class:`Attention`, or the selective state-space mixer
-:class:`StateSpace` of Mamba, or :class:`StateSpace2` of Mamba-2), an optional :class:`MLP` and its :class:`Norms`; the :class:`Final` norm, unembedding
+:class:`StateSpace` of Mamba, or :class:`StateSpace2` of Mamba-2, or RWKV's time mixing :class:`TimeMix`), an
+optional :class:`MLP` and its :class:`Norms`; the :class:`Final` norm, unembedding
 and soft-cap; and the :class:`ConfigFields`, the HF config field names read once per family.
 Module paths are dotted attribute paths: global ones relative to the ``*ForCausalLM`` model,
 block ones relative to a decoder block.
@@ -24,7 +25,7 @@ from lmscope.errors import SiteError, UnsupportedArchitectureError
 from lmscope.models.norms import NORM_KINDS
 from lmscope.sites import KINDS, Site, parse_site
 
-PARTS = ("embedding", "block", "attention", "ssm", "mlp", "final_norm", "unembedding")
+PARTS = ("embedding", "block", "attention", "ssm", "wkv", "mlp", "final_norm", "unembedding")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class ConfigFields:
 class Embedding:
     tokens: str  # the token-embedding module
     positions: str | None = None  # absolute position embedding (GPT-2)
+    norm: str | None = None  # a norm the first block applies to the embeddings (RWKV's pre_ln; path relative
+    # to block 0): the residual stream (``embed``, ``blocks.0.resid_pre``) starts after it
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class Attention:
     qkv: str | None = None
     qkv_layout: str | None = None
     part = "attention"
+    write_kind = "attn_out"  # the site kind of the mixer's write
 
     def __post_init__(self):
         separate = None not in (self.q_proj, self.k_proj, self.v_proj)
@@ -97,6 +101,7 @@ class StateSpace:
     out_proj: str
     selective_norms: tuple[str, str, str] | None = None
     part = "ssm"
+    write_kind = "ssm_out"
     scan = "mamba"  # which explicit path (lmscope.models.ssm.EXPLICIT) computes its inner sites
 
 
@@ -116,13 +121,38 @@ class StateSpace2:
     norm: str
     out_proj: str
     part = "ssm"
+    write_kind = "ssm_out"
     scan = "mamba2"
+
+
+@dataclass(frozen=True)
+class TimeMix:
+    """RWKV's time-mixing (WKV) mixer (Peng et al. 2023, RWKV-4), paths relative to the block.
+
+    With x the pre-mixer norm's output and x' the previous token's (token shift; zero before the first),
+    ``r = σ(receptance(μ_r x + (1 − μ_r) x'))``, ``k = key(μ_k x + ...)``, ``v = value(μ_v x + ...)``; the WKV
+    recurrence with per-channel decay w = exp(time_decay) and bonus u = time_first of ``module`` gives
+    ``wkv_t = (a_{t−1} + e^{u + k_t} v_t) / (b_{t−1} + e^{u + k_t})``, ``a_t = e^{−w} a_{t−1} + e^{k_t} v_t``,
+    ``b_t = e^{−w} b_{t−1} + e^{k_t}``; the write is ``output(r ⊙ wkv)``, ``module``'s output (see
+    :mod:`lmscope.models.wkv`).
+    """
+
+    module: str
+    receptance: str
+    key: str
+    value: str
+    output: str
+    part = "wkv"
+    write_kind = "wkv_out"
+    scan = "wkv"
 
 
 @dataclass(frozen=True)
 class MLP:
     module: str  # its output is the MLP write before any post-norm
     down: str  # down projection: its input is mlp.post
+    gate: str | None = None  # a module whose sigmoid multiplies the down projection's output (RWKV's channel
+    # mix: write = σ(gate(x)) ⊙ down(post)); per-neuron terms then carry that factor, frozen at its value in the run
 
 
 @dataclass(frozen=True)
@@ -144,7 +174,7 @@ class Norms:
 
 @dataclass(frozen=True)
 class Block:
-    mixer: Attention | StateSpace | StateSpace2
+    mixer: Attention | StateSpace | StateSpace2 | TimeMix
     norms: Norms
     mlp: MLP | None = None
 
@@ -206,10 +236,16 @@ class Adapter:
             self.block, norms=dataclasses.replace(self.block.norms, kind=kind)))
 
 
+def _has_part_for(adapter: Adapter, kind: str) -> bool:
+    """Whether ``adapter`` has the part site ``kind`` needs. ``resid_mid`` (the stream between the mixer's write and
+    the MLP's) belongs to the attention part, and also exists where another mixer is followed by an MLP (RWKV)."""
+    return KINDS[kind].part in adapter.parts or (kind == "resid_mid" and adapter.block.mlp is not None)
+
+
 def site_kinds(adapter: Adapter, parallel: bool) -> tuple[str, ...]:
     """The site kinds a model built from ``adapter`` has (no resid_mid when blocks run in parallel)."""
-    parts = adapter.parts
-    return tuple(k.name for k in KINDS.values() if k.part in parts and not (k.name == "resid_mid" and parallel))
+    return tuple(k.name for k in KINDS.values() if _has_part_for(adapter, k.name)
+                 and not (k.name == "resid_mid" and parallel))
 
 
 def require_kinds(adapter: Adapter, parallel: bool, name: str, kinds, method: str | None = None) -> None:
@@ -222,7 +258,7 @@ def require_kinds(adapter: Adapter, parallel: bool, name: str, kinds, method: st
             raise SiteError(f"{who} needs resid_mid, but {name} runs attention and MLP in parallel, so it has no "
                             "resid_mid; use resid_pre, attn_out or mlp_out.")
         part = KINDS[kind].part
-        if part not in adapter.parts:
+        if not _has_part_for(adapter, kind):
             block = adapter.block
             what = f"{block.mixer.part}" + (" + mlp" if block.mlp is not None else " only")
             raise UnsupportedArchitectureError(

@@ -113,9 +113,11 @@ def explicit_mixer(session: HookSession, layer: int, mixer):
     return forward
 
 
-def _state_interventions(session: HookSession, layer: int, states: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
-    """Apply the ``ssm.state`` interventions position by position, each change flowing on to later states."""
-    site = Site("ssm.state", layer)
+def _state_interventions(session: HookSession, layer: int, states: torch.Tensor, decay: torch.Tensor,
+                        site: Site | None = None) -> torch.Tensor:
+    """Apply the ``ssm.state`` interventions (or those of another state ``site`` with the same linear recurrence,
+    RWKV's ``wkv.state``) position by position, each change flowing on to later states."""
+    site = Site("ssm.state", layer) if site is None else site
     ivs = session.ivs.get(site)
     if ivs:
         t = states.shape[1]

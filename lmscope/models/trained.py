@@ -37,12 +37,12 @@ class TrainedModel:
 
     name: str
     description: str
-    architecture: str  # "mamba" or "llama"
+    architecture: str  # "mamba", "llama" or "rwkv"
     d_model: int = 128
     n_layers: int = 4
     vocab_size: int = 2048
     d_state: int = 16  # mamba
-    d_mlp: int = 320  # llama (its blocks also hold attention; d_mlp matches the parameter count)
+    d_mlp: int = 320  # llama (its blocks also hold attention; d_mlp matches the parameter count); rwkv's channel mix
     n_heads: int = 4  # llama
     n_facts: int = 96
     corpus_chars: int = 1_500_000
@@ -53,8 +53,8 @@ class TrainedModel:
     seed: int = 0
 
     def __post_init__(self):
-        if self.architecture not in ("mamba", "llama"):
-            raise ValueError(f"TrainedModel {self.name!r}: architecture must be 'mamba' or 'llama'.")
+        if self.architecture not in ("mamba", "llama", "rwkv"):
+            raise ValueError(f"TrainedModel {self.name!r}: architecture must be 'mamba', 'llama' or 'rwkv'.")
 
 
 TRAINED: dict[str, TrainedModel] = {m.name: m for m in (
@@ -62,6 +62,7 @@ TRAINED: dict[str, TrainedModel] = {m.name: m for m in (
                  "mamba"),
     TrainedModel("llama-facts", "Transformer (Llama), 4 layers, d=128, same data and budget as mamba-facts",
                  "llama"),
+    TrainedModel("rwkv-facts", "RWKV-4, 4 layers, d=128, same data and budget as mamba-facts", "rwkv", d_mlp=160),
 )}
 
 
@@ -104,6 +105,9 @@ def _config(entry: TrainedModel, vocab: int):
                   bos_token_id=0, eos_token_id=0)
     if entry.architecture == "mamba":
         return tr.MambaConfig(state_size=entry.d_state, expand=2, conv_kernel=4, tie_word_embeddings=True, **common)
+    if entry.architecture == "rwkv":  # rescale_every 0: the weights and the residual stream stay the true ones
+        return tr.RwkvConfig(attention_hidden_size=entry.d_model, intermediate_size=entry.d_mlp,
+                             context_length=4 * entry.context, rescale_every=0, tie_word_embeddings=True, **common)
     return tr.LlamaConfig(intermediate_size=entry.d_mlp, num_attention_heads=entry.n_heads,
                           num_key_value_heads=entry.n_heads, max_position_embeddings=4 * entry.context,
                           tie_word_embeddings=True, **common)
@@ -169,16 +173,17 @@ def train_small_lm(entry: TrainedModel, corpus: list[str] | None = None, progres
 
 
 def _loss_function(model, tokenizer, entry: TrainedModel):
-    """ids -> next-token loss. Mamba runs through lmscope's explicit mixer path (the same function, held to
-    the native forward by the load check): on CPU, transformers' reference scan takes its backward through
-    one indexing step per token and is several times slower."""
-    if entry.architecture != "mamba":
+    """ids -> next-token loss. Mamba and RWKV run through lmscope's explicit mixer paths (the same functions, held
+    to the native forward by the load check): on CPU, transformers' reference scans take their backward through
+    one indexing step per token and are several times slower."""
+    if entry.architecture == "llama":
         return lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss
     from lmscope.models.hooks import HookSession
     from lmscope.models.model import Model
 
     wrapped = Model(model, tokenizer, entry.name, check=False)
-    sites = [f"blocks.{layer}.ssm.y" for layer in range(entry.n_layers)]
+    # Mamba: asking for an inner site puts a layer on the explicit path; RWKV's path runs in every session
+    sites = [f"blocks.{layer}.ssm.y" for layer in range(entry.n_layers)] if entry.architecture == "mamba" else []
 
     def loss(ids):
         with HookSession(wrapped, sites, grad=True):

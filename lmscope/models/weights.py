@@ -29,11 +29,14 @@ def make_spec(model) -> ModelSpec:
         return default if name is None else config_field(c, name, a)
 
     n_heads = read(f.n_heads, 0)
-    ssm = a.block.mixer.part == "ssm"
-    d_head = 0 if ssm else linear_weight(get_module(model.block(0), a.block.mixer.o_proj), a.linear).shape[0] // n_heads
-    # a state-space mixer: E channels and a state of N per channel (Mamba's and Mamba-2's mixers name both)
-    mixer = get_module(model.block(0), a.block.mixer.module) if ssm else None
-    d_inner, d_state = (int(mixer.intermediate_size), int(mixer.ssm_state_size)) if ssm else (0, 0)
+    part = a.block.mixer.part
+    d_head = 0 if part != "attention" else \
+        linear_weight(get_module(model.block(0), a.block.mixer.o_proj), a.linear).shape[0] // n_heads
+    # a state-space mixer: E channels and a state of N per channel (Mamba's and Mamba-2's mixers name both);
+    # RWKV's time mix: E channels (its key projection's width), a state of two (numerator, denominator) per channel
+    mixer = get_module(model.block(0), a.block.mixer.module) if part != "attention" else None
+    d_inner, d_state = (int(mixer.intermediate_size), int(mixer.ssm_state_size)) if part == "ssm" else \
+        (linear_weight(get_module(model.block(0), a.block.mixer.key), a.linear).shape[1], 2) if part == "wkv" else (0, 0)
     d_mlp = 0 if a.block.mlp is None else linear_weight(get_module(model.block(0), a.block.mlp.down),
                                                         a.linear).shape[0]
     return ModelSpec(

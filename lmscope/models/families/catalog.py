@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from lmscope.errors import UnsupportedArchitectureError
-from lmscope.models.families import attn_only, gemma, gpt2, gpt_neox, llama, mamba
+from lmscope.models.families import attn_only, gemma, gpt2, gpt_neox, llama, mamba, rwkv
 from lmscope.models.parts import Adapter
 
 ADAPTERS: tuple[Adapter, ...] = (llama.ADAPTER, gemma.ADAPTER, gpt2.ADAPTER, gpt_neox.ADAPTER, attn_only.ADAPTER,
-                                 mamba.ADAPTER, mamba.FALCON_ADAPTER, mamba.MAMBA2_ADAPTER)
+                                 mamba.ADAPTER, mamba.FALCON_ADAPTER, mamba.MAMBA2_ADAPTER, rwkv.ADAPTER)
 
 
 def adapter_for(config) -> Adapter:

@@ -50,7 +50,7 @@ def _graph_page(browser, url):
     """A new page with the graph of P drawn, and the list its script errors go to."""
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("pageerror", lambda e: errors.append(f"{e}\n{getattr(e, 'stack', '')}"))
     page.goto(url + "/")
     page.fill("#prompt", P)
     page.click("#run")
